@@ -1,0 +1,521 @@
+//! The journal: append events to a stream with an expected version, read a stream back, read
+//! the whole journal in commit-safe order, and follow it as it grows.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use cid::Cid;
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{PgConnection, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::chain::{self, CanonicalEvent, FirstBadVersion};
+use super::envelope::{Checkpoint, NewEvent, RecordedEvent};
+use super::error::JournalError;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The columns every read selects, in the order [`decode_row`] expects.
+const EVENT_COLUMNS: &str = "position, stream_id, stream_type, version, event_type, \
+    schema_version, payload, recorded_at, correlation_id, causation_id, \
+    tx_id::text::bigint AS tx_id, prev_cid, cid";
+
+/// Appends all events of one call in one statement. The `WHERE` clause re-checks, inside the
+/// statement, that the event the new ones link to is really the stream's event at the expected
+/// version; a concurrent writer that got there first makes the insert hit the
+/// `(stream_id, version)` unique key instead.
+const INSERT_EVENTS: &str = "
+INSERT INTO events (stream_id, stream_type, version, event_type, schema_version, payload,
+                    recorded_at, correlation_id, causation_id, prev_cid, cid)
+SELECT $1, $2, e.version, e.event_type, e.schema_version, e.payload,
+       $3, e.correlation_id, e.causation_id, e.prev_cid, e.cid
+FROM UNNEST($4::int[], $5::text[], $6::smallint[], $7::bytea[], $8::uuid[], $9::uuid[],
+            $10::bytea[], $11::bytea[])
+     AS e(version, event_type, schema_version, payload, correlation_id, causation_id,
+          prev_cid, cid)
+WHERE $12::int = 0
+   OR EXISTS (SELECT 1 FROM events h
+              WHERE h.stream_id = $1 AND h.version = $12 AND h.cid = $13 AND h.stream_type = $2)";
+
+/// How many stream heads the journal remembers to save a read before appends.
+const HEAD_CACHE_CAPACITY: usize = 65_536;
+
+/// The last event of a stream: what the next append links to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamHead {
+    /// Version of the stream's last event (0 for a stream with no events).
+    pub version: u32,
+    /// CID of the stream's last event.
+    pub cid: Option<Cid>,
+    /// The stream's type.
+    pub stream_type: String,
+}
+
+/// What an append wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The stream appended to.
+    pub stream_id: Uuid,
+    /// Version of the first event written.
+    pub first_version: u32,
+    /// The stream's new head.
+    pub head: StreamHead,
+}
+
+/// Result of re-walking one stream's hash chain.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StreamVerification {
+    /// The stream checked.
+    pub stream_id: Uuid,
+    /// How many events were read.
+    pub events: usize,
+    /// The first version where the chain fails, or `None` when the whole stream holds.
+    pub first_bad: Option<FirstBadVersion>,
+}
+
+/// The append-only event journal on PostgreSQL. Cheap to clone; clones share the pool.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    pool: PgPool,
+    /// Heads of recently appended streams. Only a hint: every append re-checks the head in the
+    /// database inside its insert statement, so a stale entry costs a retry, never a bad link.
+    heads: Arc<Mutex<HashMap<Uuid, StreamHead>>>,
+}
+
+impl Journal {
+    /// Applies pending migrations, then opens the journal.
+    pub async fn open(pool: PgPool) -> Result<Self, JournalError> {
+        MIGRATOR.run(&pool).await?;
+        Ok(Self::new(pool))
+    }
+
+    /// Opens the journal on a database whose migrations are known to be applied.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            heads: Arc::default(),
+        }
+    }
+
+    /// The migrations this build applies (for `db status`).
+    pub fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+
+    /// The pool the journal writes through, for layers that open their own transactions.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Appends `events` to a stream, atomically, if the stream is at `expected_version`
+    /// (0 = the stream must not exist yet).
+    ///
+    /// Errors: [`JournalError::Conflict`] when the stream has moved on, including when a racing
+    /// writer wins; [`JournalError::StreamTypeMismatch`]; [`JournalError::EmptyAppend`]. In
+    /// every error case nothing is written.
+    pub async fn append(
+        &self,
+        stream_id: Uuid,
+        stream_type: &str,
+        expected_version: u32,
+        events: &[NewEvent],
+    ) -> Result<Appended, JournalError> {
+        let mut conn = self.pool.acquire().await?;
+        let appended = self
+            .append_on(&mut conn, stream_id, stream_type, expected_version, events)
+            .await?;
+        self.remember(&appended);
+        Ok(appended)
+    }
+
+    /// Like [`Journal::append`], inside a transaction the caller owns, so that projection rows
+    /// and outbox entries commit or roll back together with the events. On error the caller
+    /// must roll the transaction back (a conflict aborts it). After a successful commit the
+    /// caller may pass the result to [`Journal::remember`] to save the next append a read.
+    pub async fn append_in_tx(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        stream_id: Uuid,
+        stream_type: &str,
+        expected_version: u32,
+        events: &[NewEvent],
+    ) -> Result<Appended, JournalError> {
+        self.append_on(tx, stream_id, stream_type, expected_version, events)
+            .await
+    }
+
+    /// Records a committed stream head, so that the next append to it needs no read.
+    pub fn remember(&self, appended: &Appended) {
+        let mut heads = self
+            .heads
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if heads.len() >= HEAD_CACHE_CAPACITY {
+            heads.clear();
+        }
+        heads.insert(appended.stream_id, appended.head.clone());
+    }
+
+    fn forget(&self, stream_id: Uuid) {
+        self.heads
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .remove(&stream_id);
+    }
+
+    fn cached_head(&self, stream_id: Uuid) -> Option<StreamHead> {
+        self.heads
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .get(&stream_id)
+            .cloned()
+    }
+
+    async fn append_on(
+        &self,
+        conn: &mut PgConnection,
+        stream_id: Uuid,
+        stream_type: &str,
+        expected_version: u32,
+        events: &[NewEvent],
+    ) -> Result<Appended, JournalError> {
+        if events.is_empty() {
+            return Err(JournalError::EmptyAppend);
+        }
+        let mut trust_cache = true;
+        loop {
+            let prev = self
+                .link_target(conn, stream_id, stream_type, expected_version, trust_cache)
+                .await?;
+            let rows = AppendRows::build(stream_id, stream_type, expected_version, prev, events);
+            match rows
+                .insert(conn, stream_id, stream_type, expected_version, prev)
+                .await
+            {
+                Ok(inserted) if inserted == events.len() as u64 => return Ok(rows.appended),
+                Ok(_) if trust_cache => {
+                    // The cached head was stale: read the real one and try once more.
+                    self.forget(stream_id);
+                    trust_cache = false;
+                }
+                Ok(_) => return Err(self.conflict_now(stream_id, expected_version).await),
+                Err(e) if is_version_collision(&e) => {
+                    self.forget(stream_id);
+                    return Err(self.conflict_now(stream_id, expected_version).await);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The CID the first new event links to, after checking the stream is where the caller
+    /// expects it.
+    async fn link_target(
+        &self,
+        conn: &mut PgConnection,
+        stream_id: Uuid,
+        stream_type: &str,
+        expected_version: u32,
+        trust_cache: bool,
+    ) -> Result<Option<Cid>, JournalError> {
+        if expected_version == 0 {
+            return Ok(None);
+        }
+        if trust_cache {
+            if let Some(head) = self.cached_head(stream_id) {
+                if head.version == expected_version && head.stream_type == stream_type {
+                    return Ok(head.cid);
+                }
+            }
+        }
+        let head = read_head(conn, stream_id).await?;
+        if head.version != expected_version {
+            return Err(JournalError::Conflict {
+                stream_id,
+                expected: expected_version,
+                actual: head.version,
+            });
+        }
+        if head.stream_type != stream_type {
+            return Err(JournalError::StreamTypeMismatch {
+                stream_id,
+                requested: stream_type.to_owned(),
+                actual: head.stream_type,
+            });
+        }
+        Ok(head.cid)
+    }
+
+    /// Builds the conflict error with the stream's committed version, read on a fresh
+    /// connection because the caller's transaction may be aborted.
+    async fn conflict_now(&self, stream_id: Uuid, expected: u32) -> JournalError {
+        let actual = match self.pool.acquire().await {
+            Ok(mut conn) => match read_head(&mut conn, stream_id).await {
+                Ok(head) => head.version,
+                Err(e) => return e,
+            },
+            Err(e) => return e.into(),
+        };
+        JournalError::Conflict {
+            stream_id,
+            expected,
+            actual,
+        }
+    }
+
+    /// The stream's current head (version 0 and no CID when it has no events).
+    pub async fn head(&self, stream_id: Uuid) -> Result<StreamHead, JournalError> {
+        let mut conn = self.pool.acquire().await?;
+        read_head(&mut conn, stream_id).await
+    }
+
+    /// The events of one stream from `from_version` (inclusive, 1 = all) in version order.
+    pub async fn read_stream(
+        &self,
+        stream_id: Uuid,
+        from_version: u32,
+    ) -> Result<Vec<RecordedEvent>, JournalError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND version >= $2 \
+             ORDER BY version"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(stream_id)
+            .bind(i32::try_from(from_version).unwrap_or(i32::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(decode_row).collect()
+    }
+
+    /// Up to `limit` events after `after`, in commit-safe order.
+    ///
+    /// Only events of transactions older than every transaction still running are returned,
+    /// ordered by (transaction id, position). A transaction that took its positions early but
+    /// commits late is therefore never skipped: its events are held back until it ends, and
+    /// they sort before every event a reader could already have seen after them.
+    pub async fn read_all(
+        &self,
+        after: Checkpoint,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, JournalError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+             WHERE (tx_id, position) > ($1::text::xid8, $2) \
+               AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY tx_id, position LIMIT $3"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(after.tx_id.to_string())
+            .bind(after.position)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(decode_row).collect()
+    }
+
+    /// Re-walks a stream's hash chain and reports the first version where it fails.
+    pub async fn verify_stream(&self, stream_id: Uuid) -> Result<StreamVerification, JournalError> {
+        let events = self.read_stream(stream_id, 1).await?;
+        Ok(StreamVerification {
+            stream_id,
+            events: events.len(),
+            first_bad: chain::first_break(&events),
+        })
+    }
+
+    /// How many events the journal holds.
+    pub async fn count(&self) -> Result<i64, JournalError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+}
+
+/// The rows of one append, with their CIDs chained, laid out as the columns `INSERT_EVENTS`
+/// takes as arrays.
+struct AppendRows<'a> {
+    versions: Vec<i32>,
+    prev_cids: Vec<Option<Vec<u8>>>,
+    cids: Vec<Vec<u8>>,
+    recorded_at: chrono::DateTime<Utc>,
+    appended: Appended,
+    events: &'a [NewEvent],
+}
+
+impl<'a> AppendRows<'a> {
+    fn build(
+        stream_id: Uuid,
+        stream_type: &str,
+        expected_version: u32,
+        prev: Option<Cid>,
+        events: &'a [NewEvent],
+    ) -> Self {
+        let recorded_at = chain::to_stored_precision(Utc::now());
+        let mut link = prev;
+        let mut versions = Vec::with_capacity(events.len());
+        let mut prev_cids = Vec::with_capacity(events.len());
+        let mut cids = Vec::with_capacity(events.len());
+        for (offset, event) in events.iter().enumerate() {
+            let version = expected_version + 1 + offset as u32;
+            let cid = CanonicalEvent {
+                chain_version: 1,
+                stream_id,
+                stream_type,
+                version,
+                event_type: &event.event_type,
+                schema_version: event.schema_version,
+                payload: &event.payload,
+                recorded_at_micros: recorded_at.timestamp_micros(),
+                correlation_id: event.correlation_id,
+                causation_id: event.causation_id,
+                prev_cid: link.map(|c| c.to_bytes()).unwrap_or_default(),
+            }
+            .cid();
+            versions.push(version as i32);
+            prev_cids.push(link.map(|c| c.to_bytes()));
+            cids.push(cid.to_bytes());
+            link = Some(cid);
+        }
+        let head = StreamHead {
+            version: expected_version + events.len() as u32,
+            cid: link,
+            stream_type: stream_type.to_owned(),
+        };
+        Self {
+            versions,
+            prev_cids,
+            cids,
+            recorded_at,
+            appended: Appended {
+                stream_id,
+                first_version: expected_version + 1,
+                head,
+            },
+            events,
+        }
+    }
+
+    async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        stream_id: Uuid,
+        stream_type: &str,
+        expected_version: u32,
+        prev: Option<Cid>,
+    ) -> Result<u64, sqlx::Error> {
+        let events = self.events;
+        let event_types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let schema_versions: Vec<i16> = events.iter().map(|e| e.schema_version).collect();
+        let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
+        let correlation_ids: Vec<Option<Uuid>> = events.iter().map(|e| e.correlation_id).collect();
+        let causation_ids: Vec<Option<Uuid>> = events.iter().map(|e| e.causation_id).collect();
+        let result = sqlx::query(INSERT_EVENTS)
+            .bind(stream_id)
+            .bind(stream_type)
+            .bind(self.recorded_at)
+            .bind(&self.versions)
+            .bind(event_types)
+            .bind(schema_versions)
+            .bind(payloads)
+            .bind(correlation_ids)
+            .bind(causation_ids)
+            .bind(&self.prev_cids)
+            .bind(&self.cids)
+            .bind(expected_version as i32)
+            .bind(prev.map(|c| c.to_bytes()))
+            .execute(conn)
+            .await?;
+        Ok(result.rows_affected())
+    }
+}
+
+async fn read_head(conn: &mut PgConnection, stream_id: Uuid) -> Result<StreamHead, JournalError> {
+    let row: Option<(i32, Vec<u8>, String)> = sqlx::query_as(
+        "SELECT version, cid, stream_type FROM events WHERE stream_id = $1 \
+         ORDER BY version DESC LIMIT 1",
+    )
+    .bind(stream_id)
+    .fetch_optional(conn)
+    .await?;
+    let Some((version, cid, stream_type)) = row else {
+        return Ok(StreamHead {
+            version: 0,
+            cid: None,
+            stream_type: String::new(),
+        });
+    };
+    let cid = Cid::try_from(cid).map_err(|e| JournalError::MalformedRow {
+        position: -1,
+        reason: format!("head of stream {stream_id} has an unreadable cid: {e}"),
+    })?;
+    Ok(StreamHead {
+        version: version as u32,
+        cid: Some(cid),
+        stream_type,
+    })
+}
+
+fn is_version_collision(error: &sqlx::Error) -> bool {
+    error.as_database_error().is_some_and(|d| {
+        d.is_unique_violation() && d.constraint() == Some("events_stream_version_key")
+    })
+}
+
+/// Turns a row selected with [`EVENT_COLUMNS`] into a [`RecordedEvent`].
+pub(crate) fn decode_row(row: &PgRow) -> Result<RecordedEvent, JournalError> {
+    let position: i64 = row.try_get(0)?;
+    let malformed = |reason: String| JournalError::MalformedRow { position, reason };
+    let version: i32 = row.try_get(3)?;
+    let tx_id: i64 = row.try_get(10)?;
+    let prev_cid: Option<Vec<u8>> = row.try_get(11)?;
+    let cid: Vec<u8> = row.try_get(12)?;
+    Ok(RecordedEvent {
+        position,
+        stream_id: row.try_get(1)?,
+        stream_type: row.try_get(2)?,
+        version: u32::try_from(version).map_err(|_| malformed(format!("version {version}")))?,
+        event_type: row.try_get(4)?,
+        schema_version: row.try_get(5)?,
+        payload: row.try_get(6)?,
+        recorded_at: row.try_get(7)?,
+        correlation_id: row.try_get(8)?,
+        causation_id: row.try_get(9)?,
+        tx_id: tx_id as u64,
+        prev_cid: prev_cid
+            .map(Cid::try_from)
+            .transpose()
+            .map_err(|e| malformed(format!("prev_cid: {e}")))?,
+        cid: Cid::try_from(cid).map_err(|e| malformed(format!("cid: {e}")))?,
+    })
+}
+
+impl Journal {
+    /// The checkpoint of the newest event that is safe to read now; a follower starting here
+    /// sees only what commits from now on.
+    pub async fn latest_checkpoint(&self) -> Result<Checkpoint, JournalError> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT tx_id::text::bigint, position FROM events \
+             WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY tx_id DESC, position DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(
+            row.map_or(Checkpoint::START, |(tx_id, position)| Checkpoint {
+                tx_id: tx_id as u64,
+                position,
+            }),
+        )
+    }
+
+    /// The name of the newest migration applied to this database, if any.
+    pub async fn schema_version(&self) -> Result<Option<(i64, String)>, JournalError> {
+        Ok(sqlx::query_as(
+            "SELECT version, description FROM _sqlx_migrations WHERE success \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+}

@@ -1,0 +1,21 @@
+//! The journal layer: event envelopes, the postcard codec, the hash chain and the append-only
+//! PostgreSQL journal. Nothing outside this module writes to the `events` table.
+//!
+//! - [`envelope`]: [`NewEvent`], [`RecordedEvent`] and the commit-safe [`Checkpoint`].
+//! - [`codec`]: [`EventCodec`], the one place payloads become bytes, with schema versions.
+//! - [`chain`]: canonical bytes, CIDs and the stream hash chain check.
+//! - [`journal`]: [`Journal`]: append with expected version, read, verify.
+//! - [`subscribe`]: [`Journal::subscribe`], catch-up then follow.
+
+pub mod chain;
+pub mod codec;
+pub mod envelope;
+pub mod error;
+pub mod journal;
+pub mod subscribe;
+
+pub use chain::{ChainBreak, FirstBadVersion};
+pub use codec::{EventCodec, JournalEvent};
+pub use envelope::{Checkpoint, NewEvent, RecordedEvent};
+pub use error::{CodecError, JournalError};
+pub use journal::{Appended, Journal, StreamHead, StreamVerification};

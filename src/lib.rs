@@ -1,0 +1,19 @@
+//! dealledger: an event-sourced ledger for storage and retrieval deals in Filecoin-style
+//! markets. Every deal is a declared state machine; every transition is an event appended to an
+//! append-only PostgreSQL journal; projections fold the journal into SQL tables; adapters carry
+//! the outside world in and the machines' effects out.
+//!
+//! The FSM decides, the journal records, projections show, adapters translate.
+//!
+//! # Layout
+//! - [`fsm`]: the deal state machines, pure and synchronous.
+//! - [`events`]: event envelopes, the codec, the hash chain and the PostgreSQL journal.
+//! - [`projections`]: SQL status tables folded from the journal.
+//! - [`adapters`]: the edges: network, data transfer, chain.
+//! - [`db`]: where the database comes from (a URL, or the embedded cluster).
+
+pub mod adapters;
+pub mod db;
+pub mod events;
+pub mod fsm;
+pub mod projections;

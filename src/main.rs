@@ -1,0 +1,182 @@
+//! The `dealledger` command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use uuid::Uuid;
+
+use dealledger::db::Database;
+use dealledger::events::{Journal, RecordedEvent};
+
+#[derive(Parser)]
+#[command(
+    name = "dealledger",
+    version,
+    about = "An event-sourced ledger for storage and retrieval deals"
+)]
+struct Cli {
+    /// PostgreSQL server to use; when unset, a private cluster under --home is started.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    database_url: Option<String>,
+    /// Where the embedded cluster, keys and state live.
+    #[arg(
+        long,
+        env = "DEALLEDGER_HOME",
+        default_value = ".dealledger",
+        global = true
+    )]
+    home: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs a storage deal and a retrieval end to end and shows what the ledger recorded.
+    Demo(demo::DemoArgs),
+    /// The database: where it is and what it holds.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+    /// The journal's events.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Prints where the database is, its schema version and how many events it holds.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Prints events as they commit, in commit-safe order, until interrupted.
+    Tail {
+        /// Only events of this stream.
+        #[arg(long)]
+        stream: Option<Uuid>,
+        /// Start from the first event instead of from now.
+        #[arg(long)]
+        from_start: bool,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+mod demo;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let db = Database::open(cli.database_url.as_deref(), &cli.home)
+        .await
+        .context("opening the database")?;
+    let journal = Journal::open(db.pool.clone())
+        .await
+        .context("migrating the journal")?;
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(&db, &journal, args).await,
+        Command::Db {
+            command: DbCommand::Status,
+        } => db_status(&db, &journal).await,
+        Command::Events {
+            command:
+                EventsCommand::Tail {
+                    stream,
+                    from_start,
+                    json,
+                },
+        } => tail(&journal, stream, from_start, json).await,
+    };
+    db.close().await.context("closing the database")?;
+    result
+}
+
+async fn db_status(db: &Database, journal: &Journal) -> anyhow::Result<()> {
+    let schema = journal.schema_version().await?;
+    let events = journal.count().await?;
+    let streams: i64 = sqlx::query_scalar("SELECT count(DISTINCT stream_id) FROM events")
+        .fetch_one(&db.pool)
+        .await?;
+    println!("database:  {}", db.display_url);
+    println!("embedded:  {}", if db.is_embedded() { "yes" } else { "no" });
+    match schema {
+        Some((version, description)) => println!("schema:    {version} ({description})"),
+        None => println!("schema:    none applied"),
+    }
+    println!("events:    {events}");
+    println!("streams:   {streams}");
+    Ok(())
+}
+
+async fn tail(
+    journal: &Journal,
+    stream: Option<Uuid>,
+    from_start: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let after = if from_start {
+        dealledger::events::Checkpoint::START
+    } else {
+        journal.latest_checkpoint().await?
+    };
+    let events = journal.subscribe(after).await?;
+    tokio::pin!(events);
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let Some(event) = event else { return Ok(()) };
+        let event = event?;
+        if stream.is_some_and(|s| s != event.stream_id) {
+            continue;
+        }
+        if json {
+            println!("{}", event_json(&event));
+        } else {
+            println!(
+                "{} #{:<8} {} {} v{:<4} {:<28} {} bytes  cid {}",
+                event.recorded_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+                event.position,
+                event.stream_type,
+                event.stream_id,
+                event.version,
+                event.event_type,
+                event.payload.len(),
+                event.cid
+            );
+        }
+    }
+}
+
+fn event_json(event: &RecordedEvent) -> serde_json::Value {
+    serde_json::json!({
+        "position": event.position,
+        "tx_id": event.tx_id,
+        "stream_id": event.stream_id,
+        "stream_type": event.stream_type,
+        "version": event.version,
+        "event_type": event.event_type,
+        "schema_version": event.schema_version,
+        "payload_hex": hex::encode(&event.payload),
+        "recorded_at": event.recorded_at,
+        "correlation_id": event.correlation_id,
+        "causation_id": event.causation_id,
+        "prev_cid": event.prev_cid.map(|c| c.to_string()),
+        "cid": event.cid.to_string(),
+    })
+}

@@ -1,0 +1,1 @@
+//! Projections: SQL status tables folded from the journal. Nothing else writes them.
