@@ -43,17 +43,3 @@ CREATE TRIGGER events_append_only
 CREATE TRIGGER events_no_truncate
     BEFORE TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_refuse_change();
-
--- Wakes subscribers once per writing statement; the notification is delivered at commit, so a
--- subscriber never wakes for events it cannot see yet. Subscribers still re-read in commit-safe
--- order: the notification is a hint, never the data.
-CREATE FUNCTION events_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('dealledger_events', '');
-    RETURN NULL;
-END;
-$$;
-
-CREATE TRIGGER events_notify_on_insert
-    AFTER INSERT ON events
-    FOR EACH STATEMENT EXECUTE FUNCTION events_notify();

@@ -34,16 +34,9 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         println!(
             "stream {stream}: {} events, chain {}",
             check.events,
-            if check.first_bad.is_none() {
-                "intact"
-            } else {
-                "BROKEN"
-            }
+            if check.first_bad.is_none() { "intact" } else { "BROKEN" }
         );
     }
-    println!(
-        "\nnext: psql \"{}\" -c 'select * from events order by position'",
-        db.display_url
-    );
+    println!("\nnext: psql \"{}\" -c 'select * from events order by position'", db.display_url);
     Ok(())
 }

@@ -21,12 +21,7 @@ struct Cli {
     #[arg(long, env = "DATABASE_URL", global = true)]
     database_url: Option<String>,
     /// Where the embedded cluster, keys and state live.
-    #[arg(
-        long,
-        env = "DEALLEDGER_HOME",
-        default_value = ".dealledger",
-        global = true
-    )]
+    #[arg(long, env = "DEALLEDGER_HOME", default_value = ".dealledger", global = true)]
     home: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -84,22 +79,13 @@ async fn main() -> anyhow::Result<()> {
     let db = Database::open(cli.database_url.as_deref(), &cli.home)
         .await
         .context("opening the database")?;
-    let journal = Journal::open(db.pool.clone())
-        .await
-        .context("migrating the journal")?;
+    let journal = Journal::open(db.pool.clone()).await.context("migrating the journal")?;
     let result = match cli.command {
         Command::Demo(args) => demo::run(&db, &journal, args).await,
-        Command::Db {
-            command: DbCommand::Status,
-        } => db_status(&db, &journal).await,
-        Command::Events {
-            command:
-                EventsCommand::Tail {
-                    stream,
-                    from_start,
-                    json,
-                },
-        } => tail(&journal, stream, from_start, json).await,
+        Command::Db { command: DbCommand::Status } => db_status(&db, &journal).await,
+        Command::Events { command: EventsCommand::Tail { stream, from_start, json } } => {
+            tail(&journal, stream, from_start, json).await
+        }
     };
     db.close().await.context("closing the database")?;
     result

@@ -167,9 +167,7 @@ impl EmbeddedPostgres {
             .status()
             .map_err(|e| DbError::io(Path::new("runuser"), e))?;
         if !reachable.success() {
-            return Err(DbError::HomeNotReachable {
-                home: home.to_path_buf(),
-            });
+            return Err(DbError::HomeNotReachable { home: home.to_path_buf() });
         }
         Ok(())
     }
@@ -226,9 +224,7 @@ impl EmbeddedPostgres {
         }
         let data = self.data_dir.to_string_lossy().into_owned();
         let log = home.join("postgres.log").to_string_lossy().into_owned();
-        let args = [
-            "-D", &data, "-l", &log, "-w", "-t", "60", "-o", &options, "start",
-        ];
+        let args = ["-D", &data, "-l", &log, "-w", "-t", "60", "-o", &options, "start"];
         match self.run("pg_ctl", &args) {
             Ok(_) => {
                 self.started_here = true;
@@ -257,9 +253,7 @@ impl Drop for EmbeddedPostgres {
 
 /// Whether this process runs as root (the server must then run as `postgres`).
 pub(crate) fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
 /// Finds the directory of `initdb`, `pg_ctl` and `postgres`: `pg_config --bindir`, then `PATH`,
@@ -272,10 +266,10 @@ pub fn find_bindir() -> Result<PathBuf, DbError> {
             return Ok(dir);
         }
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(dir) = std::env::split_paths(&path).find(|d| has_server(d)) {
-            return Ok(dir);
-        }
+    if let Some(path) = std::env::var_os("PATH")
+        && let Some(dir) = std::env::split_paths(&path).find(|d| has_server(d))
+    {
+        return Ok(dir);
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -288,8 +282,5 @@ pub fn find_bindir() -> Result<PathBuf, DbError> {
         })
         .collect();
     versions.sort();
-    versions
-        .pop()
-        .map(|(_, dir)| dir)
-        .ok_or(DbError::ServerBinariesNotFound)
+    versions.pop().map(|(_, dir)| dir).ok_or(DbError::ServerBinariesNotFound)
 }

@@ -60,10 +60,7 @@ pub enum DbError {
 
 impl DbError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        Self::Io { path: path.to_path_buf(), source }
     }
 }
 
@@ -84,11 +81,7 @@ impl Database {
             Some(url) => {
                 let options = PgConnectOptions::from_str(url).map_err(DbError::InvalidUrl)?;
                 let pool = pool_options().connect_with(options).await?;
-                Ok(Self {
-                    pool,
-                    display_url: redact(url),
-                    embedded: None,
-                })
+                Ok(Self { pool, display_url: redact(url), embedded: None })
             }
             None => Self::open_embedded(home, Durability::Durable).await,
         }
@@ -107,14 +100,8 @@ impl Database {
             .await?;
         create_database_if_missing(&admin, EMBEDDED_DATABASE).await?;
         admin.close().await;
-        let pool = pool_options()
-            .connect_with(server.connect_options(EMBEDDED_DATABASE))
-            .await?;
-        Ok(Self {
-            pool,
-            display_url: server.url(EMBEDDED_DATABASE),
-            embedded: Some(server),
-        })
+        let pool = pool_options().connect_with(server.connect_options(EMBEDDED_DATABASE)).await?;
+        Ok(Self { pool, display_url: server.url(EMBEDDED_DATABASE), embedded: Some(server) })
     }
 
     /// Whether the database is the embedded cluster.
@@ -159,19 +146,17 @@ pub fn application_name() -> String {
 
 /// Pool settings shared by every way of opening the database.
 pub fn pool_options() -> PgPoolOptions {
-    PgPoolOptions::new()
-        .max_connections(16)
-        .after_connect(|conn, _| {
-            Box::pin(async move {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SET application_name = '{}'",
-                    application_name()
-                )))
-                .execute(conn)
-                .await
-                .map(|_| ())
-            })
+    PgPoolOptions::new().max_connections(16).after_connect(|conn, _| {
+        Box::pin(async move {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SET application_name = '{}'",
+                application_name()
+            )))
+            .execute(conn)
+            .await
+            .map(|_| ())
         })
+    })
 }
 
 /// Creates `name` unless it exists. `name` must be a plain identifier chosen by this crate.

@@ -24,7 +24,7 @@ enum Server {
     /// The process's own cluster; per-test databases are copies of a migrated template.
     Embedded { server: EmbeddedPostgres },
     /// An existing server from `DATABASE_URL`; per-test databases are created and migrated.
-    External { options: PgConnectOptions },
+    External { options: Box<PgConnectOptions> },
 }
 
 static SERVER: OnceCell<Server> = OnceCell::const_new();
@@ -35,33 +35,21 @@ pub async fn fresh_database(max_connections: u32) -> Result<(PgPool, String), Db
     let server = SERVER.get_or_try_init(start_server).await?;
     let name = format!("dealledger_test_{}", Uuid::new_v4().simple());
     let (admin_options, options) = match server {
-        Server::Embedded { server } => (
-            server.connect_options("postgres"),
-            server.connect_options(&name),
-        ),
-        Server::External { options } => (options.clone(), options.clone().database(&name)),
+        Server::Embedded { server } => {
+            (server.connect_options("postgres"), server.connect_options(&name))
+        }
+        Server::External { options } => ((**options).clone(), (**options).clone().database(&name)),
     };
-    let admin = pool_options()
-        .max_connections(1)
-        .connect_with(admin_options)
-        .await?;
+    let admin = pool_options().max_connections(1).connect_with(admin_options).await?;
     let create = match server {
         Server::Embedded { .. } => format!("CREATE DATABASE \"{name}\" TEMPLATE {TEMPLATE}"),
         Server::External { .. } => format!("CREATE DATABASE \"{name}\""),
     };
-    sqlx::query(sqlx::AssertSqlSafe(create))
-        .execute(&admin)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(create)).execute(&admin).await?;
     admin.close().await;
-    let pool = pool_options()
-        .max_connections(max_connections)
-        .connect_with(options)
-        .await?;
+    let pool = pool_options().max_connections(max_connections).connect_with(options).await?;
     if let Server::External { .. } = server {
-        Journal::migrator()
-            .run(&pool)
-            .await
-            .map_err(|e| DbError::Sqlx(e.into()))?;
+        Journal::migrator().run(&pool).await.map_err(|e| DbError::Sqlx(e.into()))?;
     }
     Ok((pool, name))
 }
@@ -69,7 +57,7 @@ pub async fn fresh_database(max_connections: u32) -> Result<(PgPool, String), Db
 async fn start_server() -> Result<Server, DbError> {
     if let Ok(url) = std::env::var("DATABASE_URL") {
         let options = PgConnectOptions::from_str(&url).map_err(DbError::InvalidUrl)?;
-        return Ok(Server::External { options });
+        return Ok(Server::External { options: Box::new(options) });
     }
     let dir = std::env::temp_dir().join(format!("dealledger-test-{}", std::process::id()));
     let server_dir = dir.clone();
@@ -78,22 +66,13 @@ async fn start_server() -> Result<Server, DbError> {
     })
     .await??;
     reap_on_exit(&server, dir)?;
-    let admin = pool_options()
-        .max_connections(1)
-        .connect_with(server.connect_options("postgres"))
-        .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {TEMPLATE}")))
-        .execute(&admin)
-        .await?;
+    let admin =
+        pool_options().max_connections(1).connect_with(server.connect_options("postgres")).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {TEMPLATE}"))).execute(&admin).await?;
     admin.close().await;
-    let template = pool_options()
-        .max_connections(1)
-        .connect_with(server.connect_options(TEMPLATE))
-        .await?;
-    Journal::migrator()
-        .run(&template)
-        .await
-        .map_err(|e| DbError::Sqlx(e.into()))?;
+    let template =
+        pool_options().max_connections(1).connect_with(server.connect_options(TEMPLATE)).await?;
+    Journal::migrator().run(&template).await.map_err(|e| DbError::Sqlx(e.into()))?;
     // Copies need the template to have no open connections.
     template.close().await;
     Ok(Server::Embedded { server })

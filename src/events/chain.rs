@@ -89,10 +89,7 @@ pub enum ChainBreak {
     ContentAltered { stored: String, recomputed: String },
     /// The event does not point at the event before it: one was dropped, reordered, inserted
     /// or moved from another stream.
-    BrokenLink {
-        expected_prev: Option<String>,
-        stored_prev: Option<String>,
-    },
+    BrokenLink { expected_prev: Option<String>, stored_prev: Option<String> },
     /// Versions are not 1, 2, 3, ...: an event was dropped or a version forged.
     VersionGap { expected: u32, found: u32 },
 }
@@ -114,12 +111,7 @@ pub fn first_break(events: &[RecordedEvent]) -> Option<FirstBadVersion> {
     let mut prev: Option<Cid> = None;
     for (index, event) in events.iter().enumerate() {
         let expected_version = index as u32 + 1;
-        let fail = |reason| {
-            Some(FirstBadVersion {
-                version: event.version,
-                reason,
-            })
-        };
+        let fail = |reason| Some(FirstBadVersion { version: event.version, reason });
         if event.version != expected_version {
             return fail(ChainBreak::VersionGap {
                 expected: expected_version,
@@ -142,4 +134,113 @@ pub fn first_break(events: &[RecordedEvent]) -> Option<FirstBadVersion> {
         prev = Some(event.cid);
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_event() -> impl Strategy<Value = RecordedEvent> {
+        (
+            (any::<i64>(), any::<u128>(), "[a-z_]{1,20}", 1u32..1_000_000, "[a-z-]{1,30}"),
+            (any::<i16>(), proptest::collection::vec(any::<u8>(), 0..200)),
+            (-62_135_596_800_000_000i64..253_402_300_799_000_000, any::<Option<u128>>()),
+            (any::<Option<u128>>(), any::<u64>(), any::<Option<[u8; 8]>>()),
+        )
+            .prop_map(|(head, body, time, tail)| {
+                let (position, stream, stream_type, version, event_type) = head;
+                let (schema_version, payload) = body;
+                let (micros, correlation) = time;
+                let (causation, tx_id, prev_seed) = tail;
+                let mut event = RecordedEvent {
+                    position,
+                    stream_id: Uuid::from_u128(stream),
+                    stream_type,
+                    version,
+                    event_type,
+                    schema_version,
+                    payload,
+                    recorded_at: DateTime::from_timestamp_micros(micros).expect("in range"),
+                    correlation_id: correlation.map(Uuid::from_u128),
+                    causation_id: causation.map(Uuid::from_u128),
+                    tx_id,
+                    prev_cid: prev_seed.map(|seed| cid_of_bytes(&seed)),
+                    cid: cid_of_bytes(b""),
+                };
+                event.cid = expected_cid(&event);
+                event
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn envelope_round_trips_through_postcard(event in arb_event()) {
+            let bytes = postcard::to_stdvec(&event).unwrap();
+            let back: RecordedEvent = postcard::from_bytes(&bytes).unwrap();
+            prop_assert_eq!(back, event);
+        }
+
+        #[test]
+        fn changing_any_covered_field_changes_the_cid(event in arb_event(), field in 0usize..10) {
+            let mut changed = event.clone();
+            match field {
+                0 => changed.stream_id = Uuid::from_u128(changed.stream_id.as_u128() ^ 1),
+                1 => changed.stream_type.push('x'),
+                2 => changed.version ^= 1,
+                3 => changed.event_type.push('x'),
+                4 => changed.schema_version ^= 1,
+                5 => changed.payload.push(0),
+                6 => changed.recorded_at += chrono::Duration::microseconds(1),
+                7 => changed.correlation_id = match changed.correlation_id {
+                    Some(_) => None,
+                    None => Some(Uuid::nil()),
+                },
+                8 => changed.causation_id = match changed.causation_id {
+                    Some(_) => None,
+                    None => Some(Uuid::nil()),
+                },
+                _ => changed.prev_cid = match changed.prev_cid {
+                    Some(_) => None,
+                    None => Some(cid_of_bytes(b"prev")),
+                },
+            }
+            prop_assert_ne!(expected_cid(&changed), event.cid);
+        }
+
+        #[test]
+        fn position_and_tx_id_are_outside_the_hash(event in arb_event(), p in any::<i64>(), t in any::<u64>()) {
+            let moved = RecordedEvent { position: p, tx_id: t, ..event.clone() };
+            prop_assert_eq!(expected_cid(&moved), event.cid);
+        }
+    }
+
+    #[test]
+    fn first_break_accepts_a_well_linked_stream_and_names_a_gap() {
+        let make = |version, prev: Option<Cid>| {
+            let mut e = RecordedEvent {
+                position: version as i64,
+                stream_id: Uuid::nil(),
+                stream_type: "s".into(),
+                version,
+                event_type: "e".into(),
+                schema_version: 1,
+                payload: vec![],
+                recorded_at: DateTime::from_timestamp_micros(0).expect("epoch"),
+                correlation_id: None,
+                causation_id: None,
+                tx_id: 1,
+                prev_cid: prev,
+                cid: cid_of_bytes(b""),
+            };
+            e.cid = expected_cid(&e);
+            e
+        };
+        let one = make(1, None);
+        let two = make(2, Some(one.cid));
+        let three = make(3, Some(two.cid));
+        assert_eq!(first_break(&[one.clone(), two.clone(), three.clone()]), None);
+        let gap = first_break(&[one, three]).expect("a gap");
+        assert_eq!(gap.reason, ChainBreak::VersionGap { expected: 2, found: 3 });
+    }
 }

@@ -38,11 +38,7 @@ impl EventCodec {
     /// Encodes a domain event into an appendable [`NewEvent`].
     pub fn encode<E: JournalEvent>(event: &E) -> Result<NewEvent, CodecError> {
         let payload = postcard::to_stdvec(event).map_err(CodecError::Encode)?;
-        Ok(NewEvent::new(
-            event.event_type(),
-            E::SCHEMA_VERSION,
-            payload,
-        ))
+        Ok(NewEvent::new(event.event_type(), E::SCHEMA_VERSION, payload))
     }
 
     /// Decodes a recorded event, upcasting payloads written with an older schema.

@@ -77,10 +77,7 @@ pub struct RecordedEvent {
 impl RecordedEvent {
     /// Where a consumer that has processed this event resumes.
     pub fn checkpoint(&self) -> Checkpoint {
-        Checkpoint {
-            tx_id: self.tx_id,
-            position: self.position,
-        }
+        Checkpoint { tx_id: self.tx_id, position: self.position }
     }
 }
 
@@ -101,8 +98,5 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Before the first event.
-    pub const START: Checkpoint = Checkpoint {
-        tx_id: 0,
-        position: 0,
-    };
+    pub const START: Checkpoint = Checkpoint { tx_id: 0, position: 0 };
 }

@@ -10,19 +10,11 @@ pub enum JournalError {
     #[error(
         "stream {stream_id} is at version {actual}, but the append expected version {expected}"
     )]
-    Conflict {
-        stream_id: Uuid,
-        expected: u32,
-        actual: u32,
-    },
+    Conflict { stream_id: Uuid, expected: u32, actual: u32 },
     /// The stream exists with another type. Nothing was written; this is a caller bug (two kinds
     /// of aggregate sharing one id) and is not retried.
     #[error("stream {stream_id} is a {actual} stream, not a {requested} stream")]
-    StreamTypeMismatch {
-        stream_id: Uuid,
-        requested: String,
-        actual: String,
-    },
+    StreamTypeMismatch { stream_id: Uuid, requested: String, actual: String },
     /// An append with no events. Nothing was written; an empty append is a caller bug.
     #[error("an append must carry at least one event")]
     EmptyAppend,
@@ -54,9 +46,5 @@ pub enum CodecError {
     Encode(#[source] postcard::Error),
     /// The payload was written with a schema this build does not know how to read or upcast.
     #[error("{event_type} has schema version {found}; this build reads up to {supported}")]
-    UnknownSchemaVersion {
-        event_type: String,
-        found: i16,
-        supported: i16,
-    },
+    UnknownSchemaVersion { event_type: String, found: i16, supported: i16 },
 }

@@ -12,6 +12,7 @@ pub mod codec;
 pub mod envelope;
 pub mod error;
 pub mod journal;
+mod notifier;
 pub mod subscribe;
 
 pub use chain::{ChainBreak, FirstBadVersion};

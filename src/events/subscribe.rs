@@ -64,18 +64,10 @@ impl Journal {
     > {
         let mut listener = PgListener::connect_with(self.pool()).await?;
         listener.listen(NOTIFY_CHANNEL).await?;
-        let follower = Follower {
-            journal: self.clone(),
-            listener,
-            after,
-            buffer: VecDeque::new(),
-        };
-        Ok(futures::stream::unfold(
-            follower,
-            |mut follower| async move {
-                let item = follower.next_event().await;
-                Some((item, follower))
-            },
-        ))
+        let follower = Follower { journal: self.clone(), listener, after, buffer: VecDeque::new() };
+        Ok(futures::stream::unfold(follower, |mut follower| async move {
+            let item = follower.next_event().await;
+            Some((item, follower))
+        }))
     }
 }
