@@ -10,10 +10,12 @@
 //! - [`events`]: event envelopes, the codec, the hash chain and the PostgreSQL journal.
 //! - [`projections`]: SQL status tables folded from the journal.
 //! - [`adapters`]: the edges: network, data transfer, chain.
+//! - [`domain`]: deal documents, parties, amounts and piece CIDs shared by the machines.
 //! - [`db`]: where the database comes from (a URL, or the embedded cluster).
 
 pub mod adapters;
 pub mod db;
+pub mod domain;
 pub mod events;
 pub mod fsm;
 pub mod projections;

@@ -1,0 +1,540 @@
+//! The storage provider's side of a storage deal: seed storage flow steps 1-10 as seen by the
+//! provider — validate and accept a signed proposal, receive the data, check its commitment,
+//! publish the deal, hand the piece to sealing, and follow it on chain until it ends.
+
+use cid::Cid;
+use rust_fsm::{StateMachineImpl, state_machine};
+use serde::{Deserialize, Serialize};
+
+use super::effects::{Effect, OutboundMessage};
+use super::{Deal, DecideContext, Label, Machine, Rejection, check_bytes, inconsistent};
+use crate::alphabet;
+use crate::domain::storage::{ClientDealProposal, StorageDeal};
+use crate::domain::{ChainEpoch, DealId, PieceCid, SectorNumber, TokenAmount};
+use crate::events::JournalEvent;
+
+state_machine! {
+    #[state_machine(
+        state(crate::fsm::storage_provider::State),
+        input(crate::fsm::storage_provider::Input),
+        output(crate::fsm::storage_provider::Output)
+    )]
+    pub machine(Unknown)
+
+    Unknown(ProposalReceived) => Validating,
+    Validating => {
+        ProposalValidated => AcceptWait [DecideOnProposal],
+        ProposalInvalid => Rejecting [SendRejection],
+    },
+    AcceptWait => {
+        DealAccepted => WaitingForData [SendAcceptance],
+        DealRejected => Rejecting [SendRejection],
+        DealCancelled => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+    },
+    WaitingForData => {
+        DataTransferStarted => Transferring,
+        DataTransferFailed => Failing [CleanUp],
+        DealCancelled => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+    },
+    Transferring => {
+        DataTransferProgressed => Transferring,
+        DataTransferInterrupted => ProviderTransferAwaitRestart [AwaitTransferRestart],
+        DataTransferCompleted => VerifyData [VerifyData],
+        DataTransferFailed => Failing [CleanUp],
+        DealCancelled => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+    },
+    ProviderTransferAwaitRestart => {
+        DataTransferRestarted => Transferring,
+        DataTransferFailed => Failing [CleanUp],
+        DealCancelled => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+    },
+    VerifyData => {
+        DataVerified => ReserveProviderFunds [ReserveFunds],
+        DataVerificationFailed => Failing [CleanUp],
+        DealCancelled => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+    },
+    ReserveProviderFunds => {
+        FundingInitiated => ProviderFunding [WaitForFunding],
+        FundsReserved => Publish [PublishDeal],
+        FundsReservationFailed => Failing [CleanUp],
+        DealCancelled => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+    },
+    ProviderFunding => {
+        FundsReserved => Publish [PublishDeal],
+        FundsReservationFailed => Failing [CleanUp],
+        DealCancelled => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+    },
+    Publish => {
+        PublishSent => Publishing [WaitForPublish],
+        PublishFailed => Failing [CleanUp],
+        DealCancelled => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+    },
+    Publishing => {
+        DealPublished => Staged [HandOffToSealing],
+        PublishFailed => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+    },
+    Staged => {
+        DealHandedOff => AwaitingPreCommit [WatchPreCommit],
+        HandOffFailed => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+    },
+    AwaitingPreCommit => {
+        DealPreCommitted => Sealing [WatchActivation],
+        DealActivated => Finalizing [FinalizeDeal],
+        SealingFailed => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+        DealSlashed => Slashed,
+    },
+    Sealing => {
+        DealActivated => Finalizing [FinalizeDeal],
+        SealingFailed => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+        DealSlashed => Slashed,
+    },
+    Finalizing => {
+        DealFinalized => Active [WatchExpiry],
+        DealSlashed => Slashed,
+    },
+    Active => {
+        DealExpired => Expired,
+        DealSlashed => Slashed,
+    },
+    Rejecting(RejectionSent) => Failing [CleanUp],
+    Failing(CleanupCompleted) => Error,
+}
+
+alphabet! {
+    /// Where a provider's deal is. Codes are go-fil-markets' `StorageDeal*` status codes.
+    pub enum State {
+        /// No proposal yet.
+        Unknown = 0,
+        /// A signed deal is on its way to the sealing pipeline.
+        Staged = 4,
+        /// The piece's sector is being sealed.
+        Sealing = 5,
+        /// The deal is active on chain; staged data is being cleaned up.
+        Finalizing = 6,
+        /// The piece is sealed and the deal is active: the provider proves it until it ends.
+        Active = 7,
+        /// The deal reached its end epoch.
+        Expired = 8,
+        /// The provider failed to prove the sector: collateral was slashed.
+        Slashed = 9,
+        /// The proposal is rejected; the rejection is being sent to the client.
+        Rejecting = 10,
+        /// Something failed: reserved funds are released and the transfer closed.
+        Failing = 11,
+        /// The proposal's terms are being checked against the market (epochs).
+        Validating = 14,
+        /// Waiting for the acceptance policy (price, capacity) to decide.
+        AcceptWait = 15,
+        /// The transfer is open and bytes are arriving.
+        Transferring = 17,
+        /// Accepted; waiting for the client to open the push transfer.
+        WaitingForData = 18,
+        /// All bytes arrived; their piece commitment is being checked.
+        VerifyData = 19,
+        /// Reserving the provider collateral in the market.
+        ReserveProviderFunds = 20,
+        /// A message adding market funds is on its way to the chain.
+        ProviderFunding = 22,
+        /// Publishing the deal to the storage market actor.
+        Publish = 24,
+        /// The publish message is on chain; waiting for it to land.
+        Publishing = 25,
+        /// Final: the deal failed and everything it held was released.
+        Error = 26,
+        /// The transfer was interrupted; waiting for the client to restart it.
+        ProviderTransferAwaitRestart = 27,
+        /// Handed to sealing; waiting for the sector to be pre-committed.
+        AwaitingPreCommit = 29,
+    }
+}
+
+alphabet! {
+    /// The provider machine's inputs, one per event kind.
+    pub enum Input {
+        ProposalReceived, ProposalValidated, ProposalInvalid, DealAccepted, DealRejected,
+        RejectionSent, DataTransferStarted, DataTransferProgressed, DataTransferInterrupted,
+        DataTransferRestarted, DataTransferCompleted, DataTransferFailed, DataVerified,
+        DataVerificationFailed, FundingInitiated, FundsReserved, FundsReservationFailed,
+        PublishSent, PublishFailed, DealPublished, DealHandedOff, HandOffFailed,
+        DealPreCommitted, DealActivated, DealFinalized, DealExpired, DealSlashed, SealingFailed,
+        DealTimedOut, DealCancelled, CleanupCompleted,
+    }
+}
+
+alphabet! {
+    /// What the provider must do on entering a state.
+    pub enum Output {
+        DecideOnProposal, SendAcceptance, SendRejection, AwaitTransferRestart, VerifyData,
+        ReserveFunds, WaitForFunding, PublishDeal, WaitForPublish, HandOffToSealing,
+        WatchPreCommit, WatchActivation, FinalizeDeal, WatchExpiry, CleanUp,
+    }
+}
+
+/// What happened to a provider's deal. Journal payload: append variants only, never reorder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StorageProviderEvent {
+    /// A signed proposal arrived from a client (step 1).
+    ProposalReceived { proposal: Box<ClientDealProposal> },
+    /// The proposal's terms hold against the market (derived).
+    ProposalValidated,
+    /// The proposal cannot be taken as it stands, e.g. its start epoch passed (derived).
+    ProposalInvalid { reason: String },
+    /// The provider counter-signed the deal (step 2).
+    DealAccepted { deal: Box<StorageDeal> },
+    /// The acceptance policy declined the proposal.
+    DealRejected { reason: String },
+    /// The client has been told of the rejection.
+    RejectionSent,
+    /// The client opened the push transfer (steps 5-6).
+    DataTransferStarted,
+    /// Bytes received so far (cumulative), recorded at the transfer's reporting granularity.
+    DataTransferProgressed { bytes: u64 },
+    /// The transfer stopped but may be restarted (disconnect, node restart).
+    DataTransferInterrupted { reason: String },
+    /// The client restarted the transfer.
+    DataTransferRestarted,
+    /// All bytes arrived (step 8).
+    DataTransferCompleted { bytes: u64 },
+    /// The transfer failed for good.
+    DataTransferFailed { reason: String },
+    /// The received data's commitment equals the proposal's piece CID.
+    DataVerified { piece_cid: PieceCid },
+    /// The received data's commitment differs, or could not be computed.
+    DataVerificationFailed { reason: String },
+    /// A message adding market funds was sent.
+    FundingInitiated { message: Cid },
+    /// The provider collateral is reserved.
+    FundsReserved { amount: TokenAmount },
+    /// The collateral could not be reserved.
+    FundsReservationFailed { reason: String },
+    /// The publish message was sent (step 9).
+    PublishSent { message: Cid },
+    /// Publishing failed (out of gas, out of funds, rejected by the actor).
+    PublishFailed { reason: String },
+    /// The publish message landed and the market actor gave the deal an id.
+    DealPublished { deal_id: DealId },
+    /// The sealing pipeline took the piece (step 10).
+    DealHandedOff,
+    /// The sealing pipeline refused the piece.
+    HandOffFailed { reason: String },
+    /// The sector holding the piece was pre-committed.
+    DealPreCommitted { sector: SectorNumber },
+    /// The sector was proven and the deal activated.
+    DealActivated { epoch: ChainEpoch },
+    /// Staged data was cleaned up.
+    DealFinalized,
+    /// The deal reached its end epoch.
+    DealExpired { epoch: ChainEpoch },
+    /// The deal's collateral was slashed.
+    DealSlashed { epoch: ChainEpoch },
+    /// The sector failed to seal.
+    SealingFailed { reason: String },
+    /// A deadline passed (transfer, publish or sealing before the start epoch).
+    DealTimedOut { reason: String },
+    /// An operator or the client cancelled the deal.
+    DealCancelled { reason: String },
+    /// Funds were released and the transfer closed after a failure.
+    CleanupCompleted,
+}
+
+impl StorageProviderEvent {
+    /// The machine input this event stands for.
+    pub fn input(&self) -> Input {
+        use StorageProviderEvent as E;
+        match self {
+            E::ProposalReceived { .. } => Input::ProposalReceived,
+            E::ProposalValidated => Input::ProposalValidated,
+            E::ProposalInvalid { .. } => Input::ProposalInvalid,
+            E::DealAccepted { .. } => Input::DealAccepted,
+            E::DealRejected { .. } => Input::DealRejected,
+            E::RejectionSent => Input::RejectionSent,
+            E::DataTransferStarted => Input::DataTransferStarted,
+            E::DataTransferProgressed { .. } => Input::DataTransferProgressed,
+            E::DataTransferInterrupted { .. } => Input::DataTransferInterrupted,
+            E::DataTransferRestarted => Input::DataTransferRestarted,
+            E::DataTransferCompleted { .. } => Input::DataTransferCompleted,
+            E::DataTransferFailed { .. } => Input::DataTransferFailed,
+            E::DataVerified { .. } => Input::DataVerified,
+            E::DataVerificationFailed { .. } => Input::DataVerificationFailed,
+            E::FundingInitiated { .. } => Input::FundingInitiated,
+            E::FundsReserved { .. } => Input::FundsReserved,
+            E::FundsReservationFailed { .. } => Input::FundsReservationFailed,
+            E::PublishSent { .. } => Input::PublishSent,
+            E::PublishFailed { .. } => Input::PublishFailed,
+            E::DealPublished { .. } => Input::DealPublished,
+            E::DealHandedOff => Input::DealHandedOff,
+            E::HandOffFailed { .. } => Input::HandOffFailed,
+            E::DealPreCommitted { .. } => Input::DealPreCommitted,
+            E::DealActivated { .. } => Input::DealActivated,
+            E::DealFinalized => Input::DealFinalized,
+            E::DealExpired { .. } => Input::DealExpired,
+            E::DealSlashed { .. } => Input::DealSlashed,
+            E::SealingFailed { .. } => Input::SealingFailed,
+            E::DealTimedOut { .. } => Input::DealTimedOut,
+            E::DealCancelled { .. } => Input::DealCancelled,
+            E::CleanupCompleted => Input::CleanupCompleted,
+        }
+    }
+}
+
+impl JournalEvent for StorageProviderEvent {
+    const SCHEMA_VERSION: i16 = 1;
+
+    fn event_type(&self) -> &'static str {
+        super::label::kebab(self.input().name())
+    }
+}
+
+/// What a provider's events fold into.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ProviderDeal {
+    /// The client-signed proposal.
+    pub proposal: Option<ClientDealProposal>,
+    /// Its CID.
+    pub proposal_cid: Option<Cid>,
+    /// The counter-signed deal, once accepted.
+    pub signed_deal: Option<StorageDeal>,
+    /// Bytes received so far.
+    pub bytes_received: u64,
+    /// Collateral this deal holds reserved in the provider's market balance, in attoFIL.
+    pub funds_reserved: TokenAmount,
+    /// The funding message, while one is pending.
+    pub funding_message: Option<Cid>,
+    /// The publish message.
+    pub publish_message: Option<Cid>,
+    /// The on-chain deal id, once published.
+    pub deal_id: Option<DealId>,
+    /// The sector holding the piece, once pre-committed.
+    pub sector: Option<SectorNumber>,
+    /// Epoch of activation.
+    pub activation_epoch: Option<ChainEpoch>,
+    /// How many times the transfer was interrupted.
+    pub transfer_interruptions: u32,
+    /// Why the deal was rejected or failed.
+    pub message: Option<String>,
+}
+
+/// The storage provider machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageProvider;
+
+impl Machine for StorageProvider {
+    const NAME: &'static str = "storage_provider";
+    type State = State;
+    type Input = Input;
+    type Output = Output;
+    type Event = StorageProviderEvent;
+    type Data = ProviderDeal;
+    const INITIAL: State = State::Unknown;
+    const TERMINAL: &'static [State] = &[State::Expired, State::Slashed, State::Error];
+
+    fn transition(state: State, input: Input) -> Option<State> {
+        machine::Impl::transition(&state, &input)
+    }
+
+    fn output(state: State, input: Input) -> Option<Output> {
+        machine::Impl::output(&state, &input)
+    }
+
+    fn input(event: &StorageProviderEvent) -> Input {
+        event.input()
+    }
+
+    fn fold(data: &mut ProviderDeal, event: &StorageProviderEvent) {
+        use StorageProviderEvent as E;
+        match event {
+            E::ProposalReceived { proposal } => {
+                data.proposal_cid = Some(proposal.cid());
+                data.proposal = Some((**proposal).clone());
+            }
+            E::DealAccepted { deal } => data.signed_deal = Some((**deal).clone()),
+            E::DataTransferProgressed { bytes } | E::DataTransferCompleted { bytes } => {
+                data.bytes_received = *bytes
+            }
+            E::DataTransferInterrupted { .. } => data.transfer_interruptions += 1,
+            E::FundingInitiated { message } => data.funding_message = Some(*message),
+            E::FundsReserved { amount } => {
+                data.funds_reserved = *amount;
+                data.funding_message = None;
+            }
+            E::PublishSent { message } => data.publish_message = Some(*message),
+            // Published: the collateral is now locked by the market actor, not by us.
+            E::DealPublished { deal_id } => {
+                data.deal_id = Some(*deal_id);
+                data.funds_reserved = TokenAmount::ZERO;
+            }
+            E::DealPreCommitted { sector } => data.sector = Some(*sector),
+            E::DealActivated { epoch } => data.activation_epoch = Some(*epoch),
+            E::ProposalInvalid { reason }
+            | E::DealRejected { reason }
+            | E::DataTransferFailed { reason }
+            | E::DataVerificationFailed { reason }
+            | E::FundsReservationFailed { reason }
+            | E::PublishFailed { reason }
+            | E::HandOffFailed { reason }
+            | E::SealingFailed { reason }
+            | E::DealTimedOut { reason }
+            | E::DealCancelled { reason } => data.message = Some(reason.clone()),
+            // Invariant: a deal in a terminal state holds no reserved funds.
+            E::CleanupCompleted => data.funds_reserved = TokenAmount::ZERO,
+            E::ProposalValidated
+            | E::RejectionSent
+            | E::DataTransferStarted
+            | E::DataTransferRestarted
+            | E::DataVerified { .. }
+            | E::DealHandedOff
+            | E::DealFinalized
+            | E::DealExpired { .. }
+            | E::DealSlashed { .. } => {}
+        }
+    }
+
+    fn decide(
+        deal: &Deal<Self>,
+        command: StorageProviderEvent,
+        ctx: &DecideContext,
+    ) -> Result<Vec<StorageProviderEvent>, Rejection> {
+        use StorageProviderEvent as E;
+        if let E::ProposalReceived { proposal } = &command {
+            deal.require_new()?;
+            proposal.validate(&ctx.policy)?;
+            let start = proposal.proposal.start_epoch;
+            let verdict = if start <= ctx.epoch {
+                E::ProposalInvalid {
+                    reason: format!("start epoch {} has passed (now {})", start.0, ctx.epoch.0),
+                }
+            } else {
+                E::ProposalValidated
+            };
+            return Ok(vec![command, verdict]);
+        }
+        deal.require_started()?;
+        let proposal =
+            deal.data.proposal.as_ref().ok_or(Rejection::DealNotFound { stream_id: deal.id })?;
+        match &command {
+            E::ProposalValidated | E::ProposalInvalid { .. } => {
+                return Err(Rejection::DerivedEvent { event: command.event_type() });
+            }
+            E::DealAccepted { deal: signed } => {
+                if &signed.client_proposal != proposal {
+                    return Err(inconsistent("the signed deal is not the proposal received"));
+                }
+                signed.verify()?;
+            }
+            E::DataTransferProgressed { bytes } | E::DataTransferCompleted { bytes } => {
+                check_bytes(*bytes, deal.data.bytes_received, proposal.proposal.piece_size.0)?;
+            }
+            E::DataVerified { piece_cid } if *piece_cid != proposal.proposal.piece_cid => {
+                return Err(inconsistent(format!(
+                    "verified piece {piece_cid} is not the proposed piece {}",
+                    proposal.proposal.piece_cid
+                )));
+            }
+            E::FundsReserved { amount }
+                if *amount != proposal.proposal.provider_balance_requirement() =>
+            {
+                return Err(inconsistent(format!(
+                    "reserved {amount}, but the deal needs {}",
+                    proposal.proposal.provider_balance_requirement()
+                )));
+            }
+            _ => {}
+        }
+        Ok(vec![command])
+    }
+
+    fn effects(output: Output, deal: &Deal<Self>) -> Vec<Effect> {
+        let data = &deal.data;
+        let Some(client_proposal) = data.proposal.as_ref() else { return Vec::new() };
+        let proposal = &client_proposal.proposal;
+        let proposal_cid = client_proposal.cid();
+        let (client, provider) = (proposal.client, proposal.provider);
+        let deal_id = data.deal_id;
+        match output {
+            Output::DecideOnProposal => vec![Effect::DecideOnProposal { proposal_cid }],
+            Output::SendAcceptance => data
+                .signed_deal
+                .iter()
+                .map(|signed| Effect::Send {
+                    to: client,
+                    message: OutboundMessage::StorageAccepted(Box::new(signed.clone())),
+                })
+                .collect(),
+            Output::SendRejection => vec![Effect::Send {
+                to: client,
+                message: OutboundMessage::StorageRejected {
+                    proposal_cid,
+                    reason: data.message.clone().unwrap_or_default(),
+                },
+            }],
+            Output::AwaitTransferRestart => {
+                vec![Effect::AwaitTransferRestart { counterparty: client }]
+            }
+            Output::VerifyData => vec![Effect::VerifyPieceCommitment {
+                expected: proposal.piece_cid,
+                size: proposal.piece_size,
+            }],
+            Output::ReserveFunds => vec![Effect::ReserveFunds {
+                wallet: provider,
+                amount: proposal.provider_balance_requirement(),
+            }],
+            Output::WaitForFunding => {
+                vec![Effect::WaitForFunding { wallet: provider, message: data.funding_message }]
+            }
+            Output::PublishDeal => data
+                .signed_deal
+                .iter()
+                .map(|signed| Effect::PublishDeal { deal: Box::new(signed.clone()) })
+                .collect(),
+            Output::WaitForPublish => data
+                .publish_message
+                .map(|message| Effect::WaitForMessage { message })
+                .into_iter()
+                .collect(),
+            Output::HandOffToSealing => deal_id
+                .map(|deal_id| {
+                    vec![
+                        Effect::ReleaseFunds {
+                            wallet: provider,
+                            amount: proposal.provider_balance_requirement(),
+                        },
+                        Effect::HandOffToSealing {
+                            deal_id,
+                            piece_cid: proposal.piece_cid,
+                            size: proposal.piece_size,
+                        },
+                    ]
+                })
+                .unwrap_or_default(),
+            Output::WatchPreCommit => {
+                deal_id.map(|deal_id| Effect::WatchPreCommit { deal_id }).into_iter().collect()
+            }
+            Output::WatchActivation => {
+                deal_id.map(|deal_id| Effect::WatchActivation { deal_id }).into_iter().collect()
+            }
+            Output::FinalizeDeal => {
+                vec![Effect::CleanUpStagedData { piece_cid: proposal.piece_cid }]
+            }
+            Output::WatchExpiry => deal_id
+                .map(|deal_id| Effect::WatchExpiry { deal_id, end_epoch: proposal.end_epoch })
+                .into_iter()
+                .collect(),
+            Output::CleanUp => vec![
+                Effect::CloseTransfer { counterparty: client },
+                Effect::ReleaseFunds { wallet: provider, amount: data.funds_reserved },
+            ],
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The declared tables, read back from the machines: every (state, input) pair is asked of
+//! `transition` and `output`, so listings, diagrams and docs can never drift from the
+//! `state_machine!` declarations.
+
+use serde::Serialize;
+
+use super::label::kebab;
+use super::{Label, Machine};
+
+/// One state of a machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StateRow {
+    /// The state's name.
+    pub name: &'static str,
+    /// Its status code (go-fil-markets' numbering where one exists).
+    pub code: Option<u16>,
+    /// Whether it accepts no input.
+    pub terminal: bool,
+    /// What the state means.
+    #[serde(skip)]
+    pub meaning: &'static str,
+}
+
+/// One declared transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TransitionRow {
+    /// State before.
+    pub from: &'static str,
+    /// The input.
+    pub input: &'static str,
+    /// State after.
+    pub to: &'static str,
+    /// The effects the transition triggers, by output name (kebab-case).
+    pub effects: Vec<&'static str>,
+}
+
+/// A machine's whole declaration, as data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MachineTable {
+    /// The machine's name.
+    pub machine: &'static str,
+    /// The initial state.
+    pub initial: &'static str,
+    /// Every state, in declaration order of the state enum.
+    pub states: Vec<StateRow>,
+    /// Every transition, ordered by state then input.
+    pub transitions: Vec<TransitionRow>,
+}
+
+/// Reads a machine's table back from its declaration.
+pub fn table<M: Machine>() -> MachineTable {
+    let states = M::State::ALL
+        .iter()
+        .map(|&s| StateRow {
+            name: s.name(),
+            code: s.code(),
+            terminal: M::is_terminal(s),
+            meaning: s.doc(),
+        })
+        .collect();
+    let mut transitions = Vec::new();
+    for &from in M::State::ALL {
+        for &input in M::Input::ALL {
+            if let Some(to) = M::transition(from, input) {
+                transitions.push(TransitionRow {
+                    from: from.name(),
+                    input: input.name(),
+                    to: to.name(),
+                    effects: M::output(from, input).map(|o| kebab(o.name())).into_iter().collect(),
+                });
+            }
+        }
+    }
+    MachineTable { machine: M::NAME, initial: M::INITIAL.name(), states, transitions }
+}
+
+/// The tables of every machine of the ledger.
+pub fn all() -> Vec<MachineTable> {
+    vec![
+        table::<super::storage_client::StorageClient>(),
+        table::<super::storage_provider::StorageProvider>(),
+        table::<super::retrieval_client::RetrievalClient>(),
+        table::<super::retrieval_provider::RetrievalProvider>(),
+        table::<super::retrieval_request::RetrievalRequestMachine>(),
+    ]
+}
+
+/// The table of the machine called `name`.
+pub fn by_name(name: &str) -> Option<MachineTable> {
+    all().into_iter().find(|t| t.machine == name)
+}
+
+impl MachineTable {
+    /// A Mermaid `stateDiagram-v2`.
+    pub fn mermaid(&self) -> String {
+        let mut out = String::from("stateDiagram-v2\n");
+        out.push_str(&format!("    [*] --> {}\n", self.initial));
+        for t in &self.transitions {
+            let effects = if t.effects.is_empty() {
+                String::new()
+            } else {
+                format!(" / {}", t.effects.join(", "))
+            };
+            out.push_str(&format!("    {} --> {}: {}{}\n", t.from, t.to, t.input, effects));
+        }
+        for s in self.states.iter().filter(|s| s.terminal) {
+            out.push_str(&format!("    {} --> [*]\n", s.name));
+        }
+        out
+    }
+
+    /// A Graphviz digraph.
+    pub fn dot(&self) -> String {
+        let mut out = format!("digraph {} {{\n    rankdir=LR;\n    node [shape=box];\n", self.machine);
+        for s in self.states.iter().filter(|s| s.terminal) {
+            out.push_str(&format!("    {} [peripheries=2];\n", s.name));
+        }
+        out.push_str(&format!("    start [shape=point];\n    start -> {};\n", self.initial));
+        for t in &self.transitions {
+            let label = std::iter::once(t.input).chain(t.effects.iter().copied()).collect::<Vec<_>>();
+            out.push_str(&format!(
+                "    {} -> {} [label=\"{}\"];\n",
+                t.from,
+                t.to,
+                label.join("\\n/ ")
+            ));
+        }
+        out.push_str("}\n");
+        out
+    }
+
+    /// A plain-text table of transitions for terminals.
+    pub fn text(&self) -> String {
+        let width = |f: fn(&TransitionRow) -> usize| self.transitions.iter().map(f).max().unwrap_or(0);
+        let (wf, wi, wt) = (width(|t| t.from.len()), width(|t| t.input.len()), width(|t| t.to.len()));
+        let mut out = format!("{} (initial: {})\n\n", self.machine, self.initial);
+        out.push_str(&format!("{:<wf$}  {:<wi$}  {:<wt$}  effects\n", "from", "input", "to"));
+        for t in &self.transitions {
+            out.push_str(&format!(
+                "{:<wf$}  {:<wi$}  {:<wt$}  {}\n",
+                t.from,
+                t.input,
+                t.to,
+                t.effects.join(", ")
+            ));
+        }
+        out.push_str("\nstates:\n");
+        for s in &self.states {
+            let code = s.code.map(|c| c.to_string()).unwrap_or_default();
+            let terminal = if s.terminal { " (terminal)" } else { "" };
+            out.push_str(&format!("  {:>3}  {}{}: {}\n", code, s.name, terminal, s.meaning));
+        }
+        out
+    }
+
+    /// The generated `docs/fsm/<machine>.md`.
+    pub fn markdown(&self) -> String {
+        let mut out = format!(
+            "# `{}` state machine\n\n<!-- Generated by `dealledger fsm docs`; do not edit. -->\n\n\
+             Initial state: `{}`. Terminal states accept no input.\n\n```mermaid\n{}```\n\n\
+             ## States\n\n| code | state | terminal | meaning |\n|---|---|---|---|\n",
+            self.machine,
+            self.initial,
+            self.mermaid()
+        );
+        for s in &self.states {
+            let code = s.code.map(|c| c.to_string()).unwrap_or_default();
+            let terminal = if s.terminal { "yes" } else { "" };
+            out.push_str(&format!("| {} | `{}` | {} | {} |\n", code, s.name, terminal, s.meaning));
+        }
+        out.push_str("\n## Transitions\n\n| from | input | to | effects |\n|---|---|---|---|\n");
+        for t in &self.transitions {
+            out.push_str(&format!(
+                "| `{}` | `{}` | `{}` | {} |\n",
+                t.from,
+                t.input,
+                t.to,
+                t.effects.iter().map(|e| format!("`{e}`")).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        out
+    }
+}
