@@ -8,15 +8,20 @@
 //! typed rejection) and [`Deal::apply`] folds an event into the deal. Time, epochs and ids
 //! arrive in the [`DecideContext`]; nothing here reads a clock, draws randomness or does I/O.
 
+#[cfg(test)]
+pub mod conformance;
 pub mod effects;
+#[cfg(test)]
+pub mod fixtures;
 pub mod label;
-// pub mod retrieval_client;
-// pub mod retrieval_provider;
-// pub mod retrieval_request;
+pub mod retrieval_client;
+pub mod retrieval_provider;
+pub mod retrieval_request;
 pub mod storage_client;
 pub mod storage_provider;
-// pub mod table;
-// #[cfg(test)] pub mod testing;
+pub mod table;
+#[cfg(test)]
+pub mod testing;
 
 use std::fmt::Debug;
 

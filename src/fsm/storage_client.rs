@@ -450,3 +450,147 @@ impl Machine for StorageClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsm::conformance::Sample;
+    use crate::fsm::fixtures::*;
+    use crate::fsm::testing::given;
+    use StorageClientEvent as E;
+
+    fn reason() -> String {
+        "test reason".into()
+    }
+
+    fn requirement() -> TokenAmount {
+        proposal().client_balance_requirement().expect("fixture amounts do not overflow")
+    }
+
+    impl Sample for StorageClient {
+        fn sample(input: Input, deal: &Deal<Self>) -> E {
+            match input {
+                Input::DealInitiated => E::DealInitiated { proposal: Box::new(signed_proposal()) },
+                Input::FundingInitiated => E::FundingInitiated { message: message_cid(b"fund") },
+                Input::FundsReserved => E::FundsReserved { amount: requirement() },
+                Input::FundsReservationFailed => E::FundsReservationFailed { reason: reason() },
+                Input::DealAccepted => E::DealAccepted { deal: Box::new(storage_deal()) },
+                Input::DealRejected => E::DealRejected { reason: reason() },
+                Input::DataTransferQueued => E::DataTransferQueued,
+                Input::DataTransferStarted => E::DataTransferStarted,
+                Input::DataTransferProgressed => {
+                    E::DataTransferProgressed { bytes: (deal.data.bytes_sent + 512).min(2048) }
+                }
+                Input::DataTransferInterrupted => E::DataTransferInterrupted { reason: reason() },
+                Input::DataTransferRestarted => E::DataTransferRestarted,
+                Input::DataTransferCompleted => E::DataTransferCompleted { bytes: 2048 },
+                Input::DataTransferFailed => E::DataTransferFailed { reason: reason() },
+                Input::DealPublished => {
+                    E::DealPublished { deal_id: DealId(42), message: message_cid(b"publish") }
+                }
+                Input::ProviderFailedDeal => E::ProviderFailedDeal { reason: reason() },
+                Input::PublishConfirmed => E::PublishConfirmed,
+                Input::PublishVerificationFailed => {
+                    E::PublishVerificationFailed { reason: reason() }
+                }
+                Input::DealPreCommitted => E::DealPreCommitted { sector: SectorNumber(7) },
+                Input::DealActivated => E::DealActivated { epoch: ChainEpoch(9_000) },
+                Input::DealExpired => E::DealExpired { epoch: ChainEpoch(600_000) },
+                Input::DealSlashed => E::DealSlashed { epoch: ChainEpoch(20_000) },
+                Input::DealTimedOut => E::DealTimedOut { reason: reason() },
+                Input::DealCancelled => E::DealCancelled { reason: reason() },
+                Input::CleanupCompleted => E::CleanupCompleted,
+            }
+        }
+
+        fn derived(_input: Input) -> bool {
+            false
+        }
+    }
+
+    crate::conformance_tests!(StorageClient);
+
+    fn initiated() -> E {
+        E::DealInitiated { proposal: Box::new(signed_proposal()) }
+    }
+
+    #[test]
+    fn initiating_a_deal_reserves_the_fee_and_collateral() {
+        let then = given::<StorageClient>([])
+            .at_epoch(NOW)
+            .when(initiated())
+            .then([initiated()])
+            .then_state(State::ReserveClientFunds)
+            .then_effects(&["reserve-funds"]);
+        assert!(matches!(
+            &then.decision_effects()[0],
+            Effect::ReserveFunds { amount, .. } if *amount == requirement()
+        ));
+    }
+
+    #[test]
+    fn rejects_a_proposal_whose_start_epoch_has_passed() {
+        given::<StorageClient>([]).at_epoch(10_000).when(initiated()).then_rejects(|r| {
+            r == &Rejection::Proposal(ProposalError::StartEpochElapsed {
+                start: 10_000,
+                current: 10_000,
+            })
+        });
+    }
+
+    #[test]
+    fn rejects_initiating_the_same_deal_twice() {
+        given::<StorageClient>([initiated()])
+            .when(initiated())
+            .then_rejects(|r| matches!(r, Rejection::DealExists { .. }));
+    }
+
+    #[test]
+    fn rejects_reserving_an_amount_other_than_the_requirement() {
+        given::<StorageClient>([initiated()])
+            .when(E::FundsReserved { amount: TokenAmount(1) })
+            .then_rejects(|r| matches!(r, Rejection::Inconsistent { .. }));
+    }
+
+    #[test]
+    fn a_rejected_proposal_fails_through_failing_and_releases_the_reservation() {
+        let then =
+            given::<StorageClient>([initiated(), E::FundsReserved { amount: requirement() }])
+                .when(E::DealRejected { reason: "price too low".into() })
+                .then_state(State::Failing)
+                .then_effects(&["close-transfer", "release-funds"]);
+        assert!(matches!(
+            &then.decision_effects()[1],
+            Effect::ReleaseFunds { amount, .. } if *amount == requirement()
+        ));
+    }
+
+    #[test]
+    fn an_interrupted_transfer_is_restarted() {
+        given::<StorageClient>([
+            initiated(),
+            E::FundsReserved { amount: requirement() },
+            E::DealAccepted { deal: Box::new(storage_deal()) },
+            E::DataTransferStarted,
+        ])
+        .when(E::DataTransferInterrupted { reason: "peer went away".into() })
+        .then_state(State::ClientTransferRestart)
+        .then_effects(&["restart-transfer"]);
+    }
+
+    #[test]
+    fn confirming_the_publish_moves_funds_from_reservation_to_chain() {
+        let then = given::<StorageClient>([
+            initiated(),
+            E::FundsReserved { amount: requirement() },
+            E::DealAccepted { deal: Box::new(storage_deal()) },
+            E::DataTransferStarted,
+            E::DataTransferCompleted { bytes: 2048 },
+            E::DealPublished { deal_id: DealId(42), message: message_cid(b"publish") },
+        ])
+        .when(E::PublishConfirmed)
+        .then_state(State::AwaitingPreCommit)
+        .then_effects(&["release-funds", "watch-pre-commit"]);
+        assert_eq!(then.deal().data.funds_reserved, TokenAmount::ZERO);
+    }
+}

@@ -538,3 +538,276 @@ impl Machine for StorageProvider {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::PaddedPieceSize;
+    use crate::domain::storage::{ProposalError, StorageDealProposal};
+    use crate::fsm::conformance::Sample;
+    use crate::fsm::fixtures::*;
+    use crate::fsm::testing::given;
+    use StorageProviderEvent as E;
+
+    fn reason() -> String {
+        "test reason".into()
+    }
+
+    impl Sample for StorageProvider {
+        fn sample(input: Input, deal: &Deal<Self>) -> E {
+            match input {
+                Input::ProposalReceived => {
+                    E::ProposalReceived { proposal: Box::new(signed_proposal()) }
+                }
+                Input::ProposalValidated => E::ProposalValidated,
+                Input::ProposalInvalid => E::ProposalInvalid { reason: reason() },
+                Input::DealAccepted => E::DealAccepted { deal: Box::new(storage_deal()) },
+                Input::DealRejected => E::DealRejected { reason: reason() },
+                Input::RejectionSent => E::RejectionSent,
+                Input::DataTransferStarted => E::DataTransferStarted,
+                Input::DataTransferProgressed => {
+                    E::DataTransferProgressed { bytes: (deal.data.bytes_received + 512).min(2048) }
+                }
+                Input::DataTransferInterrupted => E::DataTransferInterrupted { reason: reason() },
+                Input::DataTransferRestarted => E::DataTransferRestarted,
+                Input::DataTransferCompleted => E::DataTransferCompleted { bytes: 2048 },
+                Input::DataTransferFailed => E::DataTransferFailed { reason: reason() },
+                Input::DataVerified => E::DataVerified { piece_cid: proposal().piece_cid },
+                Input::DataVerificationFailed => E::DataVerificationFailed { reason: reason() },
+                Input::FundingInitiated => E::FundingInitiated { message: message_cid(b"fund") },
+                Input::FundsReserved => E::FundsReserved { amount: proposal().provider_collateral },
+                Input::FundsReservationFailed => E::FundsReservationFailed { reason: reason() },
+                Input::PublishSent => E::PublishSent { message: message_cid(b"publish") },
+                Input::PublishFailed => E::PublishFailed { reason: reason() },
+                Input::DealPublished => E::DealPublished { deal_id: DealId(42) },
+                Input::DealHandedOff => E::DealHandedOff,
+                Input::HandOffFailed => E::HandOffFailed { reason: reason() },
+                Input::DealPreCommitted => E::DealPreCommitted { sector: SectorNumber(7) },
+                Input::DealActivated => E::DealActivated { epoch: ChainEpoch(9_000) },
+                Input::DealFinalized => E::DealFinalized,
+                Input::DealExpired => E::DealExpired { epoch: ChainEpoch(600_000) },
+                Input::DealSlashed => E::DealSlashed { epoch: ChainEpoch(20_000) },
+                Input::SealingFailed => E::SealingFailed { reason: reason() },
+                Input::DealTimedOut => E::DealTimedOut { reason: reason() },
+                Input::DealCancelled => E::DealCancelled { reason: reason() },
+                Input::CleanupCompleted => E::CleanupCompleted,
+            }
+        }
+
+        fn derived(input: Input) -> bool {
+            matches!(input, Input::ProposalValidated | Input::ProposalInvalid)
+        }
+    }
+
+    crate::conformance_tests!(StorageProvider);
+
+    fn received(proposal: ClientDealProposal) -> E {
+        E::ProposalReceived { proposal: Box::new(proposal) }
+    }
+
+    fn accepted_history() -> Vec<E> {
+        vec![
+            received(signed_proposal()),
+            E::ProposalValidated,
+            E::DealAccepted { deal: Box::new(storage_deal()) },
+        ]
+    }
+
+    fn published_history() -> Vec<E> {
+        let mut events = accepted_history();
+        events.extend([
+            E::DataTransferStarted,
+            E::DataTransferCompleted { bytes: 2048 },
+            E::DataVerified { piece_cid: proposal().piece_cid },
+            E::FundsReserved { amount: proposal().provider_collateral },
+            E::PublishSent { message: message_cid(b"publish") },
+        ]);
+        events
+    }
+
+    #[test]
+    fn accepts_a_valid_proposal_and_asks_the_policy() {
+        given::<StorageProvider>([])
+            .at_epoch(NOW)
+            .when(received(signed_proposal()))
+            .then([received(signed_proposal()), E::ProposalValidated])
+            .then_state(State::AcceptWait)
+            .then_effects(&["decide-on-proposal"]);
+    }
+
+    #[test]
+    fn records_a_rejection_when_the_start_epoch_has_passed() {
+        given::<StorageProvider>([])
+            .at_epoch(10_000)
+            .when(received(signed_proposal()))
+            .then_state(State::Rejecting)
+            .then_effects(&["send"]);
+    }
+
+    #[test]
+    fn rejects_a_proposal_with_a_bad_client_signature() {
+        let mut forged = signed_proposal();
+        forged.proposal.storage_price_per_epoch = TokenAmount(1);
+        given::<StorageProvider>([]).when(received(forged)).then_rejects(|r| {
+            matches!(r, Rejection::Proposal(ProposalError::BadClientSignature { .. }))
+        });
+    }
+
+    #[test]
+    fn rejects_a_proposal_signed_by_someone_else() {
+        let forged = ClientDealProposal::sign(proposal(), &stranger_key());
+        given::<StorageProvider>([]).when(received(forged)).then_rejects(|r| {
+            matches!(r, Rejection::Proposal(ProposalError::BadClientSignature { .. }))
+        });
+    }
+
+    fn rejects_changed_proposal(
+        change: impl FnOnce(&mut StorageDealProposal),
+        expected: ProposalError,
+    ) {
+        let mut changed = proposal();
+        change(&mut changed);
+        let signed = ClientDealProposal::sign(changed, &client_key());
+        given::<StorageProvider>([])
+            .when(received(signed))
+            .then_rejects(|r| r == &Rejection::Proposal(expected.clone()));
+    }
+
+    #[test]
+    fn rejects_a_piece_size_that_is_not_a_power_of_two() {
+        rejects_changed_proposal(
+            |p| p.piece_size = PaddedPieceSize(3000),
+            ProposalError::InvalidPieceSize { size: 3000 },
+        );
+    }
+
+    #[test]
+    fn rejects_a_piece_smaller_than_128_bytes() {
+        rejects_changed_proposal(
+            |p| p.piece_size = PaddedPieceSize(64),
+            ProposalError::InvalidPieceSize { size: 64 },
+        );
+    }
+
+    #[test]
+    fn rejects_a_deal_that_ends_before_it_starts() {
+        rejects_changed_proposal(
+            |p| p.end_epoch = ChainEpoch(9_000),
+            ProposalError::EndNotAfterStart { start: 10_000, end: 9_000 },
+        );
+    }
+
+    #[test]
+    fn rejects_a_deal_shorter_than_180_days() {
+        rejects_changed_proposal(
+            |p| p.end_epoch = ChainEpoch(10_100),
+            ProposalError::DurationOutOfBounds { duration: 100, min: 518_400, max: 1_555_200 },
+        );
+    }
+
+    #[test]
+    fn rejects_a_label_longer_than_the_policy_allows() {
+        rejects_changed_proposal(
+            |p| p.label = "x".repeat(300),
+            ProposalError::LabelTooLong { length: 300, max: 256 },
+        );
+    }
+
+    #[test]
+    fn refuses_an_input_for_a_deal_that_does_not_exist() {
+        given::<StorageProvider>([])
+            .when(E::DataTransferStarted)
+            .then_rejects(|r| matches!(r, Rejection::DealNotFound { .. }));
+    }
+
+    #[test]
+    fn refuses_a_derived_event_sent_as_a_command() {
+        given::<StorageProvider>([received(signed_proposal())])
+            .when(E::ProposalValidated)
+            .then_rejects(|r| matches!(r, Rejection::DerivedEvent { .. }));
+    }
+
+    #[test]
+    fn rejects_a_signed_deal_for_another_proposal() {
+        let mut other = proposal();
+        other.label = "other".into();
+        let signed =
+            StorageDeal::sign(ClientDealProposal::sign(other, &client_key()), &provider_key());
+        given::<StorageProvider>(accepted_history()[..2].to_vec())
+            .when(E::DealAccepted { deal: Box::new(signed) })
+            .then_rejects(|r| matches!(r, Rejection::Inconsistent { .. }));
+    }
+
+    #[test]
+    fn rejects_a_deal_counter_signed_by_someone_else() {
+        let signed = StorageDeal::sign(signed_proposal(), &stranger_key());
+        given::<StorageProvider>(accepted_history()[..2].to_vec())
+            .when(E::DealAccepted { deal: Box::new(signed) })
+            .then_rejects(|r| {
+                matches!(r, Rejection::Proposal(ProposalError::BadProviderSignature { .. }))
+            });
+    }
+
+    #[test]
+    fn rejects_data_verified_against_another_piece() {
+        let mut history = accepted_history();
+        history.extend([E::DataTransferStarted, E::DataTransferCompleted { bytes: 2048 }]);
+        given::<StorageProvider>(history)
+            .when(E::DataVerified { piece_cid: crate::domain::PieceCid::from_commitment([1; 32]) })
+            .then_rejects(|r| matches!(r, Rejection::Inconsistent { .. }));
+    }
+
+    #[test]
+    fn rejects_progress_that_goes_backwards() {
+        let mut history = accepted_history();
+        history.extend([E::DataTransferStarted, E::DataTransferProgressed { bytes: 1024 }]);
+        given::<StorageProvider>(history)
+            .when(E::DataTransferProgressed { bytes: 512 })
+            .then_rejects(|r| matches!(r, Rejection::Inconsistent { .. }));
+    }
+
+    #[test]
+    fn publishing_releases_the_reservation_and_hands_off_to_sealing() {
+        let then = given::<StorageProvider>(published_history())
+            .when(E::DealPublished { deal_id: DealId(42) })
+            .then_state(State::Staged)
+            .then_effects(&["release-funds", "hand-off-to-sealing"]);
+        assert_eq!(then.deal().data.funds_reserved, TokenAmount::ZERO);
+        assert_eq!(then.deal().data.deal_id, Some(DealId(42)));
+    }
+
+    #[test]
+    fn a_failed_publish_passes_through_failing_and_releases_the_collateral() {
+        let then = given::<StorageProvider>(published_history())
+            .when(E::PublishFailed { reason: "out of gas".into() })
+            .then_state(State::Failing)
+            .then_effects(&["close-transfer", "release-funds"]);
+        let released = then.deal().clone();
+        assert!(matches!(
+            &then.decision_effects()[1],
+            Effect::ReleaseFunds { amount, .. } if *amount == proposal().provider_collateral
+        ));
+        let mut history = published_history();
+        history.push(E::PublishFailed { reason: "out of gas".into() });
+        let done =
+            given::<StorageProvider>(history).when(E::CleanupCompleted).then_state(State::Error);
+        assert_eq!(done.deal().data.funds_reserved, TokenAmount::ZERO);
+        assert_eq!(released.data.message.as_deref(), Some("out of gas"));
+    }
+
+    #[test]
+    fn a_terminal_deal_accepts_no_input() {
+        let mut history = published_history();
+        history.extend([
+            E::DealPublished { deal_id: DealId(42) },
+            E::DealHandedOff,
+            E::DealPreCommitted { sector: SectorNumber(7) },
+            E::DealActivated { epoch: ChainEpoch(9_000) },
+            E::DealFinalized,
+            E::DealExpired { epoch: ChainEpoch(600_000) },
+        ]);
+        given::<StorageProvider>(history)
+            .when(E::DealSlashed { epoch: ChainEpoch(600_001) })
+            .then_rejects(|r| matches!(r, Rejection::Transition(t) if t.state == "Expired"));
+    }
+}

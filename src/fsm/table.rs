@@ -111,13 +111,15 @@ impl MachineTable {
 
     /// A Graphviz digraph.
     pub fn dot(&self) -> String {
-        let mut out = format!("digraph {} {{\n    rankdir=LR;\n    node [shape=box];\n", self.machine);
+        let mut out =
+            format!("digraph {} {{\n    rankdir=LR;\n    node [shape=box];\n", self.machine);
         for s in self.states.iter().filter(|s| s.terminal) {
             out.push_str(&format!("    {} [peripheries=2];\n", s.name));
         }
         out.push_str(&format!("    start [shape=point];\n    start -> {};\n", self.initial));
         for t in &self.transitions {
-            let label = std::iter::once(t.input).chain(t.effects.iter().copied()).collect::<Vec<_>>();
+            let label =
+                std::iter::once(t.input).chain(t.effects.iter().copied()).collect::<Vec<_>>();
             out.push_str(&format!(
                 "    {} -> {} [label=\"{}\"];\n",
                 t.from,
@@ -131,8 +133,10 @@ impl MachineTable {
 
     /// A plain-text table of transitions for terminals.
     pub fn text(&self) -> String {
-        let width = |f: fn(&TransitionRow) -> usize| self.transitions.iter().map(f).max().unwrap_or(0);
-        let (wf, wi, wt) = (width(|t| t.from.len()), width(|t| t.input.len()), width(|t| t.to.len()));
+        let width =
+            |f: fn(&TransitionRow) -> usize| self.transitions.iter().map(f).max().unwrap_or(0);
+        let (wf, wi, wt) =
+            (width(|t| t.from.len()), width(|t| t.input.len()), width(|t| t.to.len()));
         let mut out = format!("{} (initial: {})\n\n", self.machine, self.initial);
         out.push_str(&format!("{:<wf$}  {:<wi$}  {:<wt$}  effects\n", "from", "input", "to"));
         for t in &self.transitions {

@@ -1,6 +1,6 @@
 //! Given/when/then for machines: `given([events]).when(command).then([events])`.
 
-use super::{DecideContext, Deal, Decision, Machine, Rejection};
+use super::{Deal, DecideContext, Decision, Machine, Rejection};
 use crate::domain::ChainEpoch;
 use uuid::Uuid;
 
@@ -73,6 +73,11 @@ impl<M: Machine> Then<M> {
             Ok(decision) => panic!("expected a rejection, got {:?}", decision.events),
         }
         self.before
+    }
+
+    /// The effects the command triggered.
+    pub fn decision_effects(&self) -> Vec<crate::fsm::Effect> {
+        self.decision().effects.iter().map(|(_, e)| e.clone()).collect()
     }
 
     /// The deal after the command.
