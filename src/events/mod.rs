@@ -6,6 +6,7 @@
 //! - [`chain`]: canonical bytes, CIDs and the stream hash chain check.
 //! - [`journal`]: [`Journal`]: append with expected version, read, verify.
 //! - [`subscribe`]: [`Journal::subscribe`], catch-up then follow.
+//! - [`outbox`]: effects enqueued in the same transaction as their events.
 
 pub mod chain;
 pub mod codec;
@@ -13,6 +14,7 @@ pub mod envelope;
 pub mod error;
 pub mod journal;
 mod notifier;
+pub mod outbox;
 pub mod subscribe;
 
 pub use chain::{ChainBreak, FirstBadVersion};

@@ -1,5 +1,6 @@
-//! Test fixtures: fixed keys and one valid document of each kind. Rejection tests start from
-//! these and change one field.
+//! Example documents with fixed keys: one valid document of each kind. Tests start from these
+//! and change one field; benchmarks use them as realistic payloads. The keys are public:
+//! never use them for anything but examples.
 
 use cid::Cid;
 use ed25519_dalek::SigningKey;

@@ -11,7 +11,6 @@
 #[cfg(test)]
 pub mod conformance;
 pub mod effects;
-#[cfg(test)]
 pub mod fixtures;
 pub mod label;
 pub mod retrieval_client;

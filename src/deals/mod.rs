@@ -1,0 +1,248 @@
+//! The `Deals` service: the library API with the seed's verbs. Every command goes the same way:
+//! load the deal (replay of its stream through its machine), decide, then in ONE transaction
+//! append the events with the expected version and enqueue the effects. A concurrent writer
+//! makes the append conflict; the command is then decided again on the fresh deal, a bounded
+//! number of times.
+
+mod status;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::domain::retrieval::RetrievalRequest;
+use crate::domain::storage::ClientDealProposal;
+use crate::events::outbox::{self, NewEffect};
+use crate::events::{CodecError, EventCodec, Journal, JournalError};
+use crate::fsm::retrieval_request::{RetrievalRequestEvent, RetrievalRequestMachine};
+use crate::fsm::storage_client::{StorageClient, StorageClientEvent};
+use crate::fsm::storage_provider::{StorageProvider, StorageProviderEvent};
+use crate::fsm::{Deal, DecideContext, Decision, Machine, Rejection, TransitionError};
+
+pub use status::{RetrievalStatus, StorageDealStatus};
+
+/// How many times a command is re-decided after losing a race before the conflict surfaces.
+pub const DEFAULT_CONFLICT_RETRIES: u32 = 5;
+
+/// Why a command did not go through.
+#[derive(Debug, thiserror::Error)]
+pub enum DealsError {
+    /// The machine refused the command (illegal transition, bad signature, bad terms, ...).
+    /// Nothing was appended; retrying the same command gives the same answer.
+    #[error("rejected: {0}")]
+    Rejected(#[from] Rejection),
+    /// Other writers kept winning the race for this stream. Nothing was appended; the caller
+    /// may retry later.
+    #[error("stream {stream_id} kept changing: gave up after {attempts} attempts")]
+    ConflictRetriesExhausted { stream_id: Uuid, attempts: u32 },
+    /// The stream belongs to another machine (a storage deal id passed as a retrieval).
+    #[error("stream {stream_id} is a {actual} stream, not {expected}")]
+    WrongStreamType { stream_id: Uuid, expected: &'static str, actual: String },
+    /// No stream with this id.
+    #[error("no deal or request {stream_id}")]
+    NotFound { stream_id: Uuid },
+    /// The stored history does not replay through the machine: the journal needs an audit.
+    #[error("stream {stream_id} does not replay: {source}")]
+    Replay {
+        stream_id: Uuid,
+        #[source]
+        source: TransitionError,
+    },
+    /// A stored payload cannot be decoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The journal or database failed; the command may be retried.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+impl From<sqlx::Error> for DealsError {
+    fn from(e: sqlx::Error) -> Self {
+        DealsError::Journal(JournalError::Database(e))
+    }
+}
+
+/// Why an event happened: the operation it belongs to and what directly caused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Cause {
+    /// The operation (one user request, one network exchange).
+    pub correlation_id: Uuid,
+    /// The message, transfer event or chain observation that caused it.
+    pub causation_id: Uuid,
+}
+
+/// A storage deal just started: its stream and its proposal CID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StorageDealRef {
+    /// The deal's stream.
+    pub stream_id: Uuid,
+    /// The proposal CID both sides know the deal by.
+    pub proposal_cid: cid::Cid,
+}
+
+/// The ledger's deal API, for adapters and for services embedding the ledger.
+#[derive(Debug, Clone)]
+pub struct Deals {
+    journal: Journal,
+    conflict_retries: u32,
+}
+
+impl Deals {
+    /// A service writing through `journal`.
+    pub fn new(journal: Journal) -> Self {
+        Self { journal, conflict_retries: DEFAULT_CONFLICT_RETRIES }
+    }
+
+    /// Sets how many times a command is re-decided after a conflict.
+    pub fn with_conflict_retries(mut self, retries: u32) -> Self {
+        self.conflict_retries = retries.max(1);
+        self
+    }
+
+    /// The journal.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// The stream id of a storage deal, derived from its side and proposal CID, so that the
+    /// same proposal can never start two deals on one side.
+    pub fn storage_stream_id(side: &str, proposal: &ClientDealProposal) -> Uuid {
+        let mut hash = Sha256::new();
+        hash.update(side.as_bytes());
+        hash.update(proposal.cid().to_bytes());
+        let digest = hash.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        uuid::Builder::from_custom_bytes(bytes).into_uuid()
+    }
+
+    /// Storage flow step 1, client side: reserves funds and proposes.
+    pub async fn initiate_deal(
+        &self,
+        proposal: ClientDealProposal,
+        ctx: &DecideContext,
+    ) -> Result<StorageDealRef, DealsError> {
+        let stream_id = Self::storage_stream_id(StorageClient::NAME, &proposal);
+        let proposal_cid = proposal.cid();
+        let command = StorageClientEvent::DealInitiated { proposal: Box::new(proposal) };
+        self.handle::<StorageClient>(stream_id, command, ctx, None).await?;
+        Ok(StorageDealRef { stream_id, proposal_cid })
+    }
+
+    /// Storage flow step 1, provider side: a signed proposal arrived.
+    pub async fn receive_proposal(
+        &self,
+        proposal: ClientDealProposal,
+        ctx: &DecideContext,
+        cause: Option<Cause>,
+    ) -> Result<StorageDealRef, DealsError> {
+        let stream_id = Self::storage_stream_id(StorageProvider::NAME, &proposal);
+        let proposal_cid = proposal.cid();
+        let command = StorageProviderEvent::ProposalReceived { proposal: Box::new(proposal) };
+        self.handle::<StorageProvider>(stream_id, command, ctx, cause).await?;
+        Ok(StorageDealRef { stream_id, proposal_cid })
+    }
+
+    /// Retrieval flow step 1: a request for a whole piece, fetched part by part.
+    pub async fn initiate_retrieval(
+        &self,
+        request: RetrievalRequest,
+        max_attempts: u32,
+        ctx: &DecideContext,
+    ) -> Result<Uuid, DealsError> {
+        let request_id = Uuid::now_v7();
+        let command =
+            RetrievalRequestEvent::RequestCreated { request: Box::new(request), max_attempts };
+        self.handle::<RetrievalRequestMachine>(request_id, command, ctx, None).await?;
+        Ok(request_id)
+    }
+
+    /// Loads a deal by replaying its stream through machine `M`. A stream with no events is a
+    /// deal in the initial state at version 0.
+    pub async fn load<M: Machine>(&self, stream_id: Uuid) -> Result<Deal<M>, DealsError> {
+        let recorded = self.journal.read_stream(stream_id, 1).await?;
+        let mut deal = Deal::<M>::new(stream_id);
+        for event in &recorded {
+            if event.stream_type != M::NAME {
+                return Err(DealsError::WrongStreamType {
+                    stream_id,
+                    expected: M::NAME,
+                    actual: event.stream_type.clone(),
+                });
+            }
+            let decoded: M::Event = EventCodec::decode(event)?;
+            deal.apply(&decoded).map_err(|source| DealsError::Replay { stream_id, source })?;
+        }
+        Ok(deal)
+    }
+
+    /// Decides `command` for the deal on `stream_id` and records the outcome: events and
+    /// effects in one transaction. On a lost race the deal is reloaded and the command decided
+    /// again; a rejection (now or after reloading) appends nothing.
+    pub async fn handle<M: Machine>(
+        &self,
+        stream_id: Uuid,
+        command: M::Event,
+        ctx: &DecideContext,
+        cause: Option<Cause>,
+    ) -> Result<Decision<M>, DealsError> {
+        for attempt in 1..=self.conflict_retries {
+            let deal = self.load::<M>(stream_id).await?;
+            let decision = deal.decide(command.clone(), ctx)?;
+            match self.record(&deal, &decision, cause).await {
+                Ok(()) => return Ok(decision),
+                Err(DealsError::Journal(JournalError::Conflict { .. }))
+                    if attempt < self.conflict_retries =>
+                {
+                    tracing::debug!(%stream_id, attempt, "append conflict; deciding again");
+                }
+                Err(DealsError::Journal(JournalError::Conflict { .. })) => {
+                    return Err(DealsError::ConflictRetriesExhausted {
+                        stream_id,
+                        attempts: attempt,
+                    });
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Err(DealsError::ConflictRetriesExhausted { stream_id, attempts: self.conflict_retries })
+    }
+
+    /// Records a decision made from `deal`: its events appended at `deal.version` and its
+    /// effects enqueued, in one transaction. For embedders that call [`Deal::decide`]
+    /// themselves; if the stream moved on since `deal` was loaded, this is a
+    /// [`JournalError::Conflict`] and nothing is written.
+    pub async fn record<M: Machine>(
+        &self,
+        deal: &Deal<M>,
+        decision: &Decision<M>,
+        cause: Option<Cause>,
+    ) -> Result<(), DealsError> {
+        let events = decision
+            .events
+            .iter()
+            .map(|event| {
+                let new = EventCodec::encode(event)?;
+                Ok(match cause {
+                    Some(c) => new.caused_by(c.correlation_id, c.causation_id),
+                    None => new,
+                })
+            })
+            .collect::<Result<Vec<_>, CodecError>>()?;
+        let effects = decision
+            .effects
+            .iter()
+            .map(|(version, effect)| {
+                let payload = postcard::to_stdvec(effect).map_err(CodecError::Encode)?;
+                Ok(NewEffect { version: *version, effect_type: effect.name(), payload })
+            })
+            .collect::<Result<Vec<_>, CodecError>>()?;
+        let mut tx = self.journal.pool().begin().await?;
+        let appended =
+            self.journal.append_in_tx(&mut tx, deal.id, M::NAME, deal.version, &events).await?;
+        outbox::enqueue(&mut tx, deal.id, M::NAME, &effects).await?;
+        tx.commit().await?;
+        self.journal.committed(&appended);
+        Ok(())
+    }
+}

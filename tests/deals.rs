@@ -1,0 +1,430 @@
+//! The `Deals` service on real PostgreSQL: whole storage deals on both sides, a chunked, paid
+//! retrieval, rejection and failure paths — and in every failure case, an unchanged journal.
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use dealledger::db::testing::fresh_database;
+use dealledger::deals::{Deals, DealsError};
+use dealledger::domain::retrieval::{ByteRange, RetrievalDealProposal};
+use dealledger::domain::storage::{ClientDealProposal, ProposalError};
+use dealledger::domain::{ChainEpoch, DealId, SectorNumber, TokenAmount};
+use dealledger::events::outbox;
+use dealledger::fsm::fixtures::*;
+use dealledger::fsm::retrieval_client::{RequestPart, RetrievalClient, RetrievalClientEvent as RC};
+use dealledger::fsm::retrieval_provider::{RetrievalProvider, RetrievalProviderEvent as RP};
+use dealledger::fsm::retrieval_request::{RetrievalRequestEvent as RR, RetrievalRequestMachine};
+use dealledger::fsm::storage_client::{StorageClient, StorageClientEvent as SC};
+use dealledger::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
+use dealledger::fsm::{Deal, DecideContext, Machine, Rejection};
+
+async fn deals() -> (Deals, PgPool) {
+    let (pool, _) = fresh_database(8).await.expect("a fresh test database");
+    (Deals::new(dealledger::events::Journal::new(pool.clone())), pool)
+}
+
+fn ctx() -> DecideContext {
+    DecideContext { epoch: ChainEpoch(NOW), ..DecideContext::default() }
+}
+
+/// Runs a command that must be accepted, and checks that replaying the journal gives the deal
+/// the live path produced.
+async fn run<M: Machine>(deals: &Deals, stream: Uuid, command: M::Event) -> Deal<M> {
+    let decision = deals
+        .handle::<M>(stream, command.clone(), &ctx(), None)
+        .await
+        .unwrap_or_else(|e| panic!("{}: {command:?} refused: {e}", M::NAME));
+    let replayed = deals.load::<M>(stream).await.expect("the stream replays");
+    assert_eq!(replayed, decision.deal, "replay differs from the live deal");
+    decision.deal
+}
+
+/// Rows in the journal and the outbox, to show that a refused command wrote nothing.
+async fn counts(pool: &PgPool) -> (i64, i64) {
+    let events = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await.unwrap();
+    let effects = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(pool).await.unwrap();
+    (events, effects)
+}
+
+async fn effect_types(pool: &PgPool, stream: Uuid) -> Vec<String> {
+    outbox::pending(pool, Some(stream), 1_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.effect_type)
+        .collect()
+}
+
+/// Drives a storage deal on both sides until it is active; returns (client, provider) streams.
+async fn deal_to_active(deals: &Deals, proposal: ClientDealProposal) -> (Uuid, Uuid) {
+    let requirement = proposal.proposal.client_balance_requirement().unwrap();
+    let collateral = proposal.proposal.provider_collateral;
+    let signed = dealledger::domain::storage::StorageDeal::sign(proposal.clone(), &provider_key());
+    let size = proposal.proposal.piece_size.0;
+    let client = deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap().stream_id;
+    run::<StorageClient>(deals, client, SC::FundsReserved { amount: requirement }).await;
+    let provider = deals.receive_proposal(proposal.clone(), &ctx(), None).await.unwrap().stream_id;
+    run::<StorageProvider>(deals, provider, SP::DealAccepted { deal: Box::new(signed.clone()) })
+        .await;
+    run::<StorageClient>(deals, client, SC::DealAccepted { deal: Box::new(signed) }).await;
+    for (c, p) in [
+        (SC::DataTransferStarted, SP::DataTransferStarted),
+        (
+            SC::DataTransferProgressed { bytes: size / 2 },
+            SP::DataTransferProgressed { bytes: size / 2 },
+        ),
+        (SC::DataTransferCompleted { bytes: size }, SP::DataTransferCompleted { bytes: size }),
+    ] {
+        run::<StorageClient>(deals, client, c).await;
+        run::<StorageProvider>(deals, provider, p).await;
+    }
+    for p in [
+        SP::DataVerified { piece_cid: proposal.proposal.piece_cid },
+        SP::FundsReserved { amount: collateral },
+        SP::PublishSent { message: message_cid(b"publish") },
+        SP::DealPublished { deal_id: DealId(42) },
+        SP::DealHandedOff,
+    ] {
+        run::<StorageProvider>(deals, provider, p).await;
+    }
+    for c in [
+        SC::DealPublished { deal_id: DealId(42), message: message_cid(b"publish") },
+        SC::PublishConfirmed,
+        SC::DealPreCommitted { sector: SectorNumber(7) },
+        SC::DealActivated { epoch: ChainEpoch(9_000) },
+    ] {
+        run::<StorageClient>(deals, client, c).await;
+    }
+    for p in [
+        SP::DealPreCommitted { sector: SectorNumber(7) },
+        SP::DealActivated { epoch: ChainEpoch(9_000) },
+        SP::DealFinalized,
+    ] {
+        run::<StorageProvider>(deals, provider, p).await;
+    }
+    (client, provider)
+}
+
+#[tokio::test]
+async fn a_storage_deal_runs_to_active_and_then_expires_on_both_sides() {
+    let (deals, pool) = deals().await;
+    let (client, provider) = deal_to_active(&deals, signed_proposal()).await;
+    for stream in [client, provider] {
+        let status = deals.get_storage_deal_status(stream).await.unwrap();
+        assert_eq!((status.state, status.code), ("Active", 7));
+        assert_eq!(status.deal_id, Some(DealId(42)));
+        assert_eq!(status.bytes_transferred, 2048);
+        assert_eq!(status.funds_reserved, TokenAmount::ZERO);
+    }
+    let provider_effects = effect_types(&pool, provider).await;
+    for expected in [
+        "decide-on-proposal",
+        "send",
+        "verify-piece-commitment",
+        "reserve-funds",
+        "publish-deal",
+        "wait-for-message",
+        "release-funds",
+        "hand-off-to-sealing",
+        "watch-expiry",
+    ] {
+        assert!(
+            provider_effects.iter().any(|e| e == expected),
+            "no {expected}: {provider_effects:?}"
+        );
+    }
+    run::<StorageClient>(&deals, client, SC::DealExpired { epoch: ChainEpoch(600_000) }).await;
+    run::<StorageProvider>(&deals, provider, SP::DealExpired { epoch: ChainEpoch(600_000) }).await;
+    for stream in [client, provider] {
+        let status = deals.get_storage_deal_status(stream).await.unwrap();
+        assert_eq!((status.state, status.code), ("Expired", 8));
+        assert!(deals.journal().verify_stream(stream).await.unwrap().first_bad.is_none());
+    }
+}
+
+#[tokio::test]
+async fn an_active_deal_can_be_slashed_and_then_accepts_nothing() {
+    let (deals, pool) = deals().await;
+    let (client, provider) = deal_to_active(&deals, signed_proposal()).await;
+    run::<StorageProvider>(&deals, provider, SP::DealSlashed { epoch: ChainEpoch(20_000) }).await;
+    run::<StorageClient>(&deals, client, SC::DealSlashed { epoch: ChainEpoch(20_000) }).await;
+    assert_eq!(deals.get_storage_deal_status(provider).await.unwrap().code, 9);
+    let before = counts(&pool).await;
+    let late = deals
+        .handle::<StorageProvider>(provider, SP::DealExpired { epoch: ChainEpoch(1) }, &ctx(), None)
+        .await;
+    assert!(matches!(late, Err(DealsError::Rejected(Rejection::Transition(_)))), "{late:?}");
+    assert_eq!(counts(&pool).await, before);
+}
+
+#[tokio::test]
+async fn a_rejected_proposal_fails_the_client_deal_through_failing_and_releases_funds() {
+    let (deals, pool) = deals().await;
+    let proposal = signed_proposal();
+    let requirement = proposal.proposal.client_balance_requirement().unwrap();
+    let client = deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap().stream_id;
+    run::<StorageClient>(&deals, client, SC::FundsReserved { amount: requirement }).await;
+    let provider = deals.receive_proposal(proposal, &ctx(), None).await.unwrap().stream_id;
+    run::<StorageProvider>(&deals, provider, SP::DealRejected { reason: "price".into() }).await;
+    run::<StorageProvider>(&deals, provider, SP::RejectionSent).await;
+    run::<StorageProvider>(&deals, provider, SP::CleanupCompleted).await;
+    run::<StorageClient>(&deals, client, SC::DealRejected { reason: "price".into() }).await;
+    let failing = deals.get_storage_deal_status(client).await.unwrap();
+    assert_eq!((failing.state, failing.funds_reserved), ("Failing", requirement));
+    assert!(effect_types(&pool, client).await.contains(&"release-funds".to_string()));
+    run::<StorageClient>(&deals, client, SC::CleanupCompleted).await;
+    let done = deals.get_storage_deal_status(client).await.unwrap();
+    assert_eq!((done.state, done.code, done.funds_reserved), ("Error", 26, TokenAmount::ZERO));
+    assert_eq!(done.message.as_deref(), Some("price"));
+    assert_eq!(deals.get_storage_deal_status(provider).await.unwrap().state, "Error");
+}
+
+#[tokio::test]
+async fn a_proposal_with_a_bad_signature_is_rejected_and_records_nothing() {
+    let (deals, pool) = deals().await;
+    let mut forged = signed_proposal();
+    forged.proposal.provider_collateral = TokenAmount(1);
+    let before = counts(&pool).await;
+    let client = deals.initiate_deal(forged.clone(), &ctx()).await;
+    let provider = deals.receive_proposal(forged, &ctx(), None).await;
+    for result in [client.map(|_| ()), provider.map(|_| ())] {
+        assert!(
+            matches!(
+                result,
+                Err(DealsError::Rejected(Rejection::Proposal(
+                    ProposalError::BadClientSignature { .. }
+                )))
+            ),
+            "{result:?}"
+        );
+    }
+    assert_eq!(counts(&pool).await, before);
+}
+
+#[tokio::test]
+async fn the_same_proposal_cannot_start_two_deals() {
+    let (deals, pool) = deals().await;
+    deals.receive_proposal(signed_proposal(), &ctx(), None).await.unwrap();
+    let before = counts(&pool).await;
+    let again = deals.receive_proposal(signed_proposal(), &ctx(), None).await;
+    assert!(matches!(again, Err(DealsError::Rejected(Rejection::DealExists { .. }))), "{again:?}");
+    assert_eq!(counts(&pool).await, before);
+}
+
+#[tokio::test]
+async fn an_illegal_transition_or_unknown_deal_is_rejected_and_records_nothing() {
+    let (deals, pool) = deals().await;
+    let client = deals.initiate_deal(signed_proposal(), &ctx()).await.unwrap().stream_id;
+    let before = counts(&pool).await;
+    let illegal = deals
+        .handle::<StorageClient>(client, SC::DealActivated { epoch: ChainEpoch(1) }, &ctx(), None)
+        .await;
+    assert!(
+        matches!(&illegal, Err(DealsError::Rejected(Rejection::Transition(t)))
+            if t.state == "ReserveClientFunds" && t.input == "DealActivated"),
+        "{illegal:?}"
+    );
+    let unknown =
+        deals.handle::<StorageClient>(Uuid::now_v7(), SC::DataTransferStarted, &ctx(), None).await;
+    assert!(matches!(unknown, Err(DealsError::Rejected(Rejection::DealNotFound { .. }))));
+    let wrong_machine = deals.load::<StorageProvider>(client).await;
+    assert!(matches!(wrong_machine, Err(DealsError::WrongStreamType { .. })));
+    assert_eq!(counts(&pool).await, before);
+}
+
+#[tokio::test]
+async fn a_decision_made_on_a_stale_version_is_a_conflict_and_records_nothing() {
+    let (deals, pool) = deals().await;
+    let client = deals.initiate_deal(signed_proposal(), &ctx()).await.unwrap().stream_id;
+    let stale = deals.load::<StorageClient>(client).await.unwrap();
+    let first = stale.decide(SC::FundingInitiated { message: message_cid(b"a") }, &ctx()).unwrap();
+    let second =
+        stale.decide(SC::DealCancelled { reason: "changed my mind".into() }, &ctx()).unwrap();
+    deals.record(&stale, &first, None).await.unwrap();
+    let before = counts(&pool).await;
+    let conflict = deals.record(&stale, &second, None).await;
+    assert!(
+        matches!(
+            conflict,
+            Err(DealsError::Journal(dealledger::events::JournalError::Conflict {
+                expected: 1,
+                actual: 2,
+                ..
+            }))
+        ),
+        "{conflict:?}"
+    );
+    assert_eq!(counts(&pool).await, before);
+}
+
+#[tokio::test]
+async fn racing_commands_are_decided_one_after_the_other() {
+    let (deals, _) = deals().await;
+    let (_, provider) = {
+        let proposal = signed_proposal();
+        let signed =
+            dealledger::domain::storage::StorageDeal::sign(proposal.clone(), &provider_key());
+        let provider = deals.receive_proposal(proposal, &ctx(), None).await.unwrap().stream_id;
+        run::<StorageProvider>(&deals, provider, SP::DealAccepted { deal: Box::new(signed) }).await;
+        run::<StorageProvider>(&deals, provider, SP::DataTransferStarted).await;
+        ((), provider)
+    };
+    // Given a deal receiving data, when a cancel and the transfer's completion race
+    let context = ctx();
+    let (a, b) = tokio::join!(
+        deals.handle::<StorageProvider>(
+            provider,
+            SP::DealCancelled { reason: "operator".into() },
+            &context,
+            None
+        ),
+        deals.handle::<StorageProvider>(
+            provider,
+            SP::DataTransferCompleted { bytes: 2048 },
+            &context,
+            None
+        ),
+    );
+    // Then the journal holds a legal history: either both (completed, then cancelled from
+    // VerifyData) or one of them, with the other refused by the machine.
+    let deal = deals.load::<StorageProvider>(provider).await.unwrap();
+    let accepted = [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count() as u32;
+    assert_eq!(deal.version, 4 + accepted);
+    for result in [a.map(|_| ()), b.map(|_| ())] {
+        if let Err(e) = result {
+            assert!(matches!(e, DealsError::Rejected(Rejection::Transition(_))), "{e:?}");
+        }
+    }
+    assert!(deals.journal().verify_stream(provider).await.unwrap().first_bad.is_none());
+}
+
+fn terms_for(range: ByteRange) -> RetrievalDealProposal {
+    RetrievalDealProposal { part: range, ..retrieval_terms() }
+}
+
+/// Fetches one part through a client deal and a provider deal, pausing for payment at each
+/// interval, and tells the request.
+async fn retrieve_part(deals: &Deals, request: Uuid, part_index: u32, range: ByteRange) -> u32 {
+    let terms = terms_for(range);
+    let client = Uuid::now_v7();
+    let provider = Uuid::now_v7();
+    let part_of = Some(RequestPart { request_id: request, part_index });
+    run::<RetrievalClient>(
+        deals,
+        client,
+        RC::DealProposed { proposal: Box::new(terms.clone()), part_of },
+    )
+    .await;
+    run::<RetrievalRequestMachine>(
+        deals,
+        request,
+        RR::PartStarted { part_index, deal_stream: client },
+    )
+    .await;
+    run::<RetrievalProvider>(
+        deals,
+        provider,
+        RP::DealAccepted { proposal: Box::new(terms.clone()) },
+    )
+    .await;
+    run::<RetrievalProvider>(deals, provider, RP::PieceUnsealed).await;
+    for event in [
+        RC::DealAccepted,
+        RC::PaymentChannelCreateInitiated,
+        RC::PaymentChannelReady { channel: channel() },
+        RC::LaneAllocated { lane: u64::from(part_index) },
+    ] {
+        run::<RetrievalClient>(deals, client, event).await;
+    }
+    run::<RetrievalProvider>(deals, provider, RP::DataTransferStarted).await;
+    let mut payments = 0u32;
+    let mut sent;
+    let pay = |owed: TokenAmount, nonce: u64| {
+        Box::new(dealledger::domain::retrieval::SignedVoucher::sign(
+            dealledger::domain::retrieval::PaymentVoucher {
+                channel: channel(),
+                lane: part_index.into(),
+                nonce,
+                amount: owed,
+            },
+            &client_key(),
+        ))
+    };
+    loop {
+        // The transfer sends until the next payment stop or the end of the part.
+        let stop = terms.bytes_unlocked_after(payments);
+        sent = stop.min(range.length);
+        if sent == range.length {
+            break;
+        }
+        let provider_deal =
+            run::<RetrievalProvider>(deals, provider, RP::BlocksSent { bytes: sent }).await;
+        let owed = provider_deal.data.owed;
+        run::<RetrievalClient>(deals, client, RC::BlocksReceived { bytes: sent }).await;
+        run::<RetrievalClient>(deals, client, RC::PaymentRequested { owed }).await;
+        run::<RetrievalClient>(deals, client, RC::FundsAvailable).await;
+        run::<RetrievalClient>(
+            deals,
+            client,
+            RC::PaymentSent { voucher: pay(owed, payments.into()) },
+        )
+        .await;
+        run::<RetrievalProvider>(
+            deals,
+            provider,
+            RP::PaymentReceived { voucher: pay(owed, payments.into()) },
+        )
+        .await;
+        payments += 1;
+    }
+    let provider_deal =
+        run::<RetrievalProvider>(deals, provider, RP::AllBlocksSent { bytes: sent }).await;
+    let owed = provider_deal.data.owed;
+    run::<RetrievalClient>(deals, client, RC::AllBlocksReceived { bytes: sent }).await;
+    run::<RetrievalClient>(deals, client, RC::LastPaymentRequested { owed }).await;
+    run::<RetrievalClient>(deals, client, RC::FundsAvailable).await;
+    run::<RetrievalClient>(deals, client, RC::PaymentSent { voucher: pay(owed, payments.into()) })
+        .await;
+    run::<RetrievalProvider>(
+        deals,
+        provider,
+        RP::PaymentReceived { voucher: pay(owed, payments.into()) },
+    )
+    .await;
+    let done = run::<RetrievalProvider>(deals, provider, RP::CompletionSent).await;
+    assert_eq!(done.state, dealledger::fsm::retrieval_provider::State::Completed);
+    run::<RetrievalClient>(deals, client, RC::ProviderCompleted).await;
+    let client_deal = run::<RetrievalClient>(deals, client, RC::CompletionVerified).await;
+    assert_eq!(client_deal.data.paid, terms.total_price().unwrap());
+    run::<RetrievalRequestMachine>(
+        deals,
+        request,
+        RR::PartCompleted {
+            part_index,
+            deal_stream: client,
+            bytes: sent,
+            paid: client_deal.data.paid,
+        },
+    )
+    .await;
+    payments + 1
+}
+
+#[tokio::test]
+async fn a_chunked_retrieval_completes_through_several_paid_deals() {
+    let (deals, pool) = deals().await;
+    let request = retrieval_request();
+    let parts = request.parts();
+    let request_id = deals.initiate_retrieval(request, 3, &ctx()).await.unwrap();
+    assert_eq!(effect_types(&pool, request_id).await, ["start-retrieval-deal"]);
+    let mut payments = 0;
+    for (index, range) in parts.iter().enumerate() {
+        payments += retrieve_part(&deals, request_id, index as u32, *range).await;
+    }
+    let status = deals.get_retrieval_status(request_id).await.unwrap();
+    assert_eq!((status.state, status.parts, status.parts_completed), ("Completed", 3, 3));
+    assert_eq!(status.bytes_done, 2_500);
+    let expected_paid: u128 = parts.iter().map(|r| terms_for(*r).total_price().unwrap().0).sum();
+    assert_eq!(status.total_paid, TokenAmount(expected_paid));
+    assert!(payments >= 6, "each 1,000-byte part pays at 300 and 700 bytes and at the end");
+}
