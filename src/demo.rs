@@ -1,42 +1,171 @@
-//! `dealledger demo`: the first command a new user runs.
+//! `dealledger demo`: the first command a new user runs. Plays whole deals through the ledger
+//! on the embedded database and shows what it recorded.
+//!
+//! The counterparties, the data transfer, the chain and the sealing pipeline are played by the
+//! library's [`Script`] in this process, in the order the seed's flows give their inputs; the
+//! machines, the journal and the outbox are the real ones.
 
 use clap::Args;
-use uuid::Uuid;
+use ed25519_dalek::SigningKey;
 
 use dealledger::db::Database;
-use dealledger::events::{Journal, NewEvent};
+use dealledger::deals::Deals;
+use dealledger::deals::script::{Parties, Script};
+use dealledger::domain::retrieval::RetrievalDealProposal;
+use dealledger::domain::storage::{ClientDealProposal, StorageDealProposal};
+use dealledger::domain::{ChainEpoch, PaddedPieceSize, PieceCid};
+use dealledger::events::Journal;
+use dealledger::fsm::fixtures;
+use dealledger::fsm::storage_client::{StorageClient, StorageClientEvent};
+use dealledger::fsm::storage_provider::{StorageProvider, StorageProviderEvent};
+use dealledger::fsm::{DecideContext, Machine};
 
 /// Options of the demo.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// How many streams to write.
+    /// How many storage deals to run to Active and expire.
     #[arg(long, default_value_t = 3)]
     pub deals: u32,
+    /// Padded piece size of each deal, in bytes (a power of two, at least 128).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub size: u64,
 }
 
-/// Appends a few streams, re-verifies their hash chains and prints what to query next.
+/// Runs the demo.
 pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Result<()> {
-    println!("dealledger demo on {}", db.display_url);
-    for _ in 0..args.deals {
-        let stream = Uuid::now_v7();
-        let names = ["deal-proposed", "deal-accepted", "data-transfer-completed"];
-        for (version, name) in names.iter().enumerate() {
-            journal
-                .append(
-                    stream,
-                    "storage_provider",
-                    version as u32,
-                    &[NewEvent::new(*name, 1, vec![])],
-                )
-                .await?;
-        }
-        let check = journal.verify_stream(stream).await?;
-        println!(
-            "stream {stream}: {} events, chain {}",
-            check.events,
-            if check.first_bad.is_none() { "intact" } else { "BROKEN" }
-        );
+    let deals = Deals::new(journal.clone());
+    let client_key = SigningKey::generate(&mut rand::rng());
+    let provider_key = SigningKey::generate(&mut rand::rng());
+    let parties = Parties { client: &client_key, provider: &provider_key };
+    let ctx = DecideContext { epoch: ChainEpoch(1_000), ..DecideContext::default() };
+    let mut script = Script::new(&deals, ctx.clone(), true);
+    let started = std::time::Instant::now();
+    println!("dealledger demo on {}\n", db.display_url);
+
+    let proposal = |n: u32| {
+        let mut commitment = [0u8; 32];
+        commitment[..4].copy_from_slice(&n.to_be_bytes());
+        commitment[4..20].copy_from_slice(uuid::Uuid::now_v7().as_bytes());
+        let terms = StorageDealProposal {
+            piece_cid: PieceCid::from_commitment(commitment),
+            piece_size: PaddedPieceSize(args.size),
+            label: format!("demo deal {n}"),
+            client: dealledger::domain::PartyKey::of(&client_key),
+            provider: dealledger::domain::PartyKey::of(&provider_key),
+            ..fixtures::proposal()
+        };
+        ClientDealProposal::sign(terms, &client_key)
+    };
+
+    println!("storage: {} deals of {} bytes", args.deals, args.size);
+    let mut streams = Vec::new();
+    for n in 0..args.deals {
+        let pair = script.storage_deal_to_active(proposal(n), &parties).await?;
+        let end = fixtures::proposal().end_epoch;
+        script.end_deal(pair, false, end).await?;
+        streams.push(pair);
     }
-    println!("\nnext: psql \"{}\" -c 'select * from events order by position'", db.display_url);
+    let slashed = script.storage_deal_to_active(proposal(args.deals), &parties).await?;
+    script.end_deal(slashed, true, ChainEpoch(20_000)).await?;
+    let failing = failing_deal(&mut script, proposal(args.deals + 1), &provider_key).await?;
+
+    println!("retrieval: one request, fetched in parts, paid as the bytes arrive");
+    let request = dealledger::domain::retrieval::RetrievalRequest {
+        provider: dealledger::domain::PartyKey::of(&provider_key),
+        client: dealledger::domain::PartyKey::of(&client_key),
+        total_bytes: 2_500,
+        part_size: 1_000,
+        ..fixtures::retrieval_request()
+    };
+    let request_id = deals.initiate_retrieval(request.clone(), 3, &ctx).await?;
+    let mut vouchers = 0;
+    for (index, part) in request.parts().into_iter().enumerate() {
+        let terms = RetrievalDealProposal {
+            part,
+            client: request.client,
+            provider: request.provider,
+            ..fixtures::retrieval_terms()
+        };
+        vouchers += script.retrieve_part(request_id, index as u32, terms, &parties).await?;
+    }
+
+    println!("\n{:<38} {:<18} {:<14} {:>4}  {}", "stream", "side", "state", "code", "note");
+    let shown = streams.iter().chain([&slashed, &failing]);
+    for (client, provider) in shown {
+        for stream in [client, provider] {
+            let s = deals.get_storage_deal_status(*stream).await?;
+            let note =
+                s.message.clone().unwrap_or_else(|| format!("{} bytes", s.bytes_transferred));
+            println!("{:<38} {:<18} {:<14} {:>4}  {}", s.stream_id, s.side, s.state, s.code, note);
+        }
+    }
+    let status = deals.get_retrieval_status(request_id).await?;
+    println!(
+        "\nretrieval request {}: {} ({} of {} parts, {} of {} bytes, {} vouchers, paid {})",
+        status.request_id,
+        status.state,
+        status.parts_completed,
+        status.parts,
+        status.bytes_done,
+        status.total_bytes,
+        vouchers,
+        status.total_paid
+    );
+
+    let audited = streams[0].1;
+    let check = journal.verify_stream(audited).await?;
+    let verdict = if check.first_bad.is_none() { "chain intact" } else { "CHAIN BROKEN" };
+    println!("\naudit of provider deal {audited}: {} events, {verdict}", check.events);
+    println!(
+        "{} steps, each re-checked by replaying its stream, in {:.2} s",
+        script.steps,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "\nnext:\n  psql \"{}\" -c 'select stream_type, event_type, count(*) from events group by 1, 2'",
+        db.display_url
+    );
+    println!("  cargo run -- fsm show storage_provider");
     Ok(())
+}
+
+/// A deal whose data does not match its piece commitment: the provider fails it after the
+/// transfer, releases what it held, and the client learns it from the provider's status.
+async fn failing_deal(
+    script: &mut Script<'_>,
+    proposal: ClientDealProposal,
+    provider_key: &SigningKey,
+) -> anyhow::Result<(uuid::Uuid, uuid::Uuid)> {
+    use StorageClientEvent as C;
+    use StorageProviderEvent as P;
+    let client = Deals::storage_stream_id(StorageClient::NAME, &proposal);
+    let provider = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
+    let signed = dealledger::domain::storage::StorageDeal::sign(proposal.clone(), provider_key);
+    let amount = proposal.proposal.client_balance_requirement().unwrap_or_default();
+    let size = proposal.proposal.piece_size.0;
+    let reason = "commP of the received data does not match the proposal's piece CID".to_string();
+    script
+        .step::<StorageClient>(client, C::DealInitiated { proposal: Box::new(proposal.clone()) })
+        .await?;
+    script.step::<StorageClient>(client, C::FundsReserved { amount }).await?;
+    for event in [
+        P::ProposalReceived { proposal: Box::new(proposal) },
+        P::DealAccepted { deal: Box::new(signed.clone()) },
+        P::DataTransferStarted,
+        P::DataTransferCompleted { bytes: size },
+        P::DataVerificationFailed { reason: reason.clone() },
+        P::CleanupCompleted,
+    ] {
+        script.step::<StorageProvider>(provider, event).await?;
+    }
+    for event in [
+        C::DealAccepted { deal: Box::new(signed) },
+        C::DataTransferStarted,
+        C::DataTransferCompleted { bytes: size },
+        C::ProviderFailedDeal { reason },
+        C::CleanupCompleted,
+    ] {
+        script.step::<StorageClient>(client, event).await?;
+    }
+    Ok((client, provider))
 }

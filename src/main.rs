@@ -41,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// The deal state machines, read from their declarations.
+    Fsm {
+        #[command(subcommand)]
+        command: fsm_cli::FsmCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -66,9 +71,26 @@ enum EventsCommand {
 }
 
 mod demo;
+mod fsm_cli;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -76,6 +98,10 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // The machines need no database.
+    if let Command::Fsm { command } = &cli.command {
+        return fsm_cli::run(command);
+    }
     let db = Database::open(cli.database_url.as_deref(), &cli.home)
         .await
         .context("opening the database")?;
@@ -86,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Events { command: EventsCommand::Tail { stream, from_start, json } } => {
             tail(&journal, stream, from_start, json).await
         }
+        Command::Fsm { .. } => unreachable!("handled before the database is opened"),
     };
     db.close().await.context("closing the database")?;
     result

@@ -4,6 +4,7 @@
 //! makes the append conflict; the command is then decided again on the fresh deal, a bounded
 //! number of times.
 
+pub mod script;
 mod status;
 
 use serde::Serialize;

@@ -185,3 +185,46 @@ impl MachineTable {
         out
     }
 }
+
+/// The generated doc file of each machine, relative to `dir`, with its content.
+pub fn generated_docs(dir: &std::path::Path) -> Vec<(std::path::PathBuf, String)> {
+    all().iter().map(|t| (dir.join(format!("{}.md", t.machine)), t.markdown())).collect()
+}
+
+/// The doc files under `dir` that are missing or differ from the declarations.
+pub fn stale_docs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    generated_docs(dir)
+        .into_iter()
+        .filter(|(path, content)| std::fs::read_to_string(path).ok().as_deref() != Some(content))
+        .map(|(path, _)| path)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_machine_docs_are_fresh() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/fsm");
+        let stale = stale_docs(&dir);
+        assert!(
+            stale.is_empty(),
+            "stale machine docs {stale:?}: run `cargo run -- fsm docs` and commit the result"
+        );
+    }
+
+    #[test]
+    fn the_table_lists_every_state_with_its_status_code() {
+        let provider = by_name("storage_provider").expect("a declared machine");
+        let active = provider.states.iter().find(|s| s.name == "Active").expect("Active");
+        assert_eq!((active.code, active.terminal), (Some(7), false));
+        assert!(provider.transitions.iter().any(|t| t.from == "Publishing"
+            && t.input == "DealPublished"
+            && t.to == "Staged"
+            && t.effects == ["hand-off-to-sealing"]));
+        let json = serde_json::to_value(&provider).expect("serialisable");
+        assert_eq!(json["initial"], "Unknown");
+        assert!(json["states"][0].get("meaning").is_none());
+    }
+}

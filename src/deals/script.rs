@@ -1,0 +1,269 @@
+//! A scripted run of the seed's flows: plays every input a deal receives from the counterparty,
+//! the transfer, the chain and the sealing pipeline, in order, through [`Deals::handle`]. The
+//! demo uses it to show whole deals, and tests use it to bring deals into a given state.
+//! Optionally each step also reloads the deal from the journal and checks that replay gives
+//! the deal the live path produced.
+
+use ed25519_dalek::SigningKey;
+use uuid::Uuid;
+
+use super::{Deals, DealsError};
+use crate::domain::retrieval::{PaymentVoucher, RetrievalDealProposal, SignedVoucher};
+use crate::domain::storage::{ClientDealProposal, StorageDeal};
+use crate::domain::{ChainEpoch, DealId, SectorNumber, TokenAmount};
+use crate::events::chain::cid_of_bytes;
+use crate::fsm::retrieval_client::{RequestPart, RetrievalClient, RetrievalClientEvent as RC};
+use crate::fsm::retrieval_provider::{RetrievalProvider, RetrievalProviderEvent as RP};
+use crate::fsm::retrieval_request::{RetrievalRequestEvent as RR, RetrievalRequestMachine};
+use crate::fsm::storage_client::{StorageClient, StorageClientEvent as SC};
+use crate::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
+use crate::fsm::{Deal, DecideContext, Machine};
+
+/// Why a scripted step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptError {
+    /// The ledger refused or failed the step.
+    #[error("{machine} step {step} failed: {source}")]
+    Step {
+        machine: &'static str,
+        step: &'static str,
+        #[source]
+        source: DealsError,
+    },
+    /// Replaying the journal gave another deal than the live path: a bug in a machine's fold.
+    #[error("{machine} stream {stream_id}: replay differs from the live deal")]
+    ReplayMismatch { machine: &'static str, stream_id: Uuid },
+}
+
+/// Plays deals step by step.
+pub struct Script<'a> {
+    deals: &'a Deals,
+    ctx: DecideContext,
+    verify_replay: bool,
+    /// Steps played so far.
+    pub steps: u32,
+}
+
+/// The identities a scripted run signs with.
+pub struct Parties<'a> {
+    /// The client's key (signs proposals and vouchers).
+    pub client: &'a SigningKey,
+    /// The provider's key (counter-signs deals).
+    pub provider: &'a SigningKey,
+}
+
+impl<'a> Script<'a> {
+    /// A script deciding at `ctx`; with `verify_replay`, every step is checked against replay.
+    pub fn new(deals: &'a Deals, ctx: DecideContext, verify_replay: bool) -> Self {
+        Self { deals, ctx, verify_replay, steps: 0 }
+    }
+
+    /// Plays one command.
+    pub async fn step<M: Machine>(
+        &mut self,
+        stream_id: Uuid,
+        command: M::Event,
+    ) -> Result<Deal<M>, ScriptError> {
+        use crate::events::JournalEvent;
+        let step = command.event_type();
+        let fail = |source| ScriptError::Step { machine: M::NAME, step, source };
+        let decision =
+            self.deals.handle::<M>(stream_id, command, &self.ctx, None).await.map_err(fail)?;
+        if self.verify_replay {
+            let replayed = self.deals.load::<M>(stream_id).await.map_err(fail)?;
+            if replayed != decision.deal {
+                return Err(ScriptError::ReplayMismatch { machine: M::NAME, stream_id });
+            }
+        }
+        self.steps += 1;
+        Ok(decision.deal)
+    }
+
+    /// A storage deal from proposal to `Active` on both sides (seed storage flow 1-10, then
+    /// sealing and activation). Returns the (client, provider) streams.
+    pub async fn storage_deal_to_active(
+        &mut self,
+        proposal: ClientDealProposal,
+        parties: &Parties<'_>,
+    ) -> Result<(Uuid, Uuid), ScriptError> {
+        let terms = proposal.proposal.clone();
+        let requirement = terms.client_balance_requirement().unwrap_or_default();
+        let signed = StorageDeal::sign(proposal.clone(), parties.provider);
+        let size = terms.piece_size.0;
+        let client = Deals::storage_stream_id(StorageClient::NAME, &proposal);
+        let provider = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
+        self.step::<StorageClient>(
+            client,
+            SC::DealInitiated { proposal: Box::new(proposal.clone()) },
+        )
+        .await?;
+        self.step::<StorageClient>(client, SC::FundsReserved { amount: requirement }).await?;
+        self.step::<StorageProvider>(
+            provider,
+            SP::ProposalReceived { proposal: Box::new(proposal) },
+        )
+        .await?;
+        self.step::<StorageProvider>(provider, SP::DealAccepted { deal: Box::new(signed.clone()) })
+            .await?;
+        self.step::<StorageClient>(client, SC::DealAccepted { deal: Box::new(signed) }).await?;
+        for (c, p) in [
+            (SC::DataTransferStarted, SP::DataTransferStarted),
+            (
+                SC::DataTransferProgressed { bytes: size / 2 },
+                SP::DataTransferProgressed { bytes: size / 2 },
+            ),
+            (SC::DataTransferCompleted { bytes: size }, SP::DataTransferCompleted { bytes: size }),
+        ] {
+            self.step::<StorageClient>(client, c).await?;
+            self.step::<StorageProvider>(provider, p).await?;
+        }
+        let publish = cid_of_bytes(&provider.as_bytes()[..]);
+        let deal_id = DealId(
+            u64::from_be_bytes(provider.as_bytes()[..8].try_into().unwrap_or_default()) >> 20,
+        );
+        for p in [
+            SP::DataVerified { piece_cid: terms.piece_cid },
+            SP::FundsReserved { amount: terms.provider_collateral },
+            SP::PublishSent { message: publish },
+            SP::DealPublished { deal_id },
+            SP::DealHandedOff,
+            SP::DealPreCommitted { sector: SectorNumber(deal_id.0 % 1_000) },
+            SP::DealActivated { epoch: terms.start_epoch },
+            SP::DealFinalized,
+        ] {
+            self.step::<StorageProvider>(provider, p).await?;
+        }
+        for c in [
+            SC::DealPublished { deal_id, message: publish },
+            SC::PublishConfirmed,
+            SC::DealPreCommitted { sector: SectorNumber(deal_id.0 % 1_000) },
+            SC::DealActivated { epoch: terms.start_epoch },
+        ] {
+            self.step::<StorageClient>(client, c).await?;
+        }
+        Ok((client, provider))
+    }
+
+    /// Ends an active deal on both sides: expired at its end epoch, or slashed.
+    pub async fn end_deal(
+        &mut self,
+        (client, provider): (Uuid, Uuid),
+        slashed: bool,
+        epoch: ChainEpoch,
+    ) -> Result<(), ScriptError> {
+        let (c, p) = if slashed {
+            (SC::DealSlashed { epoch }, SP::DealSlashed { epoch })
+        } else {
+            (SC::DealExpired { epoch }, SP::DealExpired { epoch })
+        };
+        self.step::<StorageProvider>(provider, p).await?;
+        self.step::<StorageClient>(client, c).await?;
+        Ok(())
+    }
+
+    /// Fetches one part of a request through a client deal and a provider deal: pull, pause
+    /// and pay at each interval, pay the last time, complete, and tell the request. Returns
+    /// the number of vouchers paid.
+    pub async fn retrieve_part(
+        &mut self,
+        request_id: Uuid,
+        part_index: u32,
+        terms: RetrievalDealProposal,
+        parties: &Parties<'_>,
+    ) -> Result<u32, ScriptError> {
+        let (client, provider) = (Uuid::now_v7(), Uuid::now_v7());
+        let part_of = Some(RequestPart { request_id, part_index });
+        let channel = crate::domain::retrieval::ChannelAddress(format!(
+            "t2-{}",
+            &request_id.simple().to_string()[..12]
+        ));
+        let lane = u64::from(part_index);
+        let voucher = |amount: TokenAmount, nonce: u64| {
+            Box::new(SignedVoucher::sign(
+                PaymentVoucher { channel: channel.clone(), lane, nonce, amount },
+                parties.client,
+            ))
+        };
+        let proposal = Box::new(terms.clone());
+        self.step::<RetrievalClient>(
+            client,
+            RC::DealProposed { proposal: proposal.clone(), part_of },
+        )
+        .await?;
+        self.step::<RetrievalRequestMachine>(
+            request_id,
+            RR::PartStarted { part_index, deal_stream: client },
+        )
+        .await?;
+        self.step::<RetrievalProvider>(provider, RP::DealAccepted { proposal }).await?;
+        self.step::<RetrievalProvider>(provider, RP::PieceUnsealed).await?;
+        let setup = if part_index == 0 {
+            RC::PaymentChannelCreateInitiated
+        } else {
+            RC::PaymentChannelAddFundsInitiated
+        };
+        for event in [
+            RC::DealAccepted,
+            setup,
+            RC::PaymentChannelReady { channel: channel.clone() },
+            RC::LaneAllocated { lane },
+        ] {
+            self.step::<RetrievalClient>(client, event).await?;
+        }
+        self.step::<RetrievalProvider>(provider, RP::DataTransferStarted).await?;
+        let length = terms.part.length;
+        let mut payments = 0u32;
+        loop {
+            let sent = terms.bytes_unlocked_after(payments).min(length);
+            if sent == length {
+                break;
+            }
+            let owed = self
+                .step::<RetrievalProvider>(provider, RP::BlocksSent { bytes: sent })
+                .await?
+                .data
+                .owed;
+            self.step::<RetrievalClient>(client, RC::BlocksReceived { bytes: sent }).await?;
+            self.step::<RetrievalClient>(client, RC::PaymentRequested { owed }).await?;
+            self.step::<RetrievalClient>(client, RC::FundsAvailable).await?;
+            self.step::<RetrievalClient>(
+                client,
+                RC::PaymentSent { voucher: voucher(owed, payments.into()) },
+            )
+            .await?;
+            self.step::<RetrievalProvider>(
+                provider,
+                RP::PaymentReceived { voucher: voucher(owed, payments.into()) },
+            )
+            .await?;
+            payments += 1;
+        }
+        let owed = self
+            .step::<RetrievalProvider>(provider, RP::AllBlocksSent { bytes: length })
+            .await?
+            .data
+            .owed;
+        self.step::<RetrievalClient>(client, RC::AllBlocksReceived { bytes: length }).await?;
+        self.step::<RetrievalClient>(client, RC::LastPaymentRequested { owed }).await?;
+        self.step::<RetrievalClient>(client, RC::FundsAvailable).await?;
+        self.step::<RetrievalClient>(
+            client,
+            RC::PaymentSent { voucher: voucher(owed, payments.into()) },
+        )
+        .await?;
+        self.step::<RetrievalProvider>(
+            provider,
+            RP::PaymentReceived { voucher: voucher(owed, payments.into()) },
+        )
+        .await?;
+        self.step::<RetrievalProvider>(provider, RP::CompletionSent).await?;
+        self.step::<RetrievalClient>(client, RC::ProviderCompleted).await?;
+        let paid = self.step::<RetrievalClient>(client, RC::CompletionVerified).await?.data.paid;
+        self.step::<RetrievalRequestMachine>(
+            request_id,
+            RR::PartCompleted { part_index, deal_stream: client, bytes: length, paid },
+        )
+        .await?;
+        Ok(payments + 1)
+    }
+}
