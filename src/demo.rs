@@ -89,7 +89,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         vouchers += script.retrieve_part(request_id, index as u32, terms, &parties).await?;
     }
 
-    println!("\n{:<38} {:<18} {:<14} {:>4}  {}", "stream", "side", "state", "code", "note");
+    println!("\n{:<38} {:<18} {:<14} {:>4}  note", "stream", "side", "state", "code");
     let shown = streams.iter().chain([&slashed, &failing]);
     for (client, provider) in shown {
         for stream in [client, provider] {
