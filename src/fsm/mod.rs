@@ -236,3 +236,29 @@ pub(crate) fn check_bytes(bytes: u64, previous: u64, limit: u64) -> Result<(), R
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod purity {
+    /// Invariant: machines are pure. Nothing under `src/fsm/` reads a clock, draws randomness
+    /// or does I/O; time and ids arrive in the `DecideContext` and the commands.
+    #[test]
+    fn no_machine_reads_a_clock_draws_randomness_or_does_io() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/fsm");
+        let forbidden = [
+            "now(", "Instant::", "SystemTime", "rand::", "thread_rng", "sqlx", "tokio", "std::fs",
+            "std::net", "new_v4", "now_v7",
+        ];
+        for entry in std::fs::read_dir(&dir).expect("src/fsm exists") {
+            let path = entry.expect("a directory entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            // The table module writes the generated docs; the fixtures are test data.
+            if name == "table.rs" || name == "fixtures.rs" || name == "mod.rs" {
+                continue;
+            }
+            let source = std::fs::read_to_string(&path).expect("readable source");
+            for word in forbidden {
+                assert!(!source.contains(word), "{} uses {word}", path.display());
+            }
+        }
+    }
+}
