@@ -245,8 +245,17 @@ mod purity {
     fn no_machine_reads_a_clock_draws_randomness_or_does_io() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/fsm");
         let forbidden = [
-            "now(", "Instant::", "SystemTime", "rand::", "thread_rng", "sqlx", "tokio", "std::fs",
-            "std::net", "new_v4", "now_v7",
+            "now(",
+            "Instant::",
+            "SystemTime",
+            "rand::",
+            "thread_rng",
+            "sqlx",
+            "tokio",
+            "std::fs",
+            "std::net",
+            "new_v4",
+            "now_v7",
         ];
         for entry in std::fs::read_dir(&dir).expect("src/fsm exists") {
             let path = entry.expect("a directory entry").path();
