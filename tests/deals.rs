@@ -14,7 +14,8 @@ use dealledger::events::outbox;
 use dealledger::fsm::fixtures::*;
 use dealledger::fsm::storage_client::{StorageClient, StorageClientEvent as SC};
 use dealledger::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
-use dealledger::fsm::{Deal, DecideContext, Machine, Rejection};
+use dealledger::fsm::{Deal, DecideContext, Label, Rejection};
+use dealledger::projections::rows::Projected;
 use ed25519_dalek::SigningKey;
 
 async fn deals() -> (Deals, PgPool) {
@@ -28,8 +29,17 @@ fn ctx() -> DecideContext {
 
 /// Runs a command that must be accepted, and checks that replaying the journal gives the deal
 /// the live path produced.
-async fn run<M: Machine>(deals: &Deals, stream: Uuid, command: M::Event) -> Deal<M> {
-    Script::new(deals, ctx(), true).step::<M>(stream, command).await.expect("the step is accepted")
+async fn run<M: Projected>(deals: &Deals, stream: Uuid, command: M::Event) -> Deal<M> {
+    let deal = Script::new(deals, ctx(), true).step::<M>(stream, command).await.expect("accepted");
+    // Invariant: the inline status row is written with the events (read-your-writes).
+    let sql = format!("SELECT state, version FROM {} WHERE {} = $1", M::TABLE.name, M::TABLE.key);
+    let (state, version): (String, i32) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(stream)
+        .fetch_one(deals.journal().pool())
+        .await
+        .expect("the status row exists");
+    assert_eq!((state.as_str(), version as u32), (deal.state.name(), deal.version));
+    deal
 }
 
 fn parties() -> (SigningKey, SigningKey) {

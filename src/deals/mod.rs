@@ -19,6 +19,8 @@ use crate::fsm::retrieval_request::{RetrievalRequestEvent, RetrievalRequestMachi
 use crate::fsm::storage_client::{StorageClient, StorageClientEvent};
 use crate::fsm::storage_provider::{StorageProvider, StorageProviderEvent};
 use crate::fsm::{Deal, DecideContext, Decision, Machine, Rejection, TransitionError};
+use crate::projections::rows::Projected;
+use crate::projections::{ProjectionError, inline};
 
 pub use status::{RetrievalStatus, StorageDealStatus};
 
@@ -52,6 +54,9 @@ pub enum DealsError {
     /// A stored payload cannot be decoded.
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// The status row could not be written; nothing was recorded.
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
     /// The journal or database failed; the command may be retried.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -160,7 +165,7 @@ impl Deals {
 
     /// Loads a deal by replaying its stream through machine `M`. A stream with no events is a
     /// deal in the initial state at version 0.
-    pub async fn load<M: Machine>(&self, stream_id: Uuid) -> Result<Deal<M>, DealsError> {
+    pub async fn load<M: Projected>(&self, stream_id: Uuid) -> Result<Deal<M>, DealsError> {
         let recorded = self.journal.read_stream(stream_id, 1).await?;
         let mut deal = Deal::<M>::new(stream_id);
         for event in &recorded {
@@ -180,7 +185,7 @@ impl Deals {
     /// Decides `command` for the deal on `stream_id` and records the outcome: events and
     /// effects in one transaction. On a lost race the deal is reloaded and the command decided
     /// again; a rejection (now or after reloading) appends nothing.
-    pub async fn handle<M: Machine>(
+    pub async fn handle<M: Projected>(
         &self,
         stream_id: Uuid,
         command: M::Event,
@@ -213,7 +218,7 @@ impl Deals {
     /// effects enqueued, in one transaction. For embedders that call [`Deal::decide`]
     /// themselves; if the stream moved on since `deal` was loaded, this is a
     /// [`JournalError::Conflict`] and nothing is written.
-    pub async fn record<M: Machine>(
+    pub async fn record<M: Projected>(
         &self,
         deal: &Deal<M>,
         decision: &Decision<M>,
@@ -242,6 +247,8 @@ impl Deals {
         let appended =
             self.journal.append_in_tx(&mut tx, deal.id, M::NAME, deal.version, &events).await?;
         outbox::enqueue(&mut tx, deal.id, M::NAME, &effects).await?;
+        let last_type = events.last().map(|e| e.event_type.as_str()).unwrap_or_default();
+        inline::project(&mut tx, &decision.deal, last_type, appended.recorded_at).await?;
         tx.commit().await?;
         self.journal.committed(&appended);
         Ok(())

@@ -18,6 +18,7 @@ use crate::fsm::retrieval_request::{RetrievalRequestEvent as RR, RetrievalReques
 use crate::fsm::storage_client::{StorageClient, StorageClientEvent as SC};
 use crate::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
 use crate::fsm::{Deal, DecideContext, Machine};
+use crate::projections::rows::Projected;
 
 /// Why a scripted step failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +60,7 @@ impl<'a> Script<'a> {
     }
 
     /// Plays one command.
-    pub async fn step<M: Machine>(
+    pub async fn step<M: Projected>(
         &mut self,
         stream_id: Uuid,
         command: M::Event,

@@ -73,6 +73,8 @@ pub struct Appended {
     pub first_version: u32,
     /// The stream's new head.
     pub head: StreamHead,
+    /// When the events were recorded (the same time for every event of one append).
+    pub recorded_at: chrono::DateTime<Utc>,
 }
 
 /// Result of re-walking one stream's hash chain.
@@ -378,7 +380,12 @@ impl<'a> AppendRows<'a> {
             prev_cids,
             cids,
             recorded_at,
-            appended: Appended { stream_id, first_version: expected_version + 1, head },
+            appended: Appended {
+                stream_id,
+                first_version: expected_version + 1,
+                head,
+                recorded_at,
+            },
             events,
         }
     }

@@ -1,0 +1,158 @@
+//! Status tables as data: their columns and SQL types, and the two ways rows reach them — a
+//! version-guarded upsert (inline, in the command's transaction) and CSV `COPY` (rebuilds).
+//! Rows are carried as text in each column's canonical form and cast by PostgreSQL, so both
+//! ways share one encoding.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use sqlx::PgConnection;
+
+use super::ProjectionError;
+
+/// A column's SQL type, used to cast the text it is sent as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlType {
+    Uuid,
+    Text,
+    BigInt,
+    Int,
+    SmallInt,
+    Bool,
+    Numeric,
+    Timestamp,
+}
+
+impl SqlType {
+    fn cast(self) -> &'static str {
+        match self {
+            SqlType::Uuid => "uuid",
+            SqlType::Text => "text",
+            SqlType::BigInt => "bigint",
+            SqlType::Int => "integer",
+            SqlType::SmallInt => "smallint",
+            SqlType::Bool => "boolean",
+            SqlType::Numeric => "numeric",
+            SqlType::Timestamp => "timestamptz",
+        }
+    }
+}
+
+/// A status table: its name, its key column and its columns in order.
+#[derive(Debug)]
+pub struct TableSpec {
+    /// The table.
+    pub name: &'static str,
+    /// The primary key column (the stream id).
+    pub key: &'static str,
+    /// Every column, in the order rows list their values.
+    pub columns: &'static [(&'static str, SqlType)],
+}
+
+/// One row: a value (or NULL) per column, as text.
+pub type RowValues = Vec<Option<String>>;
+
+impl TableSpec {
+    /// The column list, comma-separated.
+    pub fn column_list(&self) -> String {
+        self.columns.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
+    }
+
+    /// `INSERT ... ON CONFLICT DO UPDATE ... WHERE version < EXCLUDED.version`: re-applying
+    /// an older or equal version changes nothing, and the first event's time is kept.
+    fn upsert_sql(&'static self) -> &'static str {
+        static CACHE: OnceLock<std::sync::Mutex<HashMap<&'static str, &'static str>>> =
+            OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        let mut cache = cache.lock().unwrap_or_else(|poison| poison.into_inner());
+        cache.entry(self.name).or_insert_with(|| {
+            let values: Vec<String> = self
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, (_, t))| format!("${}::{}", i + 1, t.cast()))
+                .collect();
+            let updates: Vec<String> = self
+                .columns
+                .iter()
+                .filter(|(c, _)| *c != self.key && *c != "first_event_at")
+                .map(|(c, _)| format!("{c} = EXCLUDED.{c}"))
+                .collect();
+            let sql = format!(
+                "INSERT INTO {table} ({columns}) VALUES ({values}) \
+                 ON CONFLICT ({key}) DO UPDATE SET {updates} \
+                 WHERE {table}.version < EXCLUDED.version",
+                table = self.name,
+                columns = self.column_list(),
+                values = values.join(", "),
+                key = self.key,
+                updates = updates.join(", "),
+            );
+            Box::leak(sql.into_boxed_str())
+        })
+    }
+
+    /// Writes one row, unless the table already holds this stream at this version or later.
+    pub async fn upsert(
+        &'static self,
+        conn: &mut PgConnection,
+        row: &RowValues,
+    ) -> Result<(), ProjectionError> {
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(self.upsert_sql()));
+        for value in row {
+            query = query.bind(value.as_deref());
+        }
+        query.execute(conn).await?;
+        Ok(())
+    }
+
+    /// Copies rows into `table` (this table or a shadow with the same columns) as CSV.
+    pub async fn copy_into(
+        &self,
+        conn: &mut PgConnection,
+        table: &str,
+        rows: impl IntoIterator<Item = &RowValues>,
+    ) -> Result<u64, ProjectionError> {
+        let mut csv = String::with_capacity(64 * 1024);
+        let mut count = 0u64;
+        for row in rows {
+            push_csv_row(&mut csv, row);
+            count += 1;
+        }
+        let statement = format!("COPY {table} ({}) FROM STDIN (FORMAT csv)", self.column_list());
+        let mut copy = conn.copy_in_raw(&statement).await?;
+        copy.send(csv.as_bytes()).await?;
+        copy.finish().await?;
+        Ok(count)
+    }
+}
+
+/// Appends one CSV line: NULL as an empty unquoted field, every value quoted.
+fn push_csv_row(out: &mut String, row: &RowValues) {
+    for (i, value) in row.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if let Some(text) = value {
+            out.push('"');
+            for c in text.chars() {
+                if c == '"' {
+                    out.push('"');
+                }
+                out.push(c);
+            }
+            out.push('"');
+        }
+    }
+    out.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn csv_quotes_values_and_leaves_nulls_empty() {
+        let mut out = String::new();
+        super::push_csv_row(&mut out, &vec![Some("a\"b,c".into()), None, Some(String::new())]);
+        assert_eq!(out, "\"a\"\"b,c\",,\"\"\n");
+    }
+}
