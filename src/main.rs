@@ -41,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// The SQL status tables: status, rebuild, check, run the asynchronous projectors.
+    Projections {
+        #[command(subcommand)]
+        command: projections_cli::ProjectionsCommand,
+    },
     /// The deal state machines, read from their declarations.
     Fsm {
         #[command(subcommand)]
@@ -72,6 +77,7 @@ enum EventsCommand {
 
 mod demo;
 mod fsm_cli;
+mod projections_cli;
 
 fn main() -> std::process::ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
@@ -112,6 +118,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Events { command: EventsCommand::Tail { stream, from_start, json } } => {
             tail(&journal, stream, from_start, json).await
         }
+        Command::Projections { command } => projections_cli::run(&journal, command).await,
         Command::Fsm { .. } => unreachable!("handled before the database is opened"),
     };
     db.close().await.context("closing the database")?;
