@@ -46,6 +46,14 @@ fn parties() -> (SigningKey, SigningKey) {
     (client_key(), provider_key())
 }
 
+/// Invariant: every status row equals the fold of its stream (ends every test that writes).
+async fn assert_projections_match_the_journal(pool: &PgPool) {
+    let tables = dealledger::projections::rebuild::inline_tables(None).unwrap();
+    let diffs =
+        dealledger::projections::rebuild::check_inline(pool, &tables, &mut |_| {}).await.unwrap();
+    assert!(diffs.is_empty(), "status rows differ from the journal: {diffs:?}");
+}
+
 /// Rows in the journal and the outbox, to show that a refused command wrote nothing.
 async fn counts(pool: &PgPool) -> (i64, i64) {
     let events = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await.unwrap();
@@ -106,6 +114,7 @@ async fn a_storage_deal_runs_to_active_and_then_expires_on_both_sides() {
         assert_eq!((status.state, status.code), ("Expired", 8));
         assert!(deals.journal().verify_stream(stream).await.unwrap().first_bad.is_none());
     }
+    assert_projections_match_the_journal(&pool).await;
 }
 
 #[tokio::test]
@@ -121,6 +130,7 @@ async fn an_active_deal_can_be_slashed_and_then_accepts_nothing() {
         .await;
     assert!(matches!(late, Err(DealsError::Rejected(Rejection::Transition(_)))), "{late:?}");
     assert_eq!(counts(&pool).await, before);
+    assert_projections_match_the_journal(&pool).await;
 }
 
 #[tokio::test]
@@ -143,6 +153,7 @@ async fn a_rejected_proposal_fails_the_client_deal_through_failing_and_releases_
     assert_eq!((done.state, done.code, done.funds_reserved), ("Error", 26, TokenAmount::ZERO));
     assert_eq!(done.message.as_deref(), Some("price"));
     assert_eq!(deals.get_storage_deal_status(provider).await.unwrap().state, "Error");
+    assert_projections_match_the_journal(&pool).await;
 }
 
 #[tokio::test]
@@ -262,6 +273,7 @@ async fn racing_commands_are_decided_one_after_the_other() {
         }
     }
     assert!(deals.journal().verify_stream(provider).await.unwrap().first_bad.is_none());
+    assert_projections_match_the_journal(deals.journal().pool()).await;
 }
 
 fn terms_for(range: ByteRange) -> RetrievalDealProposal {
@@ -291,4 +303,5 @@ async fn a_chunked_retrieval_completes_through_several_paid_deals() {
     let expected_paid: u128 = parts.iter().map(|r| terms_for(*r).total_price().unwrap().0).sum();
     assert_eq!(status.total_paid, TokenAmount(expected_paid));
     assert!(payments >= 6, "each 1,000-byte part pays at 300 and 700 bytes and at the end");
+    assert_projections_match_the_journal(&pool).await;
 }

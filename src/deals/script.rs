@@ -36,6 +36,51 @@ pub enum ScriptError {
     ReplayMismatch { machine: &'static str, stream_id: Uuid },
 }
 
+/// The commands each side of a storage deal receives from proposal to `Active`, in order:
+/// (client's, provider's). Pure: the same proposal always gives the same commands.
+pub fn storage_deal_commands(
+    proposal: ClientDealProposal,
+    provider_key: &SigningKey,
+) -> (Vec<SC>, Vec<SP>) {
+    let terms = proposal.proposal.clone();
+    let requirement = terms.client_balance_requirement().unwrap_or_default();
+    let signed = StorageDeal::sign(proposal.clone(), provider_key);
+    let size = terms.piece_size.0;
+    let cid = proposal.cid();
+    let publish = cid_of_bytes(&cid.to_bytes());
+    let deal_id =
+        DealId(u64::from_be_bytes(cid.hash().digest()[..8].try_into().unwrap_or_default()) >> 20);
+    let sector = SectorNumber(deal_id.0 % 1_000);
+    let client = vec![
+        SC::DealInitiated { proposal: Box::new(proposal.clone()) },
+        SC::FundsReserved { amount: requirement },
+        SC::DealAccepted { deal: Box::new(signed.clone()) },
+        SC::DataTransferStarted,
+        SC::DataTransferProgressed { bytes: size / 2 },
+        SC::DataTransferCompleted { bytes: size },
+        SC::DealPublished { deal_id, message: publish },
+        SC::PublishConfirmed,
+        SC::DealPreCommitted { sector },
+        SC::DealActivated { epoch: terms.start_epoch },
+    ];
+    let provider = vec![
+        SP::ProposalReceived { proposal: Box::new(proposal) },
+        SP::DealAccepted { deal: Box::new(signed) },
+        SP::DataTransferStarted,
+        SP::DataTransferProgressed { bytes: size / 2 },
+        SP::DataTransferCompleted { bytes: size },
+        SP::DataVerified { piece_cid: terms.piece_cid },
+        SP::FundsReserved { amount: terms.provider_collateral },
+        SP::PublishSent { message: publish },
+        SP::DealPublished { deal_id },
+        SP::DealHandedOff,
+        SP::DealPreCommitted { sector },
+        SP::DealActivated { epoch: terms.start_epoch },
+        SP::DealFinalized,
+    ];
+    (client, provider)
+}
+
 /// Plays deals step by step.
 pub struct Script<'a> {
     deals: &'a Deals,
@@ -87,60 +132,15 @@ impl<'a> Script<'a> {
         proposal: ClientDealProposal,
         parties: &Parties<'_>,
     ) -> Result<(Uuid, Uuid), ScriptError> {
-        let terms = proposal.proposal.clone();
-        let requirement = terms.client_balance_requirement().unwrap_or_default();
-        let signed = StorageDeal::sign(proposal.clone(), parties.provider);
-        let size = terms.piece_size.0;
         let client = Deals::storage_stream_id(StorageClient::NAME, &proposal);
         let provider = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
-        self.step::<StorageClient>(
-            client,
-            SC::DealInitiated { proposal: Box::new(proposal.clone()) },
-        )
-        .await?;
-        self.step::<StorageClient>(client, SC::FundsReserved { amount: requirement }).await?;
-        self.step::<StorageProvider>(
-            provider,
-            SP::ProposalReceived { proposal: Box::new(proposal) },
-        )
-        .await?;
-        self.step::<StorageProvider>(provider, SP::DealAccepted { deal: Box::new(signed.clone()) })
-            .await?;
-        self.step::<StorageClient>(client, SC::DealAccepted { deal: Box::new(signed) }).await?;
-        for (c, p) in [
-            (SC::DataTransferStarted, SP::DataTransferStarted),
-            (
-                SC::DataTransferProgressed { bytes: size / 2 },
-                SP::DataTransferProgressed { bytes: size / 2 },
-            ),
-            (SC::DataTransferCompleted { bytes: size }, SP::DataTransferCompleted { bytes: size }),
-        ] {
-            self.step::<StorageClient>(client, c).await?;
-            self.step::<StorageProvider>(provider, p).await?;
+        let (client_commands, provider_commands) =
+            storage_deal_commands(proposal, parties.provider);
+        for command in client_commands {
+            self.step::<StorageClient>(client, command).await?;
         }
-        let publish = cid_of_bytes(&provider.as_bytes()[..]);
-        let deal_id = DealId(
-            u64::from_be_bytes(provider.as_bytes()[..8].try_into().unwrap_or_default()) >> 20,
-        );
-        for p in [
-            SP::DataVerified { piece_cid: terms.piece_cid },
-            SP::FundsReserved { amount: terms.provider_collateral },
-            SP::PublishSent { message: publish },
-            SP::DealPublished { deal_id },
-            SP::DealHandedOff,
-            SP::DealPreCommitted { sector: SectorNumber(deal_id.0 % 1_000) },
-            SP::DealActivated { epoch: terms.start_epoch },
-            SP::DealFinalized,
-        ] {
-            self.step::<StorageProvider>(provider, p).await?;
-        }
-        for c in [
-            SC::DealPublished { deal_id, message: publish },
-            SC::PublishConfirmed,
-            SC::DealPreCommitted { sector: SectorNumber(deal_id.0 % 1_000) },
-            SC::DealActivated { epoch: terms.start_epoch },
-        ] {
-            self.step::<StorageClient>(client, c).await?;
+        for command in provider_commands {
+            self.step::<StorageProvider>(provider, command).await?;
         }
         Ok((client, provider))
     }

@@ -205,6 +205,23 @@ impl<M: Machine> Deal<M> {
         Ok(Decision { events, deal, effects })
     }
 
+    /// Decides several commands in a row, each on the deal the previous ones produced: one
+    /// decision to record in one transaction. The first rejection rejects them all.
+    pub fn decide_all(
+        &self,
+        commands: impl IntoIterator<Item = M::Event>,
+        ctx: &DecideContext,
+    ) -> Result<Decision<M>, Rejection> {
+        let mut all = Decision { events: Vec::new(), deal: self.clone(), effects: Vec::new() };
+        for command in commands {
+            let next = all.deal.decide(command, ctx)?;
+            all.events.extend(next.events);
+            all.effects.extend(next.effects);
+            all.deal = next.deal;
+        }
+        Ok(all)
+    }
+
     /// Whether the deal is in a final state.
     pub fn is_terminal(&self) -> bool {
         M::is_terminal(self.state)

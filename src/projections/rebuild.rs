@@ -114,14 +114,18 @@ async fn fold_snapshot(
     pool: &PgPool,
     progress: Progress<'_>,
 ) -> Result<(HashMap<Uuid, FoldedDeal>, String, u64), ProjectionError> {
-    let mut conn = pool.acquire().await?;
-    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *conn).await?;
+    // A sqlx transaction, so that a rebuild dropped midway rolls back before its connection
+    // is reused.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
     let snapshot: String =
-        sqlx::query_scalar("SELECT pg_current_snapshot()::text").fetch_one(&mut *conn).await?;
+        sqlx::query_scalar("SELECT pg_current_snapshot()::text").fetch_one(&mut *tx).await?;
     let mut deals = HashMap::new();
     let sql = concat!("SELECT ", event_fields!(), " FROM events ORDER BY position");
-    let (events, _) = fold_query(&mut conn, sql, None, &mut deals, progress).await?;
-    sqlx::query("COMMIT").execute(&mut *conn).await?;
+    let (events, _) = fold_query(&mut tx, sql, None, &mut deals, progress).await?;
+    tx.commit().await?;
     Ok((deals, snapshot, events))
 }
 

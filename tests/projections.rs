@@ -1,0 +1,358 @@
+//! Projections on real PostgreSQL: inline rows equal the fold of the journal, rebuilds equal
+//! live and are atomic, the asynchronous projector loses and duplicates nothing, deal updates
+//! cross processes, and the reader role reads only what it should.
+
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use futures::StreamExt;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use dealledger::db::testing::fresh_database;
+use dealledger::deals::Deals;
+use dealledger::deals::script::{Parties, Script, storage_deal_commands};
+use dealledger::domain::storage::ClientDealProposal;
+use dealledger::domain::{ChainEpoch, PartyKey};
+use dealledger::events::{Checkpoint, EventCodec, Journal};
+use dealledger::fsm::fixtures::*;
+use dealledger::fsm::storage_client::{StorageClient, StorageClientEvent};
+use dealledger::fsm::storage_provider::StorageProvider;
+use dealledger::fsm::{Deal, DecideContext};
+use dealledger::projections::projector::{self, TransitionsProjector};
+use dealledger::projections::rebuild::{check_inline, inline_tables, rebuild_inline};
+use dealledger::projections::updates::{UpdateFilter, subscribe_deal_updates};
+
+async fn setup(connections: u32) -> (Deals, PgPool) {
+    let (pool, _) = fresh_database(connections).await.expect("a fresh test database");
+    (Deals::new(Journal::new(pool.clone())), pool)
+}
+
+fn ctx() -> DecideContext {
+    DecideContext { epoch: ChainEpoch(NOW), ..DecideContext::default() }
+}
+
+fn proposal_numbered(n: u32) -> ClientDealProposal {
+    let mut terms = proposal();
+    terms.label = format!("deal {n}");
+    ClientDealProposal::sign(terms, &client_key())
+}
+
+fn no_progress(_: u64) {}
+
+/// Invariant: every status row equals the fold of its stream, and every stream has its row.
+async fn assert_projections_match_the_journal(pool: &PgPool) {
+    let diffs = check_inline(pool, &inline_tables(None).unwrap(), &mut no_progress).await.unwrap();
+    assert!(diffs.is_empty(), "{} rows differ, first: {:?}", diffs.len(), diffs.first());
+}
+
+/// Records `deals` storage deals, each cut after a different number of commands, both sides,
+/// each in one transaction, from `writers` concurrent tasks.
+async fn mixed_workload(deals: &Deals, count: u32, writers: u32) {
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let deals = deals.clone();
+            tokio::spawn(async move {
+                for n in (w..count).step_by(writers as usize) {
+                    let proposal = proposal_numbered(n);
+                    let (client, provider) =
+                        storage_deal_commands(proposal.clone(), &provider_key());
+                    let client_cut = 1 + n as usize % client.len();
+                    let provider_cut = 1 + n as usize % provider.len();
+                    let id = Deals::storage_stream_id("storage_client", &proposal);
+                    let decision = Deal::<StorageClient>::new(id)
+                        .decide_all(client.into_iter().take(client_cut), &ctx())
+                        .unwrap();
+                    deals.record(&Deal::new(id), &decision, None).await.unwrap();
+                    let id = Deals::storage_stream_id("storage_provider", &proposal);
+                    let decision = Deal::<StorageProvider>::new(id)
+                        .decide_all(provider.into_iter().take(provider_cut), &ctx())
+                        .unwrap();
+                    deals.record(&Deal::new(id), &decision, None).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_rebuild_equals_the_live_tables_after_a_mixed_workload_of_10k_deals() {
+    // Given 10,000 deals (5,000 proposals, both sides) in every state of the storage flow
+    let (deals, pool) = setup(10).await;
+    mixed_workload(&deals, 5_000, 8).await;
+    let before: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM storage_deals GROUP BY 1 ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(before.len() >= 10, "the workload covers many states: {before:?}");
+    assert_projections_match_the_journal(&pool).await;
+    // When the tables are rebuilt from scratch
+    let report =
+        rebuild_inline(&pool, &inline_tables(None).unwrap(), &mut no_progress).await.unwrap();
+    // Then they hold exactly what they held
+    assert_eq!(report.streams, 10_000);
+    let after: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM storage_deals GROUP BY 1 ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(before, after);
+    assert_projections_match_the_journal(&pool).await;
+}
+
+#[tokio::test]
+async fn check_reports_a_corrupted_row_and_a_rebuild_repairs_it() {
+    let (deals, pool) = setup(4).await;
+    mixed_workload(&deals, 20, 2).await;
+    sqlx::query("UPDATE storage_deals SET state = 'Active', state_code = 7 WHERE version = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE retrieval_requests SET state = 'x'").execute(&pool).await.unwrap();
+    let diffs = check_inline(&pool, &inline_tables(None).unwrap(), &mut no_progress).await.unwrap();
+    let corrupted: i64 = sqlx::query_scalar("SELECT count(*) FROM storage_deals WHERE version = 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(corrupted > 0);
+    assert_eq!(diffs.len() as i64, corrupted * 2, "each bad row is reported from both sides");
+    assert!(diffs.iter().all(|d| d.table == "storage_deals"));
+    assert!(diffs.iter().any(|d| d.kind == "unexpected in live" && d.row.contains("\"Active\"")));
+    rebuild_inline(&pool, &inline_tables(None).unwrap(), &mut no_progress).await.unwrap();
+    assert_projections_match_the_journal(&pool).await;
+}
+
+#[tokio::test]
+async fn a_rebuild_killed_midway_leaves_the_old_tables_intact() {
+    // Given live tables that differ from the journal's fold in one row, so that a finished
+    // rebuild and an untouched table can be told apart
+    let (deals, pool) = setup(6).await;
+    mixed_workload(&deals, 1_000, 4).await;
+    let rows = || async {
+        sqlx::query_as::<_, (Uuid, String, i32)>(
+            "SELECT stream_id, state, version FROM storage_deals ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    for delay_ms in [1u64, 5, 15, 40, 80] {
+        sqlx::query("UPDATE storage_deals SET state = 'Corrupted' WHERE version = 2")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let old = rows().await;
+        // When a rebuild is killed after a while
+        let pool_for_task = pool.clone();
+        let task = tokio::spawn(async move {
+            let tables = inline_tables(None).unwrap();
+            rebuild_inline(&pool_for_task, &tables, &mut no_progress).await
+        });
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        task.abort();
+        let finished = matches!(task.await, Ok(Ok(_)));
+        // Then the table is either exactly the old one or exactly the rebuilt one, never a mix
+        let now = rows().await;
+        if finished {
+            assert_projections_match_the_journal(&pool).await;
+        } else {
+            assert_eq!(now, old, "a rebuild killed after {delay_ms} ms changed the table");
+        }
+    }
+    rebuild_inline(&pool, &inline_tables(None).unwrap(), &mut no_progress).await.unwrap();
+    assert_projections_match_the_journal(&pool).await;
+}
+
+#[tokio::test]
+async fn the_transitions_projector_loses_and_duplicates_nothing_under_concurrent_writers() {
+    let (deals, pool) = setup(16).await;
+    let journal = deals.journal().clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let projector = tokio::spawn(TransitionsProjector::new(journal.clone()).run(async {
+        let _ = stop_rx.await;
+    }));
+    // Given one writer that holds its transaction open while 8 others commit deals
+    let held = {
+        let proposal = proposal_numbered(1_000_000);
+        let id = Deals::storage_stream_id("storage_client", &proposal);
+        let event = StorageClientEvent::DealInitiated { proposal: Box::new(proposal) };
+        let mut tx = pool.begin().await.unwrap();
+        journal
+            .append_in_tx(&mut tx, id, "storage_client", 0, &[EventCodec::encode(&event).unwrap()])
+            .await
+            .unwrap();
+        tx
+    };
+    mixed_workload(&deals, 400, 8).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before_commit: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM deal_transitions").fetch_one(&pool).await.unwrap();
+    assert_eq!(before_commit, 0, "nothing after the open transaction is projected before it ends");
+    held.commit().await.unwrap();
+    mixed_workload_more(&deals).await;
+    // Then, once caught up, every event has exactly one transition row
+    assert!(projector::wait_until_caught_up(&pool, Duration::from_secs(60)).await.unwrap());
+    let (events, transitions, missing): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM deal_transitions), \
+                (SELECT count(*) FROM events e WHERE NOT EXISTS (SELECT 1 FROM deal_transitions t \
+                  WHERE t.stream_id = e.stream_id AND t.version = e.version AND t.position = e.position))",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((transitions, missing), (events, 0));
+    let illegal: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM deal_transitions a JOIN deal_transitions b \
+         ON a.stream_id = b.stream_id AND b.version = a.version + 1 WHERE a.to_state <> b.from_state",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(illegal, 0, "each transition starts where the previous one ended");
+    // And a rebuild gives the same rows
+    let live: Vec<(Uuid, i32, String, String)> = sqlx::query_as(
+        "SELECT stream_id, version, from_state, to_state FROM deal_transitions ORDER BY 1, 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    stop_tx.send(()).unwrap();
+    projector.await.unwrap().unwrap();
+    projector::rebuild_transitions(&journal, &mut no_progress).await.unwrap();
+    let rebuilt: Vec<(Uuid, i32, String, String)> = sqlx::query_as(
+        "SELECT stream_id, version, from_state, to_state FROM deal_transitions ORDER BY 1, 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(live, rebuilt);
+}
+
+async fn mixed_workload_more(deals: &Deals) {
+    let mut script = Script::new(deals, ctx(), false);
+    let (client, provider) = (client_key(), provider_key());
+    script
+        .storage_deal_to_active(
+            proposal_numbered(2_000_000),
+            &Parties { client: &client, provider: &provider },
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn deal_updates_reach_a_subscriber_in_another_process() {
+    // Given a subscriber on its own pool (as another process would be)
+    let (deals, pool) = setup(4).await;
+    let (other_pool, _) = (pool.clone(), ());
+    let other = Journal::new(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with((*pool.connect_options()).clone())
+            .await
+            .unwrap(),
+    );
+    let filter = UpdateFilter { stream_types: vec!["storage_provider".into()], stream_id: None };
+    let updates = subscribe_deal_updates(&other, Checkpoint::START, filter).await.unwrap();
+    tokio::pin!(updates);
+    // When a deal moves on the provider side
+    let client_key = client_key();
+    let provider_key = provider_key();
+    let mut script = Script::new(&deals, ctx(), false);
+    script
+        .storage_deal_to_active(
+            signed_proposal(),
+            &Parties { client: &client_key, provider: &provider_key },
+        )
+        .await
+        .unwrap();
+    // Then the subscriber sees each provider transition, in order
+    let mut steps = Vec::new();
+    while steps.len() < 14 {
+        let update = tokio::time::timeout(Duration::from_secs(10), updates.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(update.stream_type, "storage_provider");
+        steps.push((update.step.from, update.step.to));
+    }
+    assert_eq!(steps[0], ("Unknown", "Validating"));
+    assert_eq!(steps[1], ("Validating", "AcceptWait"));
+    assert_eq!(steps.last().copied(), Some(("Finalizing", "Active")));
+    drop(other_pool);
+}
+
+#[tokio::test]
+async fn the_views_answer_the_daily_questions() {
+    let (deals, pool) = setup(4).await;
+    let (client, provider) = (client_key(), provider_key());
+    let parties = Parties { client: &client, provider: &provider };
+    let mut script = Script::new(&deals, ctx(), false);
+    script.storage_deal_to_active(proposal_numbered(1), &parties).await.unwrap();
+    let stuck = deals.initiate_deal(proposal_numbered(2), &ctx()).await.unwrap().stream_id;
+    // A deal that has not moved for two hours (the clock is moved for the test's sake).
+    sqlx::query(
+        "UPDATE storage_deals SET last_event_at = now() - interval '2 hours' WHERE stream_id = $1",
+    )
+    .bind(stuck)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let stuck_rows: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT stream_id, state FROM stuck_deals").fetch_all(&pool).await.unwrap();
+    assert_eq!(stuck_rows, vec![(stuck, "ReserveClientFunds".to_string())]);
+    let expiring: Vec<(Uuid,)> =
+        sqlx::query_as("SELECT stream_id FROM active_deals_expiring_before(10000000)")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(expiring.len(), 2, "both sides of the active deal");
+    let none: i64 = sqlx::query_scalar("SELECT count(*) FROM active_deals_expiring_before(10)")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(none, 0);
+    let summary: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT provider, side, state, deals FROM provider_summary ORDER BY side, state",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let provider_id = PartyKey::of(&provider).to_string();
+    assert!(summary.iter().all(|(p, ..)| *p == provider_id));
+    assert!(summary.contains(&(provider_id.clone(), "storage_client".into(), "Active".into(), 1)));
+    assert!(summary.contains(&(provider_id, "storage_provider".into(), "Active".into(), 1)));
+}
+
+#[tokio::test]
+async fn the_reader_role_reads_the_status_tables_and_nothing_else() {
+    let (deals, pool) = setup(2).await;
+    deals.initiate_deal(signed_proposal(), &ctx()).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET ROLE dealledger_reader").execute(&mut *conn).await.unwrap();
+    for allowed in [
+        "SELECT count(*) FROM storage_deals",
+        "SELECT count(*) FROM stuck_deals",
+        "SELECT count(*) FROM provider_summary",
+        "SELECT count(*) FROM deal_transitions",
+    ] {
+        sqlx::query(allowed).execute(&mut *conn).await.unwrap_or_else(|e| panic!("{allowed}: {e}"));
+    }
+    for refused in [
+        "SELECT count(*) FROM events",
+        "SELECT count(*) FROM outbox",
+        "UPDATE storage_deals SET state = 'x'",
+        "DELETE FROM retrieval_requests",
+        "INSERT INTO projection_checkpoints (name, tx_id, position) VALUES ('x', 0, 0)",
+    ] {
+        let error = sqlx::query(refused).execute(&mut *conn).await.unwrap_err();
+        assert!(error.to_string().contains("permission denied"), "{refused}: {error}");
+    }
+    sqlx::query("RESET ROLE").execute(&mut *conn).await.unwrap();
+    let _ = SigningKey::from_bytes(&[0; 32]);
+}
