@@ -158,7 +158,9 @@ async fn stage(
     lock_mode: &str,
     progress: Progress<'_>,
 ) -> Result<(u64, u64), ProjectionError> {
+    let started = Instant::now();
     let rows = rows_for(deals.values(), tables);
+    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "rebuild: rows built");
     for table in tables {
         let statement = format!(
             "CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
@@ -168,6 +170,7 @@ async fn stage(
         sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut *conn).await?;
         table.copy_into(conn, &shadow(table), rows[table.name].iter()).await?;
     }
+    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "rebuild: shadows copied");
     let names: Vec<&str> = tables.iter().map(|t| t.name).collect();
     let lock = format!("LOCK TABLE {} IN {lock_mode} MODE", names.join(", "));
     sqlx::query(sqlx::AssertSqlSafe(lock)).execute(&mut *conn).await?;
@@ -200,9 +203,19 @@ pub async fn rebuild_inline(
 ) -> Result<RebuildReport, ProjectionError> {
     let started = Instant::now();
     let (deals, snapshot, events) = fold_snapshot(pool, progress).await?;
+    tracing::info!(
+        events,
+        seconds = started.elapsed().as_secs_f64(),
+        "rebuild: folded the snapshot"
+    );
     let mut tx = pool.begin().await?;
     let (caught_up, streams) =
         stage(&mut tx, tables, deals, &snapshot, "EXCLUSIVE", progress).await?;
+    tracing::info!(
+        caught_up,
+        seconds = started.elapsed().as_secs_f64(),
+        "rebuild: staged and caught up"
+    );
     for table in tables {
         let swap = format!(
             "DELETE FROM {name}; INSERT INTO {name} SELECT * FROM {shadow}",

@@ -156,6 +156,7 @@ fn state_columns<M: Machine>(deal: &Deal<M>, meta: &RowMeta) -> [Option<String>;
 /// The storage columns both sides share, from the proposal and the deal's chain facts.
 struct StorageFacts<'a> {
     proposal: Option<&'a crate::domain::storage::ClientDealProposal>,
+    proposal_cid: Option<cid::Cid>,
     deal_id: Option<crate::domain::DealId>,
     publish_cid: Option<cid::Cid>,
     sector: Option<crate::domain::SectorNumber>,
@@ -169,7 +170,7 @@ fn storage_row<M: Machine>(deal: &Deal<M>, meta: &RowMeta, facts: StorageFacts<'
     let mut row = vec![
         text(deal.id),
         text(M::NAME),
-        facts.proposal.map(|cp| cp.cid().to_string()),
+        facts.proposal_cid.map(|cid| cid.to_string()),
         p.map(|p| p.piece_cid.to_string()),
         p.map(|p| p.piece_size.0.to_string()),
         p.map(|p| p.verified_deal.to_string()),
@@ -200,6 +201,7 @@ impl Projected for StorageClient {
             meta,
             StorageFacts {
                 proposal: d.proposal.as_ref(),
+                proposal_cid: d.proposal_cid,
                 deal_id: d.deal_id,
                 publish_cid: d.publish_message,
                 sector: d.sector,
@@ -221,6 +223,7 @@ impl Projected for StorageProvider {
             meta,
             StorageFacts {
                 proposal: d.proposal.as_ref(),
+                proposal_cid: d.proposal_cid,
                 deal_id: d.deal_id,
                 publish_cid: d.publish_message,
                 sector: d.sector,
