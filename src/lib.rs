@@ -11,10 +11,12 @@
 //! - [`projections`]: SQL status tables folded from the journal.
 //! - [`adapters`]: the edges: network, data transfer, chain.
 //! - [`domain`]: deal documents, parties, amounts and piece CIDs shared by the machines.
+//! - [`audit`]: replay a deal's history, verify the journal's chains.
 //! - [`deals`]: the `Deals` service: the seed's verbs, and `handle` for adapters.
 //! - [`db`]: where the database comes from (a URL, or the embedded cluster).
 
 pub mod adapters;
+pub mod audit;
 pub mod db;
 pub mod deals;
 pub mod domain;

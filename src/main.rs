@@ -41,6 +41,26 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Replays a deal's history: timeline, signatures, chain, legality, status row.
+    Audit {
+        /// A stream id, or a proposal CID (every side of that deal).
+        deal: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The deal as of a version number or an RFC 3339 time.
+        #[arg(long)]
+        at: Option<String>,
+    },
+    /// Verifies every stream's hash chain, decoding and transitions; exit 1 if any fails.
+    Verify {
+        /// Only streams with an event at or after this position.
+        #[arg(long)]
+        since: Option<i64>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// The SQL status tables: status, rebuild, check, run the asynchronous projectors.
     Projections {
         #[command(subcommand)]
@@ -75,6 +95,7 @@ enum EventsCommand {
     },
 }
 
+mod audit_cli;
 mod demo;
 mod fsm_cli;
 mod projections_cli;
@@ -118,6 +139,8 @@ async fn run() -> anyhow::Result<()> {
         Command::Events { command: EventsCommand::Tail { stream, from_start, json } } => {
             tail(&journal, stream, from_start, json).await
         }
+        Command::Audit { deal, json, at } => audit_cli::audit(&journal, &deal, json, at).await,
+        Command::Verify { since, json } => audit_cli::verify(&journal, since, json).await,
         Command::Projections { command } => projections_cli::run(&journal, command).await,
         Command::Fsm { .. } => unreachable!("handled before the database is opened"),
     };

@@ -18,7 +18,7 @@ use super::notifier::CommitNotifier;
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// The columns every read selects, in the order [`decode_row`] expects.
-const EVENT_COLUMNS: &str = "position, stream_id, stream_type, version, event_type, \
+pub(crate) const EVENT_COLUMNS: &str = "position, stream_id, stream_type, version, event_type, \
     schema_version, payload, recorded_at, correlation_id, causation_id, \
     tx_id::text::bigint AS tx_id_bigint, prev_cid, cid";
 

@@ -92,36 +92,40 @@ fn step<M: Machine>(from: &str, event: EventRef<'_>) -> Result<Step, ProjectionE
     Ok(Step { from: state.name(), input, to: to.name() })
 }
 
+/// Runs `$body` with `$m` as the machine type `$stream_type` names; unknown types are a
+/// `ProjectionError::UnknownStreamType`.
 macro_rules! each_machine {
     ($stream_type:expr, $stream_id:expr, |$m:ident| $body:expr) => {
         match $stream_type {
-            t if t == StorageClient::NAME => {
-                type $m = StorageClient;
+            t if t == <$crate::fsm::storage_client::StorageClient as $crate::fsm::Machine>::NAME => {
+                type $m = $crate::fsm::storage_client::StorageClient;
                 $body
             }
-            t if t == StorageProvider::NAME => {
-                type $m = StorageProvider;
+            t if t == <$crate::fsm::storage_provider::StorageProvider as $crate::fsm::Machine>::NAME => {
+                type $m = $crate::fsm::storage_provider::StorageProvider;
                 $body
             }
-            t if t == RetrievalClient::NAME => {
-                type $m = RetrievalClient;
+            t if t == <$crate::fsm::retrieval_client::RetrievalClient as $crate::fsm::Machine>::NAME => {
+                type $m = $crate::fsm::retrieval_client::RetrievalClient;
                 $body
             }
-            t if t == RetrievalProvider::NAME => {
-                type $m = RetrievalProvider;
+            t if t == <$crate::fsm::retrieval_provider::RetrievalProvider as $crate::fsm::Machine>::NAME => {
+                type $m = $crate::fsm::retrieval_provider::RetrievalProvider;
                 $body
             }
-            t if t == RetrievalRequestMachine::NAME => {
-                type $m = RetrievalRequestMachine;
+            t if t == <$crate::fsm::retrieval_request::RetrievalRequestMachine as $crate::fsm::Machine>::NAME => {
+                type $m = $crate::fsm::retrieval_request::RetrievalRequestMachine;
                 $body
             }
-            other => Err(ProjectionError::UnknownStreamType {
+            other => Err($crate::projections::ProjectionError::UnknownStreamType {
                 stream_id: $stream_id,
                 stream_type: other.to_owned(),
             }),
         }
     };
 }
+
+pub(crate) use each_machine;
 
 /// The step `event` makes from state `from` in the machine of `stream_type` (for version 1 the
 /// initial state is used whatever `from` says).

@@ -264,3 +264,30 @@ pub async fn check_inline(
     tx.rollback().await?;
     Ok(diffs)
 }
+
+/// Compares one row computed from the journal with the live row of the same key: the rows that
+/// differ, from both sides (empty when they are equal).
+pub async fn diff_row(
+    pool: &PgPool,
+    table: &'static TableSpec,
+    row: &RowValues,
+) -> Result<Vec<RowDiff>, ProjectionError> {
+    let key = row.first().cloned().flatten().unwrap_or_default();
+    let mut tx = pool.begin().await?;
+    let create = format!("CREATE TEMP TABLE audit_row (LIKE {}) ON COMMIT DROP", table.name);
+    sqlx::query(sqlx::AssertSqlSafe(create)).execute(&mut *tx).await?;
+    table.copy_into(&mut tx, "audit_row", [row]).await?;
+    let compare = format!(
+        "SELECT 'missing or different in live', row_to_json(d)::text \
+           FROM (SELECT * FROM audit_row EXCEPT SELECT * FROM {name} WHERE {key}::text = $1) d \
+         UNION ALL \
+         SELECT 'unexpected in live', row_to_json(d)::text \
+           FROM (SELECT * FROM {name} WHERE {key}::text = $1 EXCEPT SELECT * FROM audit_row) d",
+        name = table.name,
+        key = table.key
+    );
+    let found: Vec<(String, String)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(compare)).bind(key).fetch_all(&mut *tx).await?;
+    tx.rollback().await?;
+    Ok(found.into_iter().map(|(kind, row)| RowDiff { table: table.name, kind, row }).collect())
+}
