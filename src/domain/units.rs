@@ -140,6 +140,12 @@ impl fmt::Display for PartyKey {
     }
 }
 
+impl fmt::Debug for PartyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PartyKey({self})")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,11 +156,5 @@ mod tests {
         let peer = key.peer_id().expect("a valid key");
         assert_eq!(key.to_string(), peer.to_string());
         assert!(key.to_string().starts_with("12D3KooW"));
-    }
-}
-
-impl fmt::Debug for PartyKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PartyKey({self})")
     }
 }
