@@ -83,7 +83,7 @@ fn print_timeline(t: &Timeline) {
         println!("  verdict: INVALID signature on the {document} at version {version}");
     }
     match &v.projection_diffs {
-        None => println!("  verdict: status row not compared (partial replay)"),
+        None => println!("  verdict: status row not compared (partial or offline replay)"),
         Some(d) if d.is_empty() => println!("  verdict: reproduced state equals the status row"),
         Some(d) => {
             for diff in d {
@@ -153,6 +153,97 @@ pub async fn verify(journal: &Journal, since: Option<i64>, json: bool) -> anyhow
     }
     if !report.broken.is_empty() {
         bail!("{} broken streams", report.broken.len());
+    }
+    Ok(())
+}
+
+/// `dealledger checkpoint`: signs the head of every stream with the node key.
+pub async fn checkpoint(journal: &Journal, home: &std::path::Path) -> anyhow::Result<()> {
+    use dealledger::audit::{checkpoint, identity};
+    let key = identity::load_or_create(home)?;
+    let signed = checkpoint::create(journal, &key, Utc::now()).await?;
+    println!(
+        "checkpoint {}: {} streams, {} events, root {}, signed by {}",
+        signed.id,
+        signed.statement.streams,
+        signed.statement.events,
+        signed.root().map(|c| c.to_string()).unwrap_or_default(),
+        signed.signer
+    );
+    Ok(())
+}
+
+/// `dealledger checkpoint verify`: checks the journal against a checkpoint and every chain.
+pub async fn verify_checkpoint(journal: &Journal, id: Option<i64>) -> anyhow::Result<()> {
+    use dealledger::audit::checkpoint;
+    let Some(found) = checkpoint::verify_against(journal, id).await? else {
+        bail!("no checkpoint yet: run `dealledger checkpoint`");
+    };
+    println!(
+        "checkpoint {} signed by {}: signature {}, root {}, {} pinned heads changed",
+        found.id,
+        found.signer,
+        if found.signature_valid { "valid" } else { "INVALID" },
+        if found.root_matches { "matches its heads" } else { "DOES NOT match its heads" },
+        found.changed.len()
+    );
+    for (stream, version) in &found.changed {
+        println!(
+            "CHANGED {stream} at version {version}: history before the checkpoint was rewritten"
+        );
+    }
+    verify(journal, None, false).await?;
+    if !found.holds() {
+        bail!("the journal no longer holds what checkpoint {} pinned", found.id);
+    }
+    Ok(())
+}
+
+/// `dealledger export`.
+pub async fn export(journal: &Journal, key: &str, out: &std::path::Path) -> anyhow::Result<()> {
+    let streams = find_streams(journal.pool(), key).await?;
+    if streams.len() != 1 {
+        bail!("{key} names {} streams; export one stream id", streams.len());
+    }
+    let bundle = dealledger::audit::bundle::export(journal, streams[0]).await?;
+    std::fs::write(out, bundle.to_bytes()?).with_context(|| out.display().to_string())?;
+    println!(
+        "wrote {} ({} events{})",
+        out.display(),
+        bundle.events.len(),
+        if bundle.checkpoint.is_some() {
+            ", with a signed checkpoint"
+        } else {
+            ", no checkpoint yet"
+        }
+    );
+    Ok(())
+}
+
+/// `dealledger verify-bundle`: needs no database.
+pub fn verify_bundle(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    use dealledger::audit::bundle::DealBundle;
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    let bundle = DealBundle::from_bytes(&bytes)?;
+    let verdict = bundle.verify()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&verdict)?);
+    } else {
+        print_timeline(&verdict.timeline);
+        match &verdict.checkpoint {
+            None => println!("  checkpoint: none in the bundle (only the chain is proven)"),
+            Some(c) => println!(
+                "  checkpoint by {}: signature {}, Merkle proof {}, pinned version {} {}",
+                c.signer,
+                if c.signature_valid { "valid" } else { "INVALID" },
+                if c.proof_valid { "valid" } else { "INVALID" },
+                c.pinned_version,
+                if c.head_matches { "matches" } else { "DOES NOT match" }
+            ),
+        }
+    }
+    if !verdict.holds() {
+        bail!("the bundle does not verify");
     }
     Ok(())
 }

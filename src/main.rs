@@ -61,6 +61,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Signs the head of every stream with the node key (`checkpoint verify` checks one).
+    Checkpoint {
+        #[command(subcommand)]
+        command: Option<CheckpointCommand>,
+    },
+    /// Writes one deal's evidence (events, CIDs, signed checkpoint and proof) to a file.
+    Export {
+        /// A stream id or proposal CID naming one stream.
+        deal: String,
+        /// The bundle file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Checks a deal bundle offline, without a database.
+    VerifyBundle {
+        /// The bundle file.
+        bundle: PathBuf,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// The SQL status tables: status, rebuild, check, run the asynchronous projectors.
     Projections {
         #[command(subcommand)]
@@ -70,6 +91,16 @@ enum Command {
     Fsm {
         #[command(subcommand)]
         command: fsm_cli::FsmCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    /// Checks the journal against a checkpoint (the latest by default) and every chain.
+    Verify {
+        /// The checkpoint id.
+        #[arg(long)]
+        id: Option<i64>,
     },
 }
 
@@ -129,6 +160,9 @@ async fn run() -> anyhow::Result<()> {
     if let Command::Fsm { command } = &cli.command {
         return fsm_cli::run(command);
     }
+    if let Command::VerifyBundle { bundle, json } = &cli.command {
+        return audit_cli::verify_bundle(bundle, *json);
+    }
     let db = Database::open(cli.database_url.as_deref(), &cli.home)
         .await
         .context("opening the database")?;
@@ -141,6 +175,12 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Audit { deal, json, at } => audit_cli::audit(&journal, &deal, json, at).await,
         Command::Verify { since, json } => audit_cli::verify(&journal, since, json).await,
+        Command::Checkpoint { command: None } => audit_cli::checkpoint(&journal, &cli.home).await,
+        Command::Checkpoint { command: Some(CheckpointCommand::Verify { id }) } => {
+            audit_cli::verify_checkpoint(&journal, id).await
+        }
+        Command::Export { deal, output } => audit_cli::export(&journal, &deal, &output).await,
+        Command::VerifyBundle { .. } => unreachable!("handled before the database is opened"),
         Command::Projections { command } => projections_cli::run(&journal, command).await,
         Command::Fsm { .. } => unreachable!("handled before the database is opened"),
     };

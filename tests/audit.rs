@@ -186,3 +186,68 @@ async fn an_audit_shows_the_deal_as_of_a_version_and_finds_deals_by_proposal_cid
     assert_eq!(found, expected);
     assert!(find_streams(&pool, "bafy-nothing").await.is_err());
 }
+
+#[tokio::test]
+async fn a_checkpoint_pins_history_even_against_a_consistent_rewrite() {
+    use dealledger::audit::checkpoint;
+    use dealledger::events::chain::expected_cid;
+    let (deals, pool, [(client, _), _]) = two_deals().await;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    checkpoint::create(deals.journal(), &key, chrono::Utc::now()).await.unwrap();
+    assert!(checkpoint::verify_against(deals.journal(), None).await.unwrap().unwrap().holds());
+    // Someone rewrites the client stream from version 3 on, recomputing every CID, so that
+    // its chain is internally consistent again
+    let mut events = deals.journal().read_stream(client, 1).await.unwrap();
+    events[2].recorded_at -= chrono::Duration::hours(1);
+    for i in 2..events.len() {
+        events[i].prev_cid = Some(events[i - 1].cid);
+        events[i].cid = expected_cid(&events[i]);
+        let e = &events[i];
+        forge(
+            &pool,
+            format!(
+                "UPDATE events SET recorded_at = '{}', prev_cid = '\\x{}', cid = '\\x{}' \
+                 WHERE stream_id = '{client}' AND version = {}",
+                e.recorded_at.to_rfc3339(),
+                hex::encode(e.prev_cid.unwrap().to_bytes()),
+                hex::encode(e.cid.to_bytes()),
+                e.version
+            ),
+        )
+        .await;
+    }
+    // Then the chains all verify, but the checkpoint shows the rewritten head
+    let report = verify_all(deals.journal(), None, &mut |_| {}).await.unwrap();
+    assert!(report.broken.is_empty(), "{:?}", report.broken);
+    let found = checkpoint::verify_against(deals.journal(), None).await.unwrap().unwrap();
+    assert!(found.signature_valid && found.root_matches);
+    assert_eq!(found.changed, vec![(client, 10)]);
+    assert!(!found.holds());
+}
+
+#[tokio::test]
+async fn a_bundle_round_trips_and_any_flipped_byte_makes_it_fail() {
+    use dealledger::audit::{bundle, checkpoint};
+    let (deals, _, [(_, provider), _]) = two_deals().await;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    checkpoint::create(deals.journal(), &key, chrono::Utc::now()).await.unwrap();
+    let exported = bundle::export(deals.journal(), provider).await.unwrap();
+    let bytes = exported.to_bytes().unwrap();
+    let read = bundle::DealBundle::from_bytes(&bytes).unwrap();
+    assert_eq!(read, exported);
+    let verdict = read.verify().unwrap();
+    assert!(verdict.holds(), "{verdict:?}");
+    assert_eq!(verdict.timeline.state, Some("Active"));
+    let pinned = verdict.checkpoint.expect("a checkpoint in the bundle");
+    assert_eq!(pinned.pinned_version, 14);
+    // Every single-bit flip anywhere in the file is caught
+    for index in 0..bytes.len() {
+        let mut flipped = bytes.clone();
+        flipped[index] ^= 0x01;
+        let caught = match bundle::DealBundle::from_bytes(&flipped) {
+            Err(_) => true,
+            Ok(b) => b.verify().map_or(true, |v| !v.holds()),
+        };
+        assert!(caught, "a flip at byte {index} of {} went unnoticed", bytes.len());
+    }
+}

@@ -3,7 +3,13 @@
 //! - [`timeline`]: one deal, event by event: the transition each made, its effects, its cause,
 //!   whether its signed documents verify, and a verdict (chain, legality, projection).
 //! - [`verify`]: every stream of the journal, in parallel: hash chain, decoding, legality.
+//! - [`checkpoint`]: signed Merkle roots over every stream's head, pinning history.
+//! - [`bundle`]: one deal's evidence in a file, checked offline.
+//! - [`identity`]: the node's signing key.
 
+pub mod bundle;
+pub mod checkpoint;
+pub mod identity;
 pub mod timeline;
 pub mod verify;
 

@@ -271,13 +271,14 @@ fn replay<M: Audited>(
     (entries, deal, illegal)
 }
 
-async fn audit_typed<M: Audited>(
-    journal: &Journal,
+/// The timeline of `all` (a stream's events) replayed through `M` up to `at`, without the
+/// status-row comparison: needs no database.
+fn build<M: Audited>(
     stream_id: Uuid,
-    all: Vec<RecordedEvent>,
+    all: &[RecordedEvent],
     at: Option<AuditPoint>,
-) -> Result<Timeline, AuditError> {
-    let chain = chain::first_break(&all);
+) -> (Timeline, Deal<M>) {
+    let chain = chain::first_break(all);
     let events: Vec<RecordedEvent> = all
         .iter()
         .filter(|e| match at {
@@ -294,19 +295,8 @@ async fn audit_typed<M: Audited>(
             e.signatures.iter().filter(|s| !s.valid).map(move |s| (e.version, s.document))
         })
         .collect();
-    let projection_diffs = match (at, &first_illegal, events.first(), events.last()) {
-        (None, None, Some(first), Some(last)) => {
-            let meta = RowMeta {
-                last_event_type: last.event_type.clone(),
-                first_event_at: first.recorded_at,
-                last_event_at: last.recorded_at,
-            };
-            Some(diff_row(journal.pool(), M::TABLE, &M::row(&deal, &meta)).await?)
-        }
-        _ => None,
-    };
     let replayed = first_illegal.is_none();
-    Ok(Timeline {
+    let timeline = Timeline {
         stream_id,
         stream_type: M::NAME.to_owned(),
         state: replayed.then(|| deal.state.name()),
@@ -315,8 +305,43 @@ async fn audit_typed<M: Audited>(
         events_in_stream: all.len(),
         entries,
         deal: serde_json::to_value(&deal.data).unwrap_or_default(),
-        verdict: Verdict { chain, first_illegal, bad_signatures, projection_diffs },
-    })
+        verdict: Verdict { chain, first_illegal, bad_signatures, projection_diffs: None },
+    };
+    (timeline, deal)
+}
+
+async fn audit_typed<M: Audited>(
+    journal: &Journal,
+    stream_id: Uuid,
+    all: Vec<RecordedEvent>,
+    at: Option<AuditPoint>,
+) -> Result<Timeline, AuditError> {
+    let (mut timeline, deal) = build::<M>(stream_id, &all, at);
+    if let (None, None, Some(first), Some(last)) =
+        (at, &timeline.verdict.first_illegal, all.first(), all.last())
+    {
+        let meta = RowMeta {
+            last_event_type: last.event_type.clone(),
+            first_event_at: first.recorded_at,
+            last_event_at: last.recorded_at,
+        };
+        timeline.verdict.projection_diffs =
+            Some(diff_row(journal.pool(), M::TABLE, &M::row(&deal, &meta)).await?);
+    }
+    Ok(timeline)
+}
+
+/// Audits events without a database (a bundle): chain, legality and signatures.
+pub fn audit_offline(events: &[RecordedEvent]) -> Result<Timeline, AuditError> {
+    let Some(first) = events.first() else {
+        return Err(AuditError::NotFound("an empty stream".into()));
+    };
+    let (stream_id, stream_type) = (first.stream_id, first.stream_type.clone());
+    let result: Result<Timeline, crate::projections::ProjectionError> =
+        crate::projections::fold::each_machine!(stream_type.as_str(), stream_id, |M| Ok(
+            build::<M>(stream_id, events, None).0
+        ));
+    result.map_err(|_| AuditError::UnknownStreamType { stream_id, stream_type })
 }
 
 /// Audits one stream, as of `at` (its whole history when `None`).
