@@ -1,5 +1,6 @@
 //! `cargo bench --bench rebuild`: rebuilding the status tables from a journal of 1M events over
-//! 100k deals, beside a raw `COPY ... TO` of the same events on the same server. Prints a table
+//! 100k deals, beside a raw `COPY ... TO` of the same events on the same server; then `verify`
+//! of the same journal. Prints a table
 //! and writes `target/bench/rebuild.json`. Sizes scale with `BENCH_SCALE` (default 1.0).
 
 use std::time::Instant;
@@ -86,6 +87,10 @@ async fn main() {
     let check_seconds = check_started.elapsed().as_secs_f64();
     assert!(diffs.is_empty(), "a rebuild must equal its own check");
 
+    let verified =
+        dealledger::audit::verify::verify_all(&journal, None, &mut |_| {}).await.expect("verify");
+    assert!(verified.broken.is_empty(), "a fresh journal verifies");
+
     let copy_rate = events as f64 / copy_seconds;
     let rebuild_rate = report.events as f64 / report.seconds;
     println!("\nrebuild benchmark (embedded throwaway cluster, fsync off, scale {scale})");
@@ -105,12 +110,20 @@ async fn main() {
         check_seconds,
         report.events as f64 / check_seconds
     );
+    println!(
+        "{:<36} {:>10} {:>9.2} {:>14.0}",
+        "verify (chains, decoding, legality)",
+        verified.events,
+        verified.seconds,
+        verified.events as f64 / verified.seconds
+    );
     println!("rebuild / raw COPY: {:.2} ({} streams)", rebuild_rate / copy_rate, report.streams);
     let json = serde_json::json!({
         "events": events, "streams": report.streams,
         "raw_copy_seconds": copy_seconds, "raw_copy_events_per_s": copy_rate,
         "rebuild_seconds": report.seconds, "rebuild_events_per_s": rebuild_rate,
         "check_seconds": check_seconds, "ratio": rebuild_rate / copy_rate,
+        "verify_seconds": verified.seconds, "verify_events_per_s": verified.events as f64 / verified.seconds,
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");

@@ -62,6 +62,12 @@ fn print_timeline(t: &Timeline) {
         for s in signatures {
             println!("        signature: {s}");
         }
+        if let Some(schema) = e.upcast_from {
+            println!(
+                "        stored with schema {schema} ({}), read through its upcaster",
+                e.payload_hex
+            );
+        }
     }
     let v = &t.verdict;
     println!(

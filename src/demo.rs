@@ -113,9 +113,22 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     );
 
     let audited = streams[0].1;
-    let check = journal.verify_stream(audited).await?;
-    let verdict = if check.first_bad.is_none() { "chain intact" } else { "CHAIN BROKEN" };
-    println!("\naudit of provider deal {audited}: {} events, {verdict}", check.events);
+    let audit = dealledger::audit::timeline::audit(journal, audited, None).await?;
+    let v = &audit.verdict;
+    println!(
+        "\naudit of provider deal {audited}: {} events, chain {}, transitions {}, signatures {}, \
+         status row {}",
+        audit.events_in_stream,
+        if v.chain.is_none() { "intact" } else { "BROKEN" },
+        if v.first_illegal.is_none() { "all legal" } else { "ILLEGAL" },
+        if v.bad_signatures.is_empty() { "valid" } else { "INVALID" },
+        if v.projection_diffs.as_ref().is_some_and(Vec::is_empty) {
+            "reproduced"
+        } else {
+            "DIFFERS"
+        }
+    );
+    println!("(full timeline: cargo run -- audit {audited})");
     println!(
         "{} steps, each re-checked by replaying its stream, in {:.2} s",
         script.steps,
@@ -125,6 +138,12 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         "\nnext:\n  psql \"{}\" -c 'select stream_type, event_type, count(*) from events group by 1, 2'",
         db.display_url
     );
+    println!("  psql \"{}\" -c 'select * from stuck_deals'", db.display_url);
+    println!(
+        "  psql \"{}\" -c 'select provider, side, state, deals from provider_summary'",
+        db.display_url
+    );
+    println!("  cargo run -- verify && cargo run -- checkpoint");
     println!("  cargo run -- fsm show storage_provider");
     Ok(())
 }

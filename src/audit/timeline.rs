@@ -63,8 +63,12 @@ pub struct TimelineEntry {
     pub signatures: Vec<SignatureCheck>,
     /// The event's CID.
     pub cid: String,
-    /// The decoded event.
+    /// The decoded event, in the current schema.
     pub event: serde_json::Value,
+    /// The schema the event was stored with, when it was upcast to read it.
+    pub upcast_from: Option<i16>,
+    /// The stored payload, as written, in hex.
+    pub payload_hex: String,
 }
 
 /// What is wrong with an event's place in the machine.
@@ -224,6 +228,9 @@ fn replay<M: Audited>(
             signatures: Vec::new(),
             cid: recorded.cid.to_string(),
             event: serde_json::Value::Null,
+            upcast_from: (recorded.schema_version != <M::Event as JournalEvent>::SCHEMA_VERSION)
+                .then_some(recorded.schema_version),
+            payload_hex: hex::encode(&recorded.payload),
         };
         match EventCodec::decode::<M::Event>(recorded) {
             Err(e) => {

@@ -62,3 +62,73 @@ impl EventCodec {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::{Deserialize, Serialize};
+
+    /// How a payment event was stored before amounts became u128 and gained a memo.
+    #[derive(Serialize, Deserialize)]
+    enum PaymentEventV1 {
+        Paid { amount: u64 },
+    }
+
+    /// The current layout.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum PaymentEvent {
+        Paid { amount: u128, memo: String },
+    }
+
+    impl JournalEvent for PaymentEvent {
+        const SCHEMA_VERSION: i16 = 2;
+
+        fn event_type(&self) -> &'static str {
+            "paid"
+        }
+
+        fn upcast(
+            event_type: &str,
+            schema_version: i16,
+            payload: &[u8],
+        ) -> Result<Self, CodecError> {
+            match schema_version {
+                1 => {
+                    let old: PaymentEventV1 =
+                        postcard::from_bytes(payload).map_err(|source| CodecError::Decode {
+                            event_type: event_type.to_owned(),
+                            schema_version,
+                            source,
+                        })?;
+                    let PaymentEventV1::Paid { amount } = old;
+                    Ok(PaymentEvent::Paid { amount: u128::from(amount), memo: String::new() })
+                }
+                found => Err(CodecError::UnknownSchemaVersion {
+                    event_type: event_type.to_owned(),
+                    found,
+                    supported: Self::SCHEMA_VERSION,
+                }),
+            }
+        }
+    }
+
+    #[test]
+    fn an_old_payload_is_upcast_on_read() {
+        let stored = postcard::to_stdvec(&PaymentEventV1::Paid { amount: 42 }).unwrap();
+        let read: PaymentEvent = EventCodec::decode_parts("paid", 1, &stored).unwrap();
+        assert_eq!(read, PaymentEvent::Paid { amount: 42, memo: String::new() });
+    }
+
+    #[test]
+    fn a_current_payload_round_trips_and_an_unknown_schema_is_refused() {
+        let event = PaymentEvent::Paid { amount: u128::MAX, memo: "x".into() };
+        let new = EventCodec::encode(&event).unwrap();
+        assert_eq!((new.event_type.as_str(), new.schema_version), ("paid", 2));
+        let back: PaymentEvent = EventCodec::decode_parts("paid", 2, &new.payload).unwrap();
+        assert_eq!(back, event);
+        let future = EventCodec::decode_parts::<PaymentEvent>("paid", 3, &new.payload);
+        assert!(matches!(future, Err(CodecError::UnknownSchemaVersion { found: 3, .. })));
+        let garbage = EventCodec::decode_parts::<PaymentEvent>("paid", 2, &[0xff, 0xff]);
+        assert!(matches!(garbage, Err(CodecError::Decode { .. })));
+    }
+}
