@@ -294,19 +294,17 @@ impl Journal {
         after: Checkpoint,
         limit: u32,
     ) -> Result<Vec<RecordedEvent>, JournalError> {
-        let sql = format!(
+        // Read through a binary COPY: about twice the rate of row-by-row decoding. COPY takes
+        // no parameters; the statement is built from numbers only.
+        let select = format!(
             "SELECT {EVENT_COLUMNS} FROM events \
-             WHERE (tx_id, position) > ($1::text::xid8, $2) \
+             WHERE (tx_id, position) > ('{tx}'::xid8, {position}) \
                AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY tx_id, position LIMIT $3"
+             ORDER BY tx_id, position LIMIT {limit}",
+            tx = after.tx_id,
+            position = after.position,
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(after.tx_id.to_string())
-            .bind(after.position)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(decode_row).collect()
+        super::binary_copy::read_events(&self.pool, &select).await
     }
 
     /// Re-walks a stream's hash chain and reports the first version where it fails.

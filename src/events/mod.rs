@@ -8,6 +8,7 @@
 //! - [`subscribe`]: [`Journal::subscribe`], catch-up then follow.
 //! - [`outbox`]: effects enqueued in the same transaction as their events.
 
+mod binary_copy;
 pub mod chain;
 pub mod codec;
 pub mod envelope;
