@@ -26,7 +26,8 @@ CREATE TABLE plain_events (
 CREATE INDEX ON plain_events (tx_id, position)";
 
 const PLAIN_INSERT: &str = "INSERT INTO plain_events (stream_id, stream_type, version, \
-    event_type, schema_version, payload, recorded_at, cid) VALUES ($1, $2, $3, $4, 1, $5, now(), $6)";
+    event_type, schema_version, payload, recorded_at, prev_cid, cid) \
+    VALUES ($1, $2, $3, $4, 1, $5, now(), $6, $6)";
 
 struct Row {
     workload: &'static str,
