@@ -3,11 +3,11 @@
 //!
 //! 1. In one repeatable-read snapshot, every event is read in position order and folded in
 //!    memory through its machine (no row-by-row SQL).
-//! 2. The rows are `COPY`ed into temporary shadow tables.
-//! 3. The live tables are locked against writers (readers go on reading the old rows), the
-//!    events committed since the snapshot are folded in, and the shadow replaces the live rows
-//!    in the same transaction. Readers never see a half-built table; a rebuild killed at any
-//!    point leaves the old tables as they were.
+//! 2. The live tables are locked against writers (readers go on reading the old rows) and the
+//!    events committed since the snapshot are folded in.
+//! 3. A rebuild replaces the rows with `DELETE` and `COPY` in that same transaction: readers
+//!    never see a half-built table, and a rebuild killed at any point leaves the old rows. A
+//!    check `COPY`s into temporary shadow tables instead and compares them with the live ones.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
@@ -148,29 +148,16 @@ fn shadow(table: &TableSpec) -> String {
     format!("shadow_{}", table.name)
 }
 
-/// Stages the snapshot's rows in shadow tables, locks the live tables, folds in what was
-/// committed since, and leaves the transaction open for the caller to swap or compare.
-async fn stage(
+/// Locks `tables` in `lock_mode` and folds in the events committed after `snapshot`; returns
+/// how many, and the streams they touched.
+async fn lock_and_catch_up(
     conn: &mut PgConnection,
     tables: &[&'static TableSpec],
-    mut deals: HashMap<Uuid, FoldedDeal>,
+    deals: &mut HashMap<Uuid, FoldedDeal>,
     snapshot: &str,
     lock_mode: &str,
     progress: Progress<'_>,
-) -> Result<(u64, u64), ProjectionError> {
-    let started = Instant::now();
-    let rows = rows_for(deals.values(), tables);
-    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "rebuild: rows built");
-    for table in tables {
-        let statement = format!(
-            "CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
-            shadow(table),
-            table.name
-        );
-        sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut *conn).await?;
-        table.copy_into(conn, &shadow(table), rows[table.name].iter()).await?;
-    }
-    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "rebuild: shadows copied");
+) -> Result<(u64, HashSet<Uuid>), ProjectionError> {
     let names: Vec<&str> = tables.iter().map(|t| t.name).collect();
     let lock = format!("LOCK TABLE {} IN {lock_mode} MODE", names.join(", "));
     sqlx::query(sqlx::AssertSqlSafe(lock)).execute(&mut *conn).await?;
@@ -182,70 +169,70 @@ async fn stage(
         " FROM events WHERE tx_id >= pg_snapshot_xmin($1::pg_snapshot) \
          AND NOT pg_visible_in_snapshot(tx_id, $1::pg_snapshot) ORDER BY position"
     );
-    let (caught_up, touched) = fold_query(conn, sql, Some(snapshot), &mut deals, progress).await?;
-    if !touched.is_empty() {
-        let ids: Vec<Uuid> = touched.iter().copied().collect();
-        let fresh = rows_for(touched.iter().filter_map(|id| deals.get(id)), tables);
-        for table in tables {
-            let delete = format!("DELETE FROM {} WHERE {} = ANY($1)", shadow(table), table.key);
-            sqlx::query(sqlx::AssertSqlSafe(delete)).bind(&ids).execute(&mut *conn).await?;
-            table.copy_into(conn, &shadow(table), fresh[table.name].iter()).await?;
-        }
-    }
-    Ok((caught_up, deals.len() as u64))
+    fold_query(conn, sql, Some(snapshot), deals, progress).await
 }
 
-/// Rebuilds `tables` from the journal and swaps them in atomically.
+/// Rebuilds `tables` from the journal and replaces their rows in one transaction.
+///
+/// The rows are built in memory; then the tables are locked against writers (readers go on
+/// reading the old rows), the events committed meanwhile are folded in, and the rows are
+/// replaced with `DELETE` and `COPY`. Readers see the old rows until the commit and the new
+/// ones after it, never a mix; a rebuild killed at any point leaves the old rows.
 pub async fn rebuild_inline(
     pool: &PgPool,
     tables: &[&'static TableSpec],
     progress: Progress<'_>,
 ) -> Result<RebuildReport, ProjectionError> {
     let started = Instant::now();
-    let (deals, snapshot, events) = fold_snapshot(pool, progress).await?;
+    let (mut deals, snapshot, events) = fold_snapshot(pool, progress).await?;
     tracing::info!(
         events,
         seconds = started.elapsed().as_secs_f64(),
         "rebuild: folded the snapshot"
     );
     let mut tx = pool.begin().await?;
-    let (caught_up, streams) =
-        stage(&mut tx, tables, deals, &snapshot, "EXCLUSIVE", progress).await?;
-    tracing::info!(
-        caught_up,
-        seconds = started.elapsed().as_secs_f64(),
-        "rebuild: staged and caught up"
-    );
+    let (caught_up, _) =
+        lock_and_catch_up(&mut tx, tables, &mut deals, &snapshot, "EXCLUSIVE", progress).await?;
+    let rows = rows_for(deals.values(), tables);
+    let mut counts = Vec::new();
     for table in tables {
-        let swap = format!(
-            "DELETE FROM {name}; INSERT INTO {name} SELECT * FROM {shadow}",
-            name = table.name,
-            shadow = shadow(table)
-        );
-        sqlx::raw_sql(sqlx::AssertSqlSafe(swap)).execute(&mut *tx).await?;
-    }
-    let mut rows: Vec<(&'static str, u64)> = Vec::new();
-    for table in tables {
-        let count: i64 =
-            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {}", table.name)))
-                .fetch_one(&mut *tx)
-                .await?;
-        rows.push((table.name, count as u64));
+        sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {}", table.name)))
+            .execute(&mut *tx)
+            .await?;
+        let written = table.copy_into(&mut tx, table.name, rows[table.name].iter()).await?;
+        counts.push((table.name, written));
     }
     tx.commit().await?;
-    Ok(RebuildReport { events, caught_up, streams, rows, seconds: started.elapsed().as_secs_f64() })
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "rebuild: committed");
+    Ok(RebuildReport {
+        events,
+        caught_up,
+        streams: deals.len() as u64,
+        rows: counts,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
-/// Rebuilds `tables` into shadow tables and lists every row where they differ from the live
-/// ones. An empty list means the live tables are exactly the fold of the journal.
+/// Rebuilds `tables` into shadow tables (under a lock that holds writers back, so live and
+/// shadow reflect the same events) and lists every row where they differ from the live ones. An empty list means the live tables are exactly the fold of the journal.
 pub async fn check_inline(
     pool: &PgPool,
     tables: &[&'static TableSpec],
     progress: Progress<'_>,
 ) -> Result<Vec<RowDiff>, ProjectionError> {
-    let (deals, snapshot, _) = fold_snapshot(pool, progress).await?;
+    let (mut deals, snapshot, _) = fold_snapshot(pool, progress).await?;
     let mut tx = pool.begin().await?;
-    stage(&mut tx, tables, deals, &snapshot, "SHARE", progress).await?;
+    lock_and_catch_up(&mut tx, tables, &mut deals, &snapshot, "SHARE", progress).await?;
+    let rows = rows_for(deals.values(), tables);
+    for table in tables {
+        let statement = format!(
+            "CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
+            shadow(table),
+            table.name
+        );
+        sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut *tx).await?;
+        table.copy_into(&mut tx, &shadow(table), rows[table.name].iter()).await?;
+    }
     let mut diffs = Vec::new();
     for table in tables {
         let compare = format!(
