@@ -163,11 +163,30 @@ pub async fn verify(journal: &Journal, since: Option<i64>, json: bool) -> anyhow
     Ok(())
 }
 
-/// `dealledger checkpoint`: signs the head of every stream with the node key.
-pub async fn checkpoint(journal: &Journal, home: &std::path::Path) -> anyhow::Result<()> {
-    use dealledger::audit::{checkpoint, identity};
+/// `dealledger checkpoint [--every MINUTES]`: signs the head of every stream with the node
+/// key, once or periodically until interrupted.
+pub async fn checkpoint(
+    journal: &Journal,
+    home: &std::path::Path,
+    every: Option<u64>,
+) -> anyhow::Result<()> {
+    use dealledger::audit::identity;
     let key = identity::load_or_create(home)?;
-    let signed = checkpoint::create(journal, &key, Utc::now()).await?;
+    let Some(minutes) = every else {
+        return sign_one(journal, &key).await;
+    };
+    let mut ticks = tokio::time::interval(Duration::from_secs(minutes.max(1) * 60));
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => sign_one(journal, &key).await?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+async fn sign_one(journal: &Journal, key: &ed25519_dalek::SigningKey) -> anyhow::Result<()> {
+    use dealledger::audit::checkpoint;
+    let signed = checkpoint::create(journal, key, Utc::now()).await?;
     println!(
         "checkpoint {}: {} streams, {} events, root {}, signed by {}",
         signed.id,

@@ -65,6 +65,9 @@ enum Command {
     Checkpoint {
         #[command(subcommand)]
         command: Option<CheckpointCommand>,
+        /// Keep signing a checkpoint every this many minutes, until interrupted.
+        #[arg(long)]
+        every: Option<u64>,
     },
     /// Writes one deal's evidence (events, CIDs, signed checkpoint and proof) to a file.
     Export {
@@ -175,8 +178,10 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Audit { deal, json, at } => audit_cli::audit(&journal, &deal, json, at).await,
         Command::Verify { since, json } => audit_cli::verify(&journal, since, json).await,
-        Command::Checkpoint { command: None } => audit_cli::checkpoint(&journal, &cli.home).await,
-        Command::Checkpoint { command: Some(CheckpointCommand::Verify { id }) } => {
+        Command::Checkpoint { command: None, every } => {
+            audit_cli::checkpoint(&journal, &cli.home, every).await
+        }
+        Command::Checkpoint { command: Some(CheckpointCommand::Verify { id }), .. } => {
             audit_cli::verify_checkpoint(&journal, id).await
         }
         Command::Export { deal, output } => audit_cli::export(&journal, &deal, &output).await,

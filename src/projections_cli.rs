@@ -31,13 +31,16 @@ pub enum ProjectionsCommand {
     Run,
 }
 
-/// A progress reporter: a bar with events/s on a terminal, a line every few seconds otherwise.
-fn progress(label: &'static str) -> (ProgressBar, impl FnMut(u64) + Send) {
+/// A progress reporter over `total` events: a bar with events/s and ETA on a terminal, a line
+/// every few seconds otherwise.
+fn progress(label: &'static str, total: u64) -> (ProgressBar, impl FnMut(u64) + Send) {
     let terminal = std::io::stderr().is_terminal();
-    let bar = if terminal { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
+    let bar = if terminal { ProgressBar::new(total) } else { ProgressBar::hidden() };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {prefix}: {pos} events ({per_sec}) {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ProgressStyle::with_template(
+            "{prefix}: [{bar:30}] {pos}/{len} events ({per_sec}, ETA {eta}) {elapsed}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_prefix(label);
     bar.enable_steady_tick(Duration::from_millis(120));
@@ -49,7 +52,7 @@ fn progress(label: &'static str) -> (ProgressBar, impl FnMut(u64) + Send) {
         if !terminal && last_line.elapsed() > Duration::from_secs(2) {
             last_line = Instant::now();
             let rate = events as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            eprintln!("{label}: {events} events ({rate:.0}/s)");
+            eprintln!("{label}: {events} of {total} events ({rate:.0}/s)");
         }
     };
     (bar, report)
@@ -71,6 +74,7 @@ fn print_report(name: &str, report: &RebuildReport) {
 /// Runs a `projections` subcommand.
 pub async fn run(journal: &Journal, command: ProjectionsCommand) -> anyhow::Result<()> {
     let pool = journal.pool();
+    let total = journal.count().await? as u64;
     match command {
         ProjectionsCommand::Status => {
             for table in
@@ -101,13 +105,13 @@ pub async fn run(journal: &Journal, command: ProjectionsCommand) -> anyhow::Resu
             }
             if name.as_deref() != Some(DEAL_TRANSITIONS) {
                 let tables = rebuild::inline_tables(name.as_deref())?;
-                let (bar, mut report) = progress("rebuild");
+                let (bar, mut report) = progress("rebuild", total);
                 let result = rebuild::rebuild_inline(pool, &tables, &mut report).await;
                 bar.finish_and_clear();
                 print_report(name.as_deref().unwrap_or("status tables"), &result?);
             }
             if name.is_none() || name.as_deref() == Some(DEAL_TRANSITIONS) {
-                let (bar, mut report) = progress("rebuild deal_transitions");
+                let (bar, mut report) = progress("rebuild deal_transitions", total);
                 let result = projector::rebuild_transitions(journal, &mut report).await;
                 bar.finish_and_clear();
                 print_report(DEAL_TRANSITIONS, &result?);
@@ -115,7 +119,7 @@ pub async fn run(journal: &Journal, command: ProjectionsCommand) -> anyhow::Resu
         }
         ProjectionsCommand::Check => {
             let tables = rebuild::inline_tables(None)?;
-            let (bar, mut report) = progress("check");
+            let (bar, mut report) = progress("check", total);
             let diffs = rebuild::check_inline(pool, &tables, &mut report).await;
             bar.finish_and_clear();
             let diffs = diffs?;

@@ -110,17 +110,77 @@ async fn save_checkpoint(
     Ok(())
 }
 
-/// Follows the journal into `deal_transitions`.
+/// An asynchronous projection: it turns batches of events, in commit-safe order, into rows of
+/// its own tables. The [`Projector`] runs it and keeps its checkpoint in the same transaction.
+pub trait Projection: Send {
+    /// The projection's stable name (its `projection_checkpoints` row).
+    fn name(&self) -> &'static str;
+
+    /// Writes the rows for `batch` on `conn`, inside the runner's transaction. Applying a batch
+    /// again after a crash must not duplicate rows (the checkpoint makes that rare; the rows'
+    /// keys make it harmless).
+    fn apply<'a>(
+        &'a mut self,
+        conn: &'a mut PgConnection,
+        batch: &'a [RecordedEvent],
+    ) -> impl std::future::Future<Output = Result<(), ProjectionError>> + Send + 'a;
+}
+
+/// `deal_transitions`: one row per transition, with the states before and after.
 #[derive(Debug)]
-pub struct TransitionsProjector {
-    journal: Journal,
+pub struct DealTransitions {
     tracker: StateTracker,
 }
 
-impl TransitionsProjector {
-    /// A projector reading `journal`.
+impl DealTransitions {
+    /// The projection, reading missing stream history from `journal`.
     pub fn new(journal: Journal) -> Self {
-        Self { tracker: StateTracker::new(journal.clone()), journal }
+        Self { tracker: StateTracker::new(journal) }
+    }
+}
+
+impl Projection for DealTransitions {
+    fn name(&self) -> &'static str {
+        DEAL_TRANSITIONS
+    }
+
+    async fn apply(
+        &mut self,
+        conn: &mut PgConnection,
+        batch: &[RecordedEvent],
+    ) -> Result<(), ProjectionError> {
+        let mut rows = Vec::with_capacity(batch.len());
+        for event in batch {
+            let step = self.tracker.step(event).await?;
+            rows.push(transition_row(event, step));
+        }
+        TRANSITIONS.copy_into(conn, TRANSITIONS.name, rows.iter()).await?;
+        Ok(())
+    }
+}
+
+/// Runs a [`Projection`]: follows the journal from the projection's checkpoint and applies each
+/// batch in one transaction with the new checkpoint, so every event is applied exactly once.
+#[derive(Debug)]
+pub struct Projector<P: Projection> {
+    journal: Journal,
+    projection: P,
+}
+
+/// The runner of `deal_transitions`.
+pub type TransitionsProjector = Projector<DealTransitions>;
+
+impl TransitionsProjector {
+    /// The `deal_transitions` projector on `journal`.
+    pub fn new(journal: Journal) -> Self {
+        Projector::of(journal.clone(), DealTransitions::new(journal))
+    }
+}
+
+impl<P: Projection> Projector<P> {
+    /// A runner for `projection` on `journal`.
+    pub fn of(journal: Journal, projection: P) -> Self {
+        Self { journal, projection }
     }
 
     /// Applies one batch that follows `expected`, in one transaction with the checkpoint.
@@ -132,18 +192,14 @@ impl TransitionsProjector {
         batch: &[RecordedEvent],
     ) -> Result<bool, ProjectionError> {
         let Some(last) = batch.last() else { return Ok(true) };
-        let mut rows = Vec::with_capacity(batch.len());
-        for event in batch {
-            let step = self.tracker.step(event).await?;
-            rows.push(transition_row(event, step));
-        }
+        let name = self.projection.name();
         let mut tx = self.journal.pool().begin().await?;
-        if lock_checkpoint(&mut tx, DEAL_TRANSITIONS).await? != expected {
+        if lock_checkpoint(&mut tx, name).await? != expected {
             tx.rollback().await?;
             return Ok(false);
         }
-        TRANSITIONS.copy_into(&mut tx, TRANSITIONS.name, rows.iter()).await?;
-        save_checkpoint(&mut tx, DEAL_TRANSITIONS, last.checkpoint()).await?;
+        self.projection.apply(&mut tx, batch).await?;
+        save_checkpoint(&mut tx, name, last.checkpoint()).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -152,7 +208,7 @@ impl TransitionsProjector {
     pub async fn catch_up(&mut self) -> Result<u64, ProjectionError> {
         let mut applied = 0u64;
         loop {
-            let at = checkpoint(self.journal.pool(), DEAL_TRANSITIONS).await?;
+            let at = checkpoint(self.journal.pool(), self.projection.name()).await?;
             let batch = self.journal.read_all(at, BATCH as u32).await?;
             if batch.is_empty() {
                 return Ok(applied);
@@ -171,7 +227,7 @@ impl TransitionsProjector {
     ) -> Result<(), ProjectionError> {
         tokio::pin!(stop);
         loop {
-            let at = checkpoint(self.journal.pool(), DEAL_TRANSITIONS).await?;
+            let at = checkpoint(self.journal.pool(), self.projection.name()).await?;
             let events = self.journal.subscribe(at).await?.ready_chunks(BATCH);
             tokio::pin!(events);
             let mut expected = at;
