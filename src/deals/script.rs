@@ -162,6 +162,23 @@ impl<'a> Script<'a> {
         Ok(())
     }
 
+    /// One payment stop: the client learns what arrived and what is asked, checks its funds and
+    /// pays with `voucher`, and the provider takes it.
+    async fn pay(
+        &mut self,
+        (client, provider): (Uuid, Uuid),
+        received: RC,
+        requested: RC,
+        voucher: Box<SignedVoucher>,
+    ) -> Result<(), ScriptError> {
+        self.step::<RetrievalClient>(client, received).await?;
+        self.step::<RetrievalClient>(client, requested).await?;
+        self.step::<RetrievalClient>(client, RC::FundsAvailable).await?;
+        self.step::<RetrievalClient>(client, RC::PaymentSent { voucher: voucher.clone() }).await?;
+        self.step::<RetrievalProvider>(provider, RP::PaymentReceived { voucher }).await?;
+        Ok(())
+    }
+
     /// Fetches one part of a request through a client deal and a provider deal: pull, pause
     /// and pay at each interval, pay the last time, complete, and tell the request. Returns
     /// the number of vouchers paid.
@@ -224,19 +241,10 @@ impl<'a> Script<'a> {
                 .await?
                 .data
                 .owed;
-            self.step::<RetrievalClient>(client, RC::BlocksReceived { bytes: sent }).await?;
-            self.step::<RetrievalClient>(client, RC::PaymentRequested { owed }).await?;
-            self.step::<RetrievalClient>(client, RC::FundsAvailable).await?;
-            self.step::<RetrievalClient>(
-                client,
-                RC::PaymentSent { voucher: voucher(owed, payments.into()) },
-            )
-            .await?;
-            self.step::<RetrievalProvider>(
-                provider,
-                RP::PaymentReceived { voucher: voucher(owed, payments.into()) },
-            )
-            .await?;
+            let (received, requested) =
+                (RC::BlocksReceived { bytes: sent }, RC::PaymentRequested { owed });
+            let paid = voucher(owed, payments.into());
+            self.pay((client, provider), received, requested, paid).await?;
             payments += 1;
         }
         let owed = self
@@ -244,19 +252,9 @@ impl<'a> Script<'a> {
             .await?
             .data
             .owed;
-        self.step::<RetrievalClient>(client, RC::AllBlocksReceived { bytes: length }).await?;
-        self.step::<RetrievalClient>(client, RC::LastPaymentRequested { owed }).await?;
-        self.step::<RetrievalClient>(client, RC::FundsAvailable).await?;
-        self.step::<RetrievalClient>(
-            client,
-            RC::PaymentSent { voucher: voucher(owed, payments.into()) },
-        )
-        .await?;
-        self.step::<RetrievalProvider>(
-            provider,
-            RP::PaymentReceived { voucher: voucher(owed, payments.into()) },
-        )
-        .await?;
+        let (received, requested) =
+            (RC::AllBlocksReceived { bytes: length }, RC::LastPaymentRequested { owed });
+        self.pay((client, provider), received, requested, voucher(owed, payments.into())).await?;
         self.step::<RetrievalProvider>(provider, RP::CompletionSent).await?;
         self.step::<RetrievalClient>(client, RC::ProviderCompleted).await?;
         let paid = self.step::<RetrievalClient>(client, RC::CompletionVerified).await?.data.paid;
