@@ -1,2 +1,4 @@
 //! Adapters: the edges of the ledger (network, data transfer, chain). They translate what
 //! arrives into machine inputs and carry effects out; they never decide.
+
+pub mod network;

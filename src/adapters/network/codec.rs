@@ -1,0 +1,191 @@
+//! The wire codec: a 4-byte big-endian length, then postcard. Lengths over the limit are
+//! refused before anything is allocated; bytes that do not decode, or a message sent on the
+//! wrong protocol, are typed errors — never a panic.
+
+use std::io;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::message::{MarketRequest, MarketResponse};
+
+/// The default largest message, in bytes: a proposal is a few hundred bytes.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u32 = 64 * 1024;
+
+/// Why bytes on the wire were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The length prefix announces more than the limit.
+    #[error("message of {length} bytes exceeds the {max}-byte limit")]
+    TooLarge { length: u32, max: u32 },
+    /// The bytes are not a postcard message of the expected type.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A request arrived on a protocol that does not carry it.
+    #[error("{request} request on protocol {protocol}")]
+    WrongProtocol { request: &'static str, protocol: String },
+}
+
+impl From<WireError> for io::Error {
+    fn from(e: WireError) -> Self {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+}
+
+/// Encodes one message with its length prefix.
+pub fn encode<T: Serialize>(message: &T, max: u32) -> Result<Vec<u8>, WireError> {
+    let body = postcard::to_stdvec(message).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let length = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    if length > max {
+        return Err(WireError::TooLarge { length, max });
+    }
+    let mut framed = Vec::with_capacity(4 + body.len());
+    framed.extend_from_slice(&length.to_be_bytes());
+    framed.extend(body);
+    Ok(framed)
+}
+
+/// Decodes one message body (without its prefix); trailing bytes are refused.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
+    let (message, rest) =
+        postcard::take_from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed(format!("{} bytes after the message", rest.len())));
+    }
+    Ok(message)
+}
+
+async fn read_framed<T: DeserializeOwned, R: AsyncRead + Unpin + Send>(
+    io: &mut R,
+    max: u32,
+) -> io::Result<T> {
+    let mut prefix = [0u8; 4];
+    io.read_exact(&mut prefix).await?;
+    let length = u32::from_be_bytes(prefix);
+    if length > max {
+        return Err(WireError::TooLarge { length, max }.into());
+    }
+    let mut body = vec![0u8; length as usize];
+    io.read_exact(&mut body).await?;
+    Ok(decode(&body)?)
+}
+
+async fn write_framed<W: AsyncWrite + Unpin + Send>(io: &mut W, framed: Vec<u8>) -> io::Result<()> {
+    io.write_all(&framed).await?;
+    io.close().await
+}
+
+/// The request-response codec of the market protocols.
+#[derive(Debug, Clone, Copy)]
+pub struct MarketCodec {
+    /// Largest message accepted or sent, in bytes.
+    pub max_message_bytes: u32,
+}
+
+impl Default for MarketCodec {
+    fn default() -> Self {
+        Self { max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES }
+    }
+}
+
+impl libp2p::request_response::Codec for MarketCodec {
+    type Protocol = StreamProtocol;
+    type Request = MarketRequest;
+    type Response = MarketResponse;
+
+    async fn read_request<T>(
+        &mut self,
+        protocol: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<MarketRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let request: MarketRequest = read_framed(io, self.max_message_bytes).await?;
+        if request.protocol() != protocol.as_ref() {
+            return Err(WireError::WrongProtocol {
+                request: request.protocol(),
+                protocol: protocol.to_string(),
+            }
+            .into());
+        }
+        Ok(request)
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<MarketResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_framed(io, self.max_message_bytes).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        request: MarketRequest,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        // Encoded before the first await, so the future need not hold the message.
+        let framed = encode(&request, self.max_message_bytes)?;
+        write_framed(io, framed).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        response: MarketResponse,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let framed = encode(&response, self.max_message_bytes)?;
+        write_framed(io, framed).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsm::fixtures::signed_proposal;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_proposal_round_trips_through_the_frame() {
+        let request = MarketRequest::Propose(Box::new(signed_proposal()));
+        let framed = encode(&request, DEFAULT_MAX_MESSAGE_BYTES).unwrap();
+        assert_eq!(decode::<MarketRequest>(&framed[4..]).unwrap(), request);
+    }
+
+    #[test]
+    fn refuses_a_message_over_the_limit_and_trailing_bytes() {
+        let request = MarketRequest::Propose(Box::new(signed_proposal()));
+        assert!(matches!(encode(&request, 16), Err(WireError::TooLarge { max: 16, .. })));
+        let mut framed = encode(&request, DEFAULT_MAX_MESSAGE_BYTES).unwrap();
+        framed.push(0);
+        assert!(matches!(decode::<MarketRequest>(&framed[4..]), Err(WireError::Malformed(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<MarketRequest>(&bytes);
+            let _ = decode::<MarketResponse>(&bytes);
+        }
+
+        #[test]
+        fn any_status_request_round_trips(digest in any::<[u8; 8]>()) {
+            let request = MarketRequest::Status { proposal_cid: crate::events::chain::cid_of_bytes(&digest) };
+            let framed = encode(&request, DEFAULT_MAX_MESSAGE_BYTES).unwrap();
+            prop_assert_eq!(decode::<MarketRequest>(&framed[4..]).unwrap(), request);
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The market's wire messages: what peers ask each other, one request and one response per
+//! substream. postcard on the wire; append variants only (postcard stores the position).
+
+use cid::Cid;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::storage::{ClientDealProposal, StorageDeal};
+use crate::domain::{PaddedPieceSize, TokenAmount};
+
+/// The protocols, one per kind of request.
+pub const ASK_PROTOCOL: &str = "/dealledger/storage/ask/1";
+/// Proposing a signed storage deal.
+pub const PROPOSE_PROTOCOL: &str = "/dealledger/storage/propose/1";
+/// Asking a deal's status.
+pub const STATUS_PROTOCOL: &str = "/dealledger/storage/status/1";
+
+/// A provider's standing offer (the seed's Asks/Bids TODO).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageAsk {
+    /// Lowest price per epoch per GiB of padded piece, in attoFIL.
+    pub price_per_gib_epoch: TokenAmount,
+    /// Smallest piece taken.
+    pub min_piece_size: PaddedPieceSize,
+    /// Largest piece taken.
+    pub max_piece_size: PaddedPieceSize,
+}
+
+impl StorageAsk {
+    /// Why a proposal does not meet this ask, if it does not. Pure: the provider's acceptance
+    /// policy, applied to the proposal's terms.
+    pub fn refuses(
+        &self,
+        proposal: &crate::domain::storage::StorageDealProposal,
+    ) -> Option<String> {
+        let size = proposal.piece_size;
+        if size < self.min_piece_size || size > self.max_piece_size {
+            return Some(format!(
+                "piece size {} is outside {}..={}",
+                size.0, self.min_piece_size.0, self.max_piece_size.0
+            ));
+        }
+        // price per epoch for this piece = price per GiB-epoch × size / GiB, rounded up.
+        let gib = 1u128 << 30;
+        let wanted = (self.price_per_gib_epoch.0 * u128::from(size.0)).div_ceil(gib);
+        (proposal.storage_price_per_epoch.0 < wanted).then(|| {
+            format!(
+                "price {} per epoch is below the ask of {wanted} for {} bytes",
+                proposal.storage_price_per_epoch.0, size.0
+            )
+        })
+    }
+}
+
+/// What a peer asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MarketRequest {
+    /// The provider's current ask.
+    Ask,
+    /// A signed proposal (storage flow step 1).
+    Propose(Box<ClientDealProposal>),
+    /// The status of the deal with this proposal CID.
+    Status { proposal_cid: Cid },
+}
+
+impl MarketRequest {
+    /// The protocol this request travels on.
+    pub fn protocol(&self) -> &'static str {
+        match self {
+            MarketRequest::Ask => ASK_PROTOCOL,
+            MarketRequest::Propose(_) => PROPOSE_PROTOCOL,
+            MarketRequest::Status { .. } => STATUS_PROTOCOL,
+        }
+    }
+}
+
+/// What a peer answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MarketResponse {
+    /// The provider's ask.
+    Ask(StorageAsk),
+    /// The proposal is accepted: the counter-signed deal (step 2).
+    Accepted(Box<StorageDeal>),
+    /// The proposal is rejected, and why.
+    Rejected { reason: String },
+    /// A deal's status on the provider's side.
+    Status { state: String, code: u16, deal_id: Option<u64>, message: Option<String> },
+    /// The request could not be served (unknown deal, internal failure), and why.
+    Error { reason: String },
+}

@@ -1,0 +1,192 @@
+//! The market protocols on both sides: the provider answers inbound requests by turning them
+//! into commands to its machines, and the client turns a provider's answer into commands to
+//! its own. Every decision is the machines' (and the provider's pure ask policy); this module
+//! only translates.
+
+use ed25519_dalek::SigningKey;
+use libp2p::PeerId;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::message::{MarketRequest, MarketResponse, StorageAsk};
+use super::{Client, NetworkError, NetworkEvent};
+use crate::deals::{Cause, Deals, DealsError};
+use crate::domain::PartyKey;
+use crate::domain::storage::{ClientDealProposal, StorageDeal};
+use crate::fsm::storage_client::{StorageClient, StorageClientEvent};
+use crate::fsm::storage_provider::{State, StorageProvider, StorageProviderEvent};
+use crate::fsm::{DecideContext, Label, Machine};
+
+/// A provider's answers to the market protocols.
+#[derive(Debug, Clone)]
+pub struct ProviderService {
+    deals: Deals,
+    key: SigningKey,
+    ask: StorageAsk,
+}
+
+impl ProviderService {
+    /// A provider signing with `key` (its libp2p identity) and taking deals that meet `ask`.
+    pub fn new(deals: Deals, key: SigningKey, ask: StorageAsk) -> Self {
+        Self { deals, key, ask }
+    }
+
+    /// The answer to one request from `peer`.
+    pub async fn answer(
+        &self,
+        peer: PeerId,
+        request: MarketRequest,
+        ctx: &DecideContext,
+    ) -> MarketResponse {
+        match request {
+            MarketRequest::Ask => MarketResponse::Ask(self.ask.clone()),
+            MarketRequest::Propose(proposal) => self.on_proposal(peer, *proposal, ctx).await,
+            MarketRequest::Status { proposal_cid } => self.status(proposal_cid).await,
+        }
+    }
+
+    async fn on_proposal(
+        &self,
+        peer: PeerId,
+        proposal: ClientDealProposal,
+        ctx: &DecideContext,
+    ) -> MarketResponse {
+        let rejected = |reason: String| MarketResponse::Rejected { reason };
+        // Bad input changes nothing: these are refused before any deal exists.
+        if proposal.proposal.client.peer_id() != Some(peer) {
+            return rejected(format!("the proposal's client is not the sending peer {peer}"));
+        }
+        if proposal.proposal.provider != PartyKey::of(&self.key) {
+            return rejected("the proposal names another provider".into());
+        }
+        let cause = Cause { correlation_id: Uuid::now_v7(), causation_id: Uuid::now_v7() };
+        let deal = match self.deals.receive_proposal(proposal.clone(), ctx, Some(cause)).await {
+            Ok(deal) => deal,
+            Err(DealsError::Rejected(rejection)) => return rejected(rejection.to_string()),
+            Err(e) => return MarketResponse::Error { reason: e.to_string() },
+        };
+        let state = match self.deals.load::<StorageProvider>(deal.stream_id).await {
+            Ok(loaded) => loaded.state,
+            Err(e) => return MarketResponse::Error { reason: e.to_string() },
+        };
+        if state == State::Rejecting {
+            let reason = self
+                .deals
+                .get_storage_deal_status(deal.stream_id)
+                .await
+                .ok()
+                .and_then(|s| s.message);
+            return rejected(reason.unwrap_or_else(|| "rejected".into()));
+        }
+        // AcceptWait: the provider's policy decides, the machine records it.
+        let command = match self.ask.refuses(&proposal.proposal) {
+            Some(reason) => StorageProviderEvent::DealRejected { reason },
+            None => StorageProviderEvent::DealAccepted {
+                deal: Box::new(StorageDeal::sign(proposal, &self.key)),
+            },
+        };
+        let response = match &command {
+            StorageProviderEvent::DealAccepted { deal } => MarketResponse::Accepted(deal.clone()),
+            StorageProviderEvent::DealRejected { reason } => rejected(reason.clone()),
+            _ => unreachable!("only an acceptance or a rejection is decided here"),
+        };
+        match self.deals.handle::<StorageProvider>(deal.stream_id, command, ctx, Some(cause)).await
+        {
+            Ok(_) => response,
+            Err(e) => MarketResponse::Error { reason: e.to_string() },
+        }
+    }
+
+    async fn status(&self, proposal_cid: cid::Cid) -> MarketResponse {
+        let stream: Option<Uuid> = match sqlx::query_scalar(
+            "SELECT stream_id FROM storage_deals WHERE proposal_cid = $1 AND side = $2",
+        )
+        .bind(proposal_cid.to_string())
+        .bind(StorageProvider::NAME)
+        .fetch_optional(self.deals.journal().pool())
+        .await
+        {
+            Ok(stream) => stream,
+            Err(e) => return MarketResponse::Error { reason: e.to_string() },
+        };
+        let Some(stream) = stream else {
+            return MarketResponse::Error {
+                reason: format!("no deal with proposal {proposal_cid}"),
+            };
+        };
+        match self.deals.get_storage_deal_status(stream).await {
+            Ok(s) => MarketResponse::Status {
+                state: s.state.to_owned(),
+                code: s.code,
+                deal_id: s.deal_id.map(|d| d.0),
+                message: s.message,
+            },
+            Err(e) => MarketResponse::Error { reason: e.to_string() },
+        }
+    }
+
+    /// Answers inbound requests until the network stops.
+    pub async fn serve(
+        self,
+        client: Client,
+        mut events: mpsc::Receiver<NetworkEvent>,
+        ctx: DecideContext,
+    ) {
+        while let Some(event) = events.recv().await {
+            match event {
+                NetworkEvent::InboundRequest { peer, request, channel } => {
+                    let response = self.answer(peer, request.clone(), &ctx).await;
+                    if client.respond(&request, channel, response).await.is_err() {
+                        return;
+                    }
+                }
+                NetworkEvent::InboundFailure { peer, reason } => {
+                    tracing::info!(%peer, %reason, "refused an unreadable request");
+                }
+            }
+        }
+    }
+}
+
+/// Why the client side of a proposal could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// The deal is not waiting to propose (it has no proposal, or is past that point).
+    #[error("deal {0} is not waiting to send its proposal")]
+    NotReady(Uuid),
+    /// The provider could not be reached or did not answer.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    /// The ledger refused the provider's answer (for instance a deal signed by someone else).
+    #[error(transparent)]
+    Deals(#[from] DealsError),
+    /// The provider answered with something that is not an answer to a proposal.
+    #[error("unexpected answer to a proposal: {0}")]
+    Unexpected(String),
+}
+
+/// Sends a client deal's proposal to its provider and records the answer: the effect
+/// `send(StorageProposal)` of state FundsReserved, performed.
+pub async fn propose(
+    client: &Client,
+    deals: &Deals,
+    stream_id: Uuid,
+    ctx: &DecideContext,
+) -> Result<&'static str, ProposeError> {
+    let deal = deals.load::<StorageClient>(stream_id).await?;
+    let Some(proposal) = deal.data.proposal.clone() else {
+        return Err(ProposeError::NotReady(stream_id));
+    };
+    if deal.state != crate::fsm::storage_client::State::FundsReserved {
+        return Err(ProposeError::NotReady(stream_id));
+    }
+    let provider = proposal.proposal.provider.peer_id().ok_or(ProposeError::NotReady(stream_id))?;
+    let response = client.request(provider, MarketRequest::Propose(Box::new(proposal))).await?;
+    let command = match response {
+        MarketResponse::Accepted(signed) => StorageClientEvent::DealAccepted { deal: signed },
+        MarketResponse::Rejected { reason } => StorageClientEvent::DealRejected { reason },
+        other => return Err(ProposeError::Unexpected(format!("{other:?}"))),
+    };
+    let decision = deals.handle::<StorageClient>(stream_id, command, ctx, None).await?;
+    Ok(decision.deal.state.name())
+}
