@@ -2,3 +2,4 @@
 //! arrives into machine inputs and carry effects out; they never decide.
 
 pub mod network;
+pub mod piece;

@@ -1,0 +1,4 @@
+//! Piece data: computing piece commitments, and keeping pieces on disk.
+
+pub mod commp;
+pub mod store;

@@ -1,0 +1,141 @@
+//! The piece store: received pieces as files under `$DEALLEDGER_HOME/pieces/`, named by their
+//! piece CID, from which byte ranges are served to retrievals.
+
+use std::io::SeekFrom;
+use std::path::{Path, PathBuf};
+
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use super::commp::CommP;
+use crate::domain::{PaddedPieceSize, PieceCid};
+
+/// Why a piece could not be stored or read.
+#[derive(Debug, thiserror::Error)]
+pub enum PieceStoreError {
+    /// The file system failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bytes do not hash to the piece CID they were stored under; nothing was kept.
+    #[error("the data's commitment is {actual}, not {expected}")]
+    CommitmentMismatch { expected: PieceCid, actual: PieceCid },
+    /// The data does not fit the piece size.
+    #[error(transparent)]
+    CommP(#[from] super::commp::CommPError),
+    /// No such piece here.
+    #[error("piece {0} is not stored here")]
+    NotFound(PieceCid),
+}
+
+/// Pieces on disk.
+#[derive(Debug, Clone)]
+pub struct PieceStore {
+    dir: PathBuf,
+}
+
+impl PieceStore {
+    /// A store in `dir` (created on first write).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    fn path(&self, piece: &PieceCid) -> PathBuf {
+        self.dir.join(piece.to_string())
+    }
+
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PieceStoreError + '_ {
+        move |source| PieceStoreError::Io { path: path.to_path_buf(), source }
+    }
+
+    /// Stores `data` as piece `expected` of `size` padded bytes, after checking its commitment
+    /// while writing. On a mismatch nothing is kept and the actual commitment is reported.
+    pub async fn put(
+        &self,
+        expected: PieceCid,
+        size: PaddedPieceSize,
+        mut data: impl tokio::io::AsyncRead + Unpin,
+    ) -> Result<u64, PieceStoreError> {
+        tokio::fs::create_dir_all(&self.dir).await.map_err(Self::io(&self.dir))?;
+        let final_path = self.path(&expected);
+        let partial = self.dir.join(format!("{expected}.partial"));
+        let mut file = tokio::fs::File::create(&partial).await.map_err(Self::io(&partial))?;
+        let mut hasher = CommP::new();
+        let mut buffer = vec![0u8; 1 << 16];
+        loop {
+            let read = data.read(&mut buffer).await.map_err(Self::io(&partial))?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+            file.write_all(&buffer[..read]).await.map_err(Self::io(&partial))?;
+        }
+        file.flush().await.map_err(Self::io(&partial))?;
+        let bytes = hasher.bytes();
+        let actual = match hasher.finish_at(size) {
+            Ok(actual) => actual,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Err(e.into());
+            }
+        };
+        if actual != expected {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(PieceStoreError::CommitmentMismatch { expected, actual });
+        }
+        tokio::fs::rename(&partial, &final_path).await.map_err(Self::io(&final_path))?;
+        Ok(bytes)
+    }
+
+    /// Reads `length` bytes of the piece from `offset`.
+    pub async fn read_range(
+        &self,
+        piece: &PieceCid,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, PieceStoreError> {
+        let path = self.path(piece);
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(PieceStoreError::NotFound(*piece));
+            }
+            Err(e) => return Err(Self::io(&path)(e)),
+        };
+        file.seek(SeekFrom::Start(offset)).await.map_err(Self::io(&path))?;
+        let mut out = Vec::with_capacity(length as usize);
+        file.take(length).read_to_end(&mut out).await.map_err(Self::io(&path))?;
+        Ok(out)
+    }
+
+    /// Whether the piece is here.
+    pub async fn has(&self, piece: &PieceCid) -> bool {
+        tokio::fs::try_exists(self.path(piece)).await.unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::piece::commp::commp_of;
+
+    #[tokio::test]
+    async fn stores_a_piece_whose_commitment_matches_and_serves_ranges() {
+        let dir = std::env::temp_dir().join(format!("dealledger-pieces-{}", uuid::Uuid::new_v4()));
+        let store = PieceStore::new(&dir);
+        let data: Vec<u8> = (0..5_000u32).map(|i| (i % 251) as u8).collect();
+        let (piece, size) = commp_of(&data);
+        assert_eq!(store.put(piece, size, data.as_slice()).await.unwrap(), 5_000);
+        assert_eq!(store.read_range(&piece, 1_000, 10).await.unwrap(), data[1_000..1_010]);
+        // Data that does not match its claimed piece is refused and not kept.
+        let wrong = crate::domain::PieceCid::from_commitment([3; 32]);
+        let refused = store.put(wrong, size, data.as_slice()).await;
+        assert!(
+            matches!(refused, Err(PieceStoreError::CommitmentMismatch { actual, .. }) if actual == piece)
+        );
+        assert!(!store.has(&wrong).await);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
