@@ -8,12 +8,14 @@
 use clap::Args;
 use ed25519_dalek::SigningKey;
 
+use dealledger::adapters::piece::commp::commp_of;
+use dealledger::adapters::piece::store::PieceStore;
 use dealledger::db::Database;
 use dealledger::deals::Deals;
 use dealledger::deals::script::{Parties, Script};
+use dealledger::domain::ChainEpoch;
 use dealledger::domain::retrieval::RetrievalDealProposal;
 use dealledger::domain::storage::{ClientDealProposal, StorageDealProposal};
-use dealledger::domain::{ChainEpoch, PaddedPieceSize, PieceCid};
 use dealledger::events::Journal;
 use dealledger::fsm::fixtures;
 use dealledger::fsm::storage_client::{StorageClient, StorageClientEvent};
@@ -26,7 +28,7 @@ pub struct DemoArgs {
     /// How many storage deals to run to Active and expire.
     #[arg(long, default_value_t = 3)]
     pub deals: u32,
-    /// Padded piece size of each deal, in bytes (a power of two, at least 128).
+    /// Bytes of generated data per deal; its piece commitment (commP) is computed.
     #[arg(long, default_value_t = 1 << 20)]
     pub size: u64,
 }
@@ -39,16 +41,24 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     let parties = Parties { client: &client_key, provider: &provider_key };
     let ctx = DecideContext { epoch: ChainEpoch(1_000), ..DecideContext::default() };
     let mut script = Script::new(&deals, ctx.clone(), true);
+    script.data_bytes = Some(args.size);
     let started = std::time::Instant::now();
     println!("dealledger demo on {}\n", db.display_url);
 
-    let proposal = |n: u32| {
-        let mut commitment = [0u8; 32];
-        commitment[..4].copy_from_slice(&n.to_be_bytes());
-        commitment[4..20].copy_from_slice(uuid::Uuid::now_v7().as_bytes());
+    let pieces = PieceStore::new(db.home().join("pieces"));
+    let data = |n: u32| -> Vec<u8> {
+        let mut bytes = vec![0u8; args.size as usize];
+        rand::fill(&mut bytes[..]);
+        let tag = n.to_be_bytes();
+        let len = tag.len().min(bytes.len());
+        bytes[..len].copy_from_slice(&tag[..len]);
+        bytes
+    };
+    let proposal = |bytes: &[u8], n: u32| {
+        let (piece_cid, piece_size) = commp_of(bytes);
         let terms = StorageDealProposal {
-            piece_cid: PieceCid::from_commitment(commitment),
-            piece_size: PaddedPieceSize(args.size),
+            piece_cid,
+            piece_size,
             label: format!("demo deal {n}"),
             client: dealledger::domain::PartyKey::of(&client_key),
             provider: dealledger::domain::PartyKey::of(&provider_key),
@@ -57,17 +67,37 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         ClientDealProposal::sign(terms, &client_key)
     };
 
-    println!("storage: {} deals of {} bytes", args.deals, args.size);
+    println!(
+        "storage: {} deals of {} bytes each, commP computed, pieces stored",
+        args.deals, args.size
+    );
     let mut streams = Vec::new();
     for n in 0..args.deals {
-        let pair = script.storage_deal_to_active(proposal(n), &parties).await?;
+        let bytes = data(n);
+        let signed = proposal(&bytes, n);
+        // What the provider does with received bytes: store them, checking the commitment.
+        let terms = &signed.proposal;
+        pieces.put(terms.piece_cid, terms.piece_size, bytes.as_slice()).await?;
+        let pair = script.storage_deal_to_active(signed, &parties).await?;
         let end = fixtures::proposal().end_epoch;
         script.end_deal(pair, false, end).await?;
         streams.push(pair);
     }
-    let slashed = script.storage_deal_to_active(proposal(args.deals), &parties).await?;
+    let slashed =
+        script.storage_deal_to_active(proposal(&data(args.deals), args.deals), &parties).await?;
     script.end_deal(slashed, true, ChainEpoch(20_000)).await?;
-    let failing = failing_deal(&mut script, proposal(args.deals + 1), &provider_key).await?;
+    let bytes = data(args.deals + 1);
+    let signed = proposal(&bytes, args.deals + 1);
+    let mut received = bytes;
+    received[0] ^= 0xff; // one byte damaged on the way
+    let refused = pieces
+        .put(signed.proposal.piece_cid, signed.proposal.piece_size, received.as_slice())
+        .await;
+    let reason = match refused {
+        Err(e) => e.to_string(),
+        Ok(_) => anyhow::bail!("damaged data was accepted as the proposed piece"),
+    };
+    let failing = failing_deal(&mut script, signed, &provider_key, reason).await?;
 
     println!("retrieval: one request, fetched in parts, paid as the bytes arrive");
     let request = dealledger::domain::retrieval::RetrievalRequest {
@@ -154,6 +184,7 @@ async fn failing_deal(
     script: &mut Script<'_>,
     proposal: ClientDealProposal,
     provider_key: &SigningKey,
+    reason: String,
 ) -> anyhow::Result<(uuid::Uuid, uuid::Uuid)> {
     use StorageClientEvent as C;
     use StorageProviderEvent as P;
@@ -161,8 +192,7 @@ async fn failing_deal(
     let provider = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
     let signed = dealledger::domain::storage::StorageDeal::sign(proposal.clone(), provider_key);
     let amount = proposal.proposal.client_balance_requirement().unwrap_or_default();
-    let size = proposal.proposal.piece_size.0;
-    let reason = "commP of the received data does not match the proposal's piece CID".to_string();
+    let data_bytes = script.data_bytes.unwrap_or(proposal.proposal.piece_size.0);
     script
         .step::<StorageClient>(client, C::DealInitiated { proposal: Box::new(proposal.clone()) })
         .await?;
@@ -171,7 +201,7 @@ async fn failing_deal(
         P::ProposalReceived { proposal: Box::new(proposal) },
         P::DealAccepted { deal: Box::new(signed.clone()) },
         P::DataTransferStarted,
-        P::DataTransferCompleted { bytes: size },
+        P::DataTransferCompleted { bytes: data_bytes },
         P::DataVerificationFailed { reason: reason.clone() },
         P::CleanupCompleted,
     ] {
@@ -180,7 +210,7 @@ async fn failing_deal(
     for event in [
         C::DealAccepted { deal: Box::new(signed) },
         C::DataTransferStarted,
-        C::DataTransferCompleted { bytes: size },
+        C::DataTransferCompleted { bytes: data_bytes },
         C::ProviderFailedDeal { reason },
         C::CleanupCompleted,
     ] {

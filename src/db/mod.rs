@@ -69,6 +69,7 @@ impl DbError {
 pub struct Database {
     /// Connections to the ledger's database.
     pub pool: PgPool,
+    home: PathBuf,
     /// A URL people can paste into `psql`.
     pub display_url: String,
     embedded: Option<EmbeddedPostgres>,
@@ -81,7 +82,12 @@ impl Database {
             Some(url) => {
                 let options = PgConnectOptions::from_str(url).map_err(DbError::InvalidUrl)?;
                 let pool = pool_options().connect_with(options).await?;
-                Ok(Self { pool, display_url: redact(url), embedded: None })
+                Ok(Self {
+                    pool,
+                    home: home.to_path_buf(),
+                    display_url: redact(url),
+                    embedded: None,
+                })
             }
             None => Self::open_embedded(home, Durability::Durable).await,
         }
@@ -91,8 +97,9 @@ impl Database {
     /// creating it on first use.
     pub async fn open_embedded(home: &Path, durability: Durability) -> Result<Self, DbError> {
         let home = home.to_path_buf();
+        let server_home = home.clone();
         let server =
-            tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&home, durability))
+            tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&server_home, durability))
                 .await??;
         let admin = pool_options()
             .max_connections(1)
@@ -101,7 +108,12 @@ impl Database {
         create_database_if_missing(&admin, EMBEDDED_DATABASE).await?;
         admin.close().await;
         let pool = pool_options().connect_with(server.connect_options(EMBEDDED_DATABASE)).await?;
-        Ok(Self { pool, display_url: server.url(EMBEDDED_DATABASE), embedded: Some(server) })
+        Ok(Self { pool, home, display_url: server.url(EMBEDDED_DATABASE), embedded: Some(server) })
+    }
+
+    /// The ledger's home directory (where the embedded cluster, keys and pieces live).
+    pub fn home(&self) -> &Path {
+        &self.home
     }
 
     /// Whether the database is the embedded cluster.

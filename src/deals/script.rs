@@ -42,10 +42,20 @@ pub fn storage_deal_commands(
     proposal: ClientDealProposal,
     provider_key: &SigningKey,
 ) -> (Vec<SC>, Vec<SP>) {
+    let size = proposal.proposal.piece_size.0;
+    storage_deal_commands_moving(proposal, provider_key, size)
+}
+
+/// [`storage_deal_commands`] for a transfer of `data_bytes` bytes.
+pub fn storage_deal_commands_moving(
+    proposal: ClientDealProposal,
+    provider_key: &SigningKey,
+    data_bytes: u64,
+) -> (Vec<SC>, Vec<SP>) {
     let terms = proposal.proposal.clone();
     let requirement = terms.client_balance_requirement().unwrap_or_default();
     let signed = StorageDeal::sign(proposal.clone(), provider_key);
-    let size = terms.piece_size.0;
+    let size = data_bytes;
     let cid = proposal.cid();
     let publish = cid_of_bytes(&cid.to_bytes());
     let deal_id =
@@ -86,6 +96,8 @@ pub struct Script<'a> {
     deals: &'a Deals,
     ctx: DecideContext,
     verify_replay: bool,
+    /// Bytes the next storage deals transfer (their padded piece size when unset).
+    pub data_bytes: Option<u64>,
     /// Steps played so far.
     pub steps: u32,
 }
@@ -101,7 +113,7 @@ pub struct Parties<'a> {
 impl<'a> Script<'a> {
     /// A script deciding at `ctx`; with `verify_replay`, every step is checked against replay.
     pub fn new(deals: &'a Deals, ctx: DecideContext, verify_replay: bool) -> Self {
-        Self { deals, ctx, verify_replay, steps: 0 }
+        Self { deals, ctx, verify_replay, data_bytes: None, steps: 0 }
     }
 
     /// Plays one command.
@@ -134,8 +146,9 @@ impl<'a> Script<'a> {
     ) -> Result<(Uuid, Uuid), ScriptError> {
         let client = Deals::storage_stream_id(StorageClient::NAME, &proposal);
         let provider = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
+        let data_bytes = self.data_bytes.unwrap_or(proposal.proposal.piece_size.0);
         let (client_commands, provider_commands) =
-            storage_deal_commands(proposal, parties.provider);
+            storage_deal_commands_moving(proposal, parties.provider, data_bytes);
         for command in client_commands {
             self.step::<StorageClient>(client, command).await?;
         }
