@@ -11,6 +11,9 @@ use dealledger::adapters::network::codec::MarketCodec;
 use dealledger::adapters::network::message::{MarketRequest, MarketResponse, StorageAsk};
 use dealledger::adapters::network::provider::{ProviderService, propose};
 use dealledger::adapters::network::{self, Client};
+use dealledger::adapters::piece::commp::commp_of;
+use dealledger::adapters::piece::store::PieceStore;
+use dealledger::adapters::transfer::{ProviderTransfers, PushError, TransferOptions, push};
 use dealledger::db::testing::fresh_database;
 use dealledger::deals::Deals;
 use dealledger::domain::storage::ClientDealProposal;
@@ -43,19 +46,55 @@ async fn events(deals: &Deals) -> i64 {
 
 /// A provider node serving the market protocols, and a client node that knows its address.
 async fn two_nodes(provider_codec: MarketCodec) -> (Deals, Deals, Client) {
+    let nodes = nodes(provider_codec).await;
+    (nodes.provider_deals, nodes.client_deals, nodes.client)
+}
+
+struct Nodes {
+    provider_deals: Deals,
+    client_deals: Deals,
+    client: Client,
+    client_loop: tokio::task::JoinHandle<()>,
+    provider_address: Multiaddr,
+    provider_peer: libp2p::PeerId,
+    pieces: PieceStore,
+}
+
+async fn nodes(provider_codec: MarketCodec) -> Nodes {
     let (provider_deals, client_deals) = (deals().await, deals().await);
     let (provider, provider_events, provider_loop) =
         network::new(&provider_key(), provider_codec, Duration::from_secs(10)).unwrap();
     tokio::spawn(provider_loop.run());
     let address =
         provider.listen("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>().unwrap()).await.unwrap();
-    let service = ProviderService::new(provider_deals.clone(), provider_key(), ask());
+    let pieces =
+        PieceStore::new(std::env::temp_dir().join(format!("dealledger-pieces-{}", Uuid::new_v4())));
+    let transfers =
+        ProviderTransfers::new(provider_deals.clone(), pieces.clone(), TransferOptions::default());
+    let service = ProviderService::new(provider_deals.clone(), provider_key(), ask(), transfers);
     tokio::spawn(service.serve(provider.clone(), provider_events, ctx()));
+    let (client, client_loop) = client_node(provider.peer_id(), address.clone()).await;
+    Nodes {
+        provider_deals,
+        client_deals,
+        client,
+        client_loop,
+        provider_address: address,
+        provider_peer: provider.peer_id(),
+        pieces,
+    }
+}
+
+/// A client node (the fixtures' client key) that knows where the provider is.
+async fn client_node(
+    provider: libp2p::PeerId,
+    address: Multiaddr,
+) -> (Client, tokio::task::JoinHandle<()>) {
     let (client, _client_events, client_loop) =
         network::new(&client_key(), MarketCodec::default(), Duration::from_secs(10)).unwrap();
-    tokio::spawn(client_loop.run());
-    client.add_address(provider.peer_id(), address).await.unwrap();
-    (provider_deals, client_deals, client)
+    let handle = tokio::spawn(client_loop.run());
+    client.add_address(provider, address).await.unwrap();
+    (client, handle)
 }
 
 /// A client deal with its funds reserved, ready to propose.
@@ -148,4 +187,142 @@ async fn an_oversized_message_is_refused_by_the_provider_without_effect() {
     // The node is still serving
     let answer = client.request(provider, MarketRequest::Ask).await.unwrap();
     assert!(matches!(answer, MarketResponse::Ask(_)));
+}
+
+/// Random-looking bytes, reproducible.
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// A signed proposal for `bytes`, priced to meet the ask.
+fn proposal_for(bytes: &[u8]) -> ClientDealProposal {
+    let (piece_cid, piece_size) = commp_of(bytes);
+    let mut terms = proposal();
+    terms.piece_cid = piece_cid;
+    terms.piece_size = piece_size;
+    terms.storage_price_per_epoch = TokenAmount(100_000_000);
+    ClientDealProposal::sign(terms, &client_key())
+}
+
+const EIGHT_MIB: usize = 8 << 20;
+
+#[tokio::test]
+async fn eight_mib_are_pushed_verified_and_kept_until_the_chain_is_needed() {
+    let n = nodes(MarketCodec::default()).await;
+    let bytes = data(EIGHT_MIB, 1);
+    let proposal = proposal_for(&bytes);
+    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
+    assert_eq!(
+        propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap(),
+        "StartDataTransfer"
+    );
+    let state =
+        push(&n.client, &n.client_deals, stream, &bytes, TransferOptions::default(), &ctx())
+            .await
+            .unwrap();
+    assert_eq!(state, "CheckForAcceptance");
+    let provider_stream = Deals::storage_stream_id("storage_provider", &proposal);
+    let provider = n.provider_deals.get_storage_deal_status(provider_stream).await.unwrap();
+    assert_eq!(
+        (provider.state, provider.bytes_transferred),
+        ("ReserveProviderFunds", EIGHT_MIB as u64)
+    );
+    let piece = proposal.proposal.piece_cid;
+    assert_eq!(
+        n.pieces.read_range(&piece, 3_000_000, 1_000).await.unwrap(),
+        bytes[3_000_000..3_001_000]
+    );
+    // Progress was recorded per MiB, not per 256 KiB chunk.
+    let progress: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = 'data-transfer-progressed'",
+    )
+    .fetch_one(n.provider_deals.journal().pool())
+    .await
+    .unwrap();
+    assert!((4..=8).contains(&progress), "{progress} progress events");
+}
+
+#[tokio::test]
+async fn data_that_does_not_match_the_piece_commitment_fails_the_deal_on_both_sides() {
+    let n = nodes(MarketCodec::default()).await;
+    let promised = data(1 << 20, 2);
+    let mut sent = promised.clone();
+    sent[12_345] ^= 1;
+    let proposal = proposal_for(&promised);
+    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
+    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    let state = push(&n.client, &n.client_deals, stream, &sent, TransferOptions::default(), &ctx())
+        .await
+        .unwrap();
+    assert_eq!(state, "Failing");
+    let client = n.client_deals.get_storage_deal_status(stream).await.unwrap();
+    assert!(client.message.unwrap().contains("commitment"));
+    let provider_stream = Deals::storage_stream_id("storage_provider", &proposal);
+    let provider = n.provider_deals.get_storage_deal_status(provider_stream).await.unwrap();
+    assert_eq!(provider.state, "Failing");
+    assert!(provider.message.unwrap().contains("commitment"));
+    assert!(!n.pieces.has(&proposal.proposal.piece_cid).await);
+}
+
+#[tokio::test]
+async fn a_transfer_killed_midway_resumes_from_the_recorded_offset() {
+    let n = nodes(MarketCodec::default()).await;
+    let bytes = data(EIGHT_MIB, 3);
+    let proposal = proposal_for(&bytes);
+    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
+    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    let provider_stream = Deals::storage_stream_id("storage_provider", &proposal);
+    // Given a push under way
+    let (client, deals, copy) = (n.client.clone(), n.client_deals.clone(), bytes.clone());
+    let pushing = tokio::spawn(async move {
+        push(&client, &deals, stream, &copy, TransferOptions::default(), &ctx()).await
+    });
+    // When the client's connection dies after the provider recorded some progress
+    loop {
+        let received = n
+            .provider_deals
+            .get_storage_deal_status(provider_stream)
+            .await
+            .unwrap()
+            .bytes_transferred;
+        if received >= 2 << 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    n.client_loop.abort();
+    let interrupted = pushing.await.unwrap();
+    assert!(matches!(interrupted, Err(PushError::Interrupted(_))), "{interrupted:?}");
+    let waiting = n.client_deals.get_storage_deal_status(stream).await.unwrap();
+    assert_eq!(waiting.state, "ClientTransferRestart");
+    let recorded =
+        n.provider_deals.get_storage_deal_status(provider_stream).await.unwrap().bytes_transferred;
+    // Then a new connection resumes where the provider's journal says, and the piece verifies
+    let (client, _loop) = client_node(n.provider_peer, n.provider_address.clone()).await;
+    let state = push(&client, &n.client_deals, stream, &bytes, TransferOptions::default(), &ctx())
+        .await
+        .unwrap();
+    assert_eq!(state, "CheckForAcceptance");
+    let provider = n.provider_deals.get_storage_deal_status(provider_stream).await.unwrap();
+    assert_eq!(provider.state, "ReserveProviderFunds");
+    assert!(recorded >= 2 << 20 && recorded < EIGHT_MIB as u64);
+    let restarted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = 'data-transfer-restarted'",
+    )
+    .fetch_one(n.client_deals.journal().pool())
+    .await
+    .unwrap();
+    assert_eq!(restarted, 1);
+    assert_eq!(
+        n.pieces.read_range(&proposal.proposal.piece_cid, 0, EIGHT_MIB as u64).await.unwrap(),
+        bytes
+    );
 }

@@ -3,3 +3,4 @@
 
 pub mod network;
 pub mod piece;
+pub mod transfer;

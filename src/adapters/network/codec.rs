@@ -10,8 +10,9 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use super::message::{MarketRequest, MarketResponse};
 
-/// The default largest message, in bytes: a proposal is a few hundred bytes.
-pub const DEFAULT_MAX_MESSAGE_BYTES: u32 = 64 * 1024;
+/// The default largest message, in bytes: a proposal is a few hundred bytes, a transfer
+/// chunk at most [`crate::adapters::transfer::CHUNK_BYTES`] plus its envelope.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u32 = 1024 * 1024;
 
 /// Why bytes on the wire were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -13,6 +13,8 @@ pub const ASK_PROTOCOL: &str = "/dealledger/storage/ask/1";
 pub const PROPOSE_PROTOCOL: &str = "/dealledger/storage/propose/1";
 /// Asking a deal's status.
 pub const STATUS_PROTOCOL: &str = "/dealledger/storage/status/1";
+/// Moving a deal's data, chunk by acknowledged chunk.
+pub const TRANSFER_PROTOCOL: &str = "/dealledger/transfer/1";
 
 /// A provider's standing offer (the seed's Asks/Bids TODO).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +62,12 @@ pub enum MarketRequest {
     Propose(Box<ClientDealProposal>),
     /// The status of the deal with this proposal CID.
     Status { proposal_cid: Cid },
+    /// Opens (or reopens) the push of a deal's data; the answer says where to resume.
+    TransferOpen { proposal_cid: Cid, total_bytes: u64 },
+    /// The bytes at `offset` of the deal's data.
+    TransferChunk { proposal_cid: Cid, offset: u64, bytes: Vec<u8> },
+    /// Every byte was sent: verify the piece.
+    TransferFinish { proposal_cid: Cid },
 }
 
 impl MarketRequest {
@@ -69,6 +77,9 @@ impl MarketRequest {
             MarketRequest::Ask => ASK_PROTOCOL,
             MarketRequest::Propose(_) => PROPOSE_PROTOCOL,
             MarketRequest::Status { .. } => STATUS_PROTOCOL,
+            MarketRequest::TransferOpen { .. }
+            | MarketRequest::TransferChunk { .. }
+            | MarketRequest::TransferFinish { .. } => TRANSFER_PROTOCOL,
         }
     }
 }
@@ -86,4 +97,10 @@ pub enum MarketResponse {
     Status { state: String, code: u16, deal_id: Option<u64>, message: Option<String> },
     /// The request could not be served (unknown deal, internal failure), and why.
     Error { reason: String },
+    /// The push is open; send from this offset (the last one the provider recorded).
+    TransferAccepted { resume_from: u64 },
+    /// Bytes received and kept so far.
+    ChunkAcknowledged { received: u64 },
+    /// The data was checked against the proposal's piece commitment.
+    TransferVerified { verified: bool, reason: Option<String> },
 }

@@ -19,7 +19,10 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, noise, ping, tc
 use tokio::sync::{mpsc, oneshot};
 
 use codec::MarketCodec;
-use message::{ASK_PROTOCOL, MarketRequest, MarketResponse, PROPOSE_PROTOCOL, STATUS_PROTOCOL};
+use message::{
+    ASK_PROTOCOL, MarketRequest, MarketResponse, PROPOSE_PROTOCOL, STATUS_PROTOCOL,
+    TRANSFER_PROTOCOL,
+};
 
 /// Commands and events waiting at most, each way.
 const CHANNEL_CAPACITY: usize = 64;
@@ -49,6 +52,7 @@ struct MarketBehaviour {
     ask: request_response::Behaviour<MarketCodec>,
     propose: request_response::Behaviour<MarketCodec>,
     status: request_response::Behaviour<MarketCodec>,
+    transfer: request_response::Behaviour<MarketCodec>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
 }
@@ -58,6 +62,7 @@ impl MarketBehaviour {
         match protocol {
             ASK_PROTOCOL => &mut self.ask,
             PROPOSE_PROTOCOL => &mut self.propose,
+            TRANSFER_PROTOCOL => &mut self.transfer,
             _ => &mut self.status,
         }
     }
@@ -188,6 +193,7 @@ pub fn new(
             ask: behaviour(ASK_PROTOCOL),
             propose: behaviour(PROPOSE_PROTOCOL),
             status: behaviour(STATUS_PROTOCOL),
+            transfer: behaviour(TRANSFER_PROTOCOL),
             identify: identify::Behaviour::new(identify::Config::new(
                 "/dealledger/1".into(),
                 key.public(),
@@ -268,6 +274,9 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(MarketBehaviourEvent::Status(event)) => {
                 self.on_market(STATUS_PROTOCOL, event).await
+            }
+            SwarmEvent::Behaviour(MarketBehaviourEvent::Transfer(event)) => {
+                self.on_market(TRANSFER_PROTOCOL, event).await
             }
             SwarmEvent::ListenerError { error, .. } => {
                 if let Some(reply) = self.pending_listen.take() {

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::message::{MarketRequest, MarketResponse, StorageAsk};
 use super::{Client, NetworkError, NetworkEvent};
+use crate::adapters::transfer::ProviderTransfers;
 use crate::deals::{Cause, Deals, DealsError};
 use crate::domain::PartyKey;
 use crate::domain::storage::{ClientDealProposal, StorageDeal};
@@ -23,12 +24,19 @@ pub struct ProviderService {
     deals: Deals,
     key: SigningKey,
     ask: StorageAsk,
+    transfers: ProviderTransfers,
 }
 
 impl ProviderService {
-    /// A provider signing with `key` (its libp2p identity) and taking deals that meet `ask`.
-    pub fn new(deals: Deals, key: SigningKey, ask: StorageAsk) -> Self {
-        Self { deals, key, ask }
+    /// A provider signing with `key` (its libp2p identity), taking deals that meet `ask` and
+    /// keeping their data with `transfers`.
+    pub fn new(
+        deals: Deals,
+        key: SigningKey,
+        ask: StorageAsk,
+        transfers: ProviderTransfers,
+    ) -> Self {
+        Self { deals, key, ask, transfers }
     }
 
     /// The answer to one request from `peer`.
@@ -42,6 +50,14 @@ impl ProviderService {
             MarketRequest::Ask => MarketResponse::Ask(self.ask.clone()),
             MarketRequest::Propose(proposal) => self.on_proposal(peer, *proposal, ctx).await,
             MarketRequest::Status { proposal_cid } => self.status(proposal_cid).await,
+            MarketRequest::TransferOpen { proposal_cid, .. }
+            | MarketRequest::TransferChunk { proposal_cid, .. }
+            | MarketRequest::TransferFinish { proposal_cid } => {
+                match self.provider_stream(proposal_cid).await {
+                    Ok(stream) => self.transfers.answer(stream, request, ctx).await,
+                    Err(response) => response,
+                }
+            }
         }
     }
 
@@ -97,22 +113,25 @@ impl ProviderService {
         }
     }
 
-    async fn status(&self, proposal_cid: cid::Cid) -> MarketResponse {
-        let stream: Option<Uuid> = match sqlx::query_scalar(
+    /// The provider deal of a proposal CID, or the response saying there is none.
+    async fn provider_stream(&self, proposal_cid: cid::Cid) -> Result<Uuid, MarketResponse> {
+        let stream: Option<Uuid> = sqlx::query_scalar(
             "SELECT stream_id FROM storage_deals WHERE proposal_cid = $1 AND side = $2",
         )
         .bind(proposal_cid.to_string())
         .bind(StorageProvider::NAME)
         .fetch_optional(self.deals.journal().pool())
         .await
-        {
+        .map_err(|e| MarketResponse::Error { reason: e.to_string() })?;
+        stream.ok_or_else(|| MarketResponse::Error {
+            reason: format!("no deal with proposal {proposal_cid}"),
+        })
+    }
+
+    async fn status(&self, proposal_cid: cid::Cid) -> MarketResponse {
+        let stream = match self.provider_stream(proposal_cid).await {
             Ok(stream) => stream,
-            Err(e) => return MarketResponse::Error { reason: e.to_string() },
-        };
-        let Some(stream) = stream else {
-            return MarketResponse::Error {
-                reason: format!("no deal with proposal {proposal_cid}"),
-            };
+            Err(response) => return response,
         };
         match self.deals.get_storage_deal_status(stream).await {
             Ok(s) => MarketResponse::Status {

@@ -28,6 +28,9 @@ pub enum PieceStoreError {
     /// No such piece here.
     #[error("piece {0} is not stored here")]
     NotFound(PieceCid),
+    /// A chunk that does not continue the data received so far.
+    #[error("chunk at offset {got}, but {expected} bytes are kept")]
+    OutOfOrder { expected: u64, got: u64 },
 }
 
 /// Pieces on disk.
@@ -113,6 +116,70 @@ impl PieceStore {
     /// Whether the piece is here.
     pub async fn has(&self, piece: &PieceCid) -> bool {
         tokio::fs::try_exists(self.path(piece)).await.unwrap_or(false)
+    }
+}
+
+/// A deal's data being received: appended chunk by chunk to a partial file, then checked
+/// against the piece commitment and kept under the piece's CID.
+impl PieceStore {
+    fn partial(&self, deal: &str) -> PathBuf {
+        self.dir.join(format!("{deal}.partial"))
+    }
+
+    /// Bytes of the deal's partial data kept so far, after cutting it to `keep` bytes: what
+    /// was received beyond the last recorded offset is dropped and sent again.
+    pub async fn resume(&self, deal: &str, keep: u64) -> Result<u64, PieceStoreError> {
+        tokio::fs::create_dir_all(&self.dir).await.map_err(Self::io(&self.dir))?;
+        let path = self.partial(deal);
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .await
+            .map_err(Self::io(&path))?;
+        let length = file.metadata().await.map_err(Self::io(&path))?.len();
+        let kept = length.min(keep);
+        file.set_len(kept).await.map_err(Self::io(&path))?;
+        Ok(kept)
+    }
+
+    /// Appends a chunk at `offset`, which must be the partial data's current length. Returns
+    /// the new length.
+    pub async fn append(
+        &self,
+        deal: &str,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<u64, PieceStoreError> {
+        let path = self.partial(deal);
+        let mut file = tokio::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .await
+            .map_err(Self::io(&path))?;
+        let length = file.metadata().await.map_err(Self::io(&path))?.len();
+        if length != offset {
+            return Err(PieceStoreError::OutOfOrder { expected: length, got: offset });
+        }
+        file.write_all(bytes).await.map_err(Self::io(&path))?;
+        file.flush().await.map_err(Self::io(&path))?;
+        Ok(length + bytes.len() as u64)
+    }
+
+    /// Checks the deal's partial data against `expected` and keeps it as that piece. On a
+    /// mismatch the partial data is removed and the actual commitment reported.
+    pub async fn finish(
+        &self,
+        deal: &str,
+        expected: PieceCid,
+        size: PaddedPieceSize,
+    ) -> Result<u64, PieceStoreError> {
+        let path = self.partial(deal);
+        let file = tokio::fs::File::open(&path).await.map_err(Self::io(&path))?;
+        let stored = self.put(expected, size, file).await;
+        let _ = tokio::fs::remove_file(&path).await;
+        stored
     }
 }
 

@@ -1,0 +1,242 @@
+//! Data transfer for storage deals (seed storage flow steps 4-8): the client pushes the deal's
+//! bytes over `/dealledger/transfer/1` in chunks, each acknowledged with the bytes the provider
+//! keeps. Transfer events become machine inputs; progress is recorded every
+//! [`TransferOptions::progress_every`] bytes, not per chunk, so the journal does not bloat.
+//! After a dropped connection either side reopens the transfer and it resumes from the last
+//! offset recorded in the provider's journal, not from zero.
+
+use uuid::Uuid;
+
+use crate::adapters::network::message::{MarketRequest, MarketResponse};
+use crate::adapters::network::{Client, NetworkError};
+use crate::adapters::piece::store::PieceStore;
+use crate::deals::{Deals, DealsError};
+use crate::fsm::storage_client::{State as ClientState, StorageClient, StorageClientEvent as C};
+use crate::fsm::storage_provider::{
+    State as ProviderState, StorageProvider, StorageProviderEvent as P,
+};
+use crate::fsm::{DecideContext, Label};
+
+/// Bytes per chunk.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+
+/// How a transfer is carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferOptions {
+    /// Bytes per chunk.
+    pub chunk_bytes: usize,
+    /// Bytes between two recorded progress events.
+    pub progress_every: u64,
+}
+
+impl Default for TransferOptions {
+    fn default() -> Self {
+        Self { chunk_bytes: CHUNK_BYTES, progress_every: 1 << 20 }
+    }
+}
+
+/// Why a push did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// The deal is not in a state that transfers data.
+    #[error("deal {stream_id} is in {state}, not ready to transfer")]
+    NotReady { stream_id: Uuid, state: &'static str },
+    /// The connection failed; the interruption is recorded and the push can be restarted.
+    #[error("transfer interrupted: {0}")]
+    Interrupted(NetworkError),
+    /// The provider refused or answered out of protocol.
+    #[error("the provider refused the transfer: {0}")]
+    Refused(String),
+    /// The ledger refused a step.
+    #[error(transparent)]
+    Deals(#[from] DealsError),
+}
+
+/// Pushes `data` (the deal's piece data) to the provider, or resumes an interrupted push.
+/// Returns the client deal's state after the provider's verdict.
+pub async fn push(
+    client: &Client,
+    deals: &Deals,
+    stream_id: Uuid,
+    data: &[u8],
+    options: TransferOptions,
+    ctx: &DecideContext,
+) -> Result<&'static str, PushError> {
+    let deal = deals.load::<StorageClient>(stream_id).await?;
+    let (Some(proposal), Some(_)) = (deal.data.proposal.clone(), deal.data.signed_deal.as_ref())
+    else {
+        return Err(PushError::NotReady { stream_id, state: deal.state.name() });
+    };
+    let started = match deal.state {
+        ClientState::StartDataTransfer | ClientState::TransferQueued => {
+            Some(C::DataTransferStarted)
+        }
+        ClientState::ClientTransferRestart => Some(C::DataTransferRestarted),
+        ClientState::Transferring => None,
+        state => return Err(PushError::NotReady { stream_id, state: state.name() }),
+    };
+    let provider = proposal
+        .proposal
+        .provider
+        .peer_id()
+        .ok_or_else(|| PushError::Refused("bad provider key".into()))?;
+    let proposal_cid = proposal.cid();
+    let record =
+        |event: C| async move { deals.handle::<StorageClient>(stream_id, event, ctx, None).await };
+    let interrupted = |e: NetworkError| async move {
+        record(C::DataTransferInterrupted { reason: e.to_string() }).await?;
+        Err::<&'static str, PushError>(PushError::Interrupted(e))
+    };
+    let total = data.len() as u64;
+    let open = MarketRequest::TransferOpen { proposal_cid, total_bytes: total };
+    let mut offset = match client.request(provider, open).await {
+        Ok(MarketResponse::TransferAccepted { resume_from }) => resume_from,
+        Ok(other) => return Err(PushError::Refused(format!("{other:?}"))),
+        Err(e) if started.is_none() => return interrupted(e).await,
+        Err(e) => return Err(PushError::Interrupted(e)),
+    };
+    if let Some(event) = started {
+        record(event).await?;
+    }
+    let mut recorded = deal.data.bytes_sent;
+    while offset < total {
+        let end = (offset + options.chunk_bytes as u64).min(total);
+        let bytes = data[offset as usize..end as usize].to_vec();
+        match client
+            .request(provider, MarketRequest::TransferChunk { proposal_cid, offset, bytes })
+            .await
+        {
+            Ok(MarketResponse::ChunkAcknowledged { received })
+                if received > offset && received <= total =>
+            {
+                offset = received;
+            }
+            Ok(other) => return Err(PushError::Refused(format!("{other:?}"))),
+            Err(e) => return interrupted(e).await,
+        }
+        if offset - recorded >= options.progress_every && offset < total {
+            record(C::DataTransferProgressed { bytes: offset }).await?;
+            recorded = offset;
+        }
+    }
+    let verdict =
+        match client.request(provider, MarketRequest::TransferFinish { proposal_cid }).await {
+            Ok(MarketResponse::TransferVerified { verified, reason }) => (verified, reason),
+            Ok(other) => return Err(PushError::Refused(format!("{other:?}"))),
+            Err(e) => return interrupted(e).await,
+        };
+    let mut state = record(C::DataTransferCompleted { bytes: total }).await?.deal.state;
+    if let (false, reason) = verdict {
+        let reason = reason.unwrap_or_else(|| "the provider could not verify the data".into());
+        state = record(C::ProviderFailedDeal { reason }).await?.deal.state;
+    }
+    Ok(state.name())
+}
+
+/// The provider's side of pushes: validates them against its deals (the seed's
+/// PushValidator), keeps the bytes in the piece store, records progress, and checks the piece
+/// commitment when the push ends.
+#[derive(Debug, Clone)]
+pub struct ProviderTransfers {
+    deals: Deals,
+    store: PieceStore,
+    options: TransferOptions,
+}
+
+impl ProviderTransfers {
+    /// Transfers into `store`, recording through `deals`.
+    pub fn new(deals: Deals, store: PieceStore, options: TransferOptions) -> Self {
+        Self { deals, store, options }
+    }
+
+    /// Answers one transfer request about the provider deal `stream_id`.
+    pub async fn answer(
+        &self,
+        stream_id: Uuid,
+        request: MarketRequest,
+        ctx: &DecideContext,
+    ) -> MarketResponse {
+        match self.try_answer(stream_id, request, ctx).await {
+            Ok(response) => response,
+            Err(reason) => MarketResponse::Rejected { reason },
+        }
+    }
+
+    async fn try_answer(
+        &self,
+        stream_id: Uuid,
+        request: MarketRequest,
+        ctx: &DecideContext,
+    ) -> Result<MarketResponse, String> {
+        let text = |e: &dyn std::fmt::Display| e.to_string();
+        let deal = self.deals.load::<StorageProvider>(stream_id).await.map_err(|e| text(&e))?;
+        let proposal = deal.data.proposal.clone().ok_or("no proposal")?;
+        let key = proposal.cid().to_string();
+        let record = |event: P| async move {
+            self.deals
+                .handle::<StorageProvider>(stream_id, event, ctx, None)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match request {
+            MarketRequest::TransferOpen { total_bytes, .. } => {
+                if total_bytes > proposal.proposal.piece_size.0 {
+                    return Err(format!("{total_bytes} bytes do not fit the deal's piece"));
+                }
+                match deal.state {
+                    ProviderState::WaitingForData => {
+                        record(P::DataTransferStarted).await.map(drop)?
+                    }
+                    ProviderState::ProviderTransferAwaitRestart => {
+                        record(P::DataTransferRestarted).await.map(drop)?
+                    }
+                    ProviderState::Transferring => {}
+                    state => {
+                        return Err(format!("deal is in {}, not waiting for data", state.name()));
+                    }
+                }
+                let resume_from = self
+                    .store
+                    .resume(&key, deal.data.bytes_received)
+                    .await
+                    .map_err(|e| text(&e))?;
+                Ok(MarketResponse::TransferAccepted { resume_from })
+            }
+            MarketRequest::TransferChunk { offset, bytes, .. } => {
+                if deal.state != ProviderState::Transferring {
+                    return Err(format!("deal is in {}, not transferring", deal.state.name()));
+                }
+                let received =
+                    self.store.append(&key, offset, &bytes).await.map_err(|e| text(&e))?;
+                if received - deal.data.bytes_received >= self.options.progress_every {
+                    record(P::DataTransferProgressed { bytes: received }).await?;
+                }
+                Ok(MarketResponse::ChunkAcknowledged { received })
+            }
+            MarketRequest::TransferFinish { .. } => {
+                if deal.state != ProviderState::Transferring {
+                    return Err(format!("deal is in {}, not transferring", deal.state.name()));
+                }
+                let received = self.store.resume(&key, u64::MAX).await.map_err(|e| text(&e))?;
+                record(P::DataTransferCompleted { bytes: received }).await?;
+                // VerifyData's effect, performed: the commitment of the bytes received.
+                let terms = &proposal.proposal;
+                match self.store.finish(&key, terms.piece_cid, terms.piece_size).await {
+                    Ok(_) => {
+                        record(P::DataVerified { piece_cid: terms.piece_cid }).await?;
+                        Ok(MarketResponse::TransferVerified { verified: true, reason: None })
+                    }
+                    Err(e) => {
+                        let reason = e.to_string();
+                        record(P::DataVerificationFailed { reason: reason.clone() }).await?;
+                        Ok(MarketResponse::TransferVerified {
+                            verified: false,
+                            reason: Some(reason),
+                        })
+                    }
+                }
+            }
+            other => Err(format!("{} is not a transfer request", other.protocol())),
+        }
+    }
+}
