@@ -1,26 +1,35 @@
 //! `dealledger demo`: the first command a new user runs. Plays whole deals through the ledger
 //! on the embedded database and shows what it recorded.
 //!
-//! The counterparties, the data transfer, the chain and the sealing pipeline are played by the
-//! library's [`Script`] in this process, in the order the seed's flows give their inputs; the
-//! machines, the journal and the outbox are the real ones.
+//! Storage deals are proposed and their data pushed between two libp2p nodes on 127.0.0.1, and
+//! the provider checks each piece's commitment. The chain, the sealing pipeline and the
+//! retrieval side are still played by the library's [`Script`] in this process, in the order
+//! the seed's flows give their inputs; the machines, the journal and the outbox are real.
 
 use clap::Args;
 use ed25519_dalek::SigningKey;
 
+use dealledger::adapters::network;
+use dealledger::adapters::network::codec::MarketCodec;
+use dealledger::adapters::network::message::{MarketRequest, MarketResponse, StorageAsk};
+use dealledger::adapters::network::provider::{ProviderService, propose};
 use dealledger::adapters::piece::commp::commp_of;
 use dealledger::adapters::piece::store::PieceStore;
+use dealledger::adapters::transfer::{ProviderTransfers, TransferOptions, push};
 use dealledger::db::Database;
 use dealledger::deals::Deals;
 use dealledger::deals::script::{Parties, Script};
 use dealledger::domain::ChainEpoch;
 use dealledger::domain::retrieval::RetrievalDealProposal;
 use dealledger::domain::storage::{ClientDealProposal, StorageDealProposal};
+use dealledger::domain::{PaddedPieceSize, TokenAmount};
 use dealledger::events::Journal;
 use dealledger::fsm::fixtures;
 use dealledger::fsm::storage_client::{StorageClient, StorageClientEvent};
 use dealledger::fsm::storage_provider::{StorageProvider, StorageProviderEvent};
 use dealledger::fsm::{DecideContext, Machine};
+use libp2p::Multiaddr;
+use std::time::Duration;
 
 /// Options of the demo.
 #[derive(Args, Debug)]
@@ -54,50 +63,101 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         bytes[..len].copy_from_slice(&tag[..len]);
         bytes
     };
+    // Two libp2p nodes on 127.0.0.1: the provider serves the market protocols, the client
+    // knows where it listens. Both write to this database, each to its own streams.
+    let (provider_net, provider_events, provider_loop) =
+        network::new(&provider_key, MarketCodec::default(), Duration::from_secs(30))?;
+    tokio::spawn(provider_loop.run());
+    let address = provider_net.listen("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>()?).await?;
+    let ask = StorageAsk {
+        price_per_gib_epoch: TokenAmount(1_000_000),
+        min_piece_size: PaddedPieceSize(128),
+        max_piece_size: PaddedPieceSize(32 << 30),
+    };
+    let transfers =
+        ProviderTransfers::new(deals.clone(), pieces.clone(), TransferOptions::default());
+    let provider = ProviderService::new(deals.clone(), provider_key.clone(), ask, transfers);
+    tokio::spawn(provider.serve(provider_net.clone(), provider_events, ctx.clone()));
+    let (client_net, _client_events, client_loop) =
+        network::new(&client_key, MarketCodec::default(), Duration::from_secs(30))?;
+    tokio::spawn(client_loop.run());
+    let provider_peer = provider_net.peer_id();
+    client_net.add_address(provider_peer, address.clone()).await?;
+    println!("provider {provider_peer} listening on {address}");
+    println!("client   {}", client_net.peer_id());
+    let MarketResponse::Ask(ask) = client_net.request(provider_peer, MarketRequest::Ask).await?
+    else {
+        anyhow::bail!("the provider did not answer the ask");
+    };
+    println!(
+        "ask: {} attoFIL per GiB-epoch, pieces of {}..={} bytes\n",
+        ask.price_per_gib_epoch.0, ask.min_piece_size.0, ask.max_piece_size.0
+    );
+
     let proposal = |bytes: &[u8], n: u32| {
         let (piece_cid, piece_size) = commp_of(bytes);
+        let price = (ask.price_per_gib_epoch.0 * u128::from(piece_size.0)).div_ceil(1 << 30);
         let terms = StorageDealProposal {
             piece_cid,
             piece_size,
             label: format!("demo deal {n}"),
             client: dealledger::domain::PartyKey::of(&client_key),
             provider: dealledger::domain::PartyKey::of(&provider_key),
+            storage_price_per_epoch: TokenAmount(price),
             ..fixtures::proposal()
         };
         ClientDealProposal::sign(terms, &client_key)
     };
+    // Proposes and pushes a deal's data over the network; returns the client's state.
+    let over_network = |signed: ClientDealProposal, bytes: Vec<u8>| {
+        let (deals, client_net, ctx) = (deals.clone(), client_net.clone(), ctx.clone());
+        async move {
+            let amount = signed.proposal.client_balance_requirement().unwrap_or_default();
+            let stream = deals.initiate_deal(signed, &ctx).await?.stream_id;
+            // Funds: the chain adapter's part, played here.
+            let funded = StorageClientEvent::FundsReserved { amount };
+            deals.handle::<StorageClient>(stream, funded, &ctx, None).await?;
+            let state = propose(&client_net, &deals, stream, &ctx).await?;
+            anyhow::ensure!(state == "StartDataTransfer", "the provider did not accept: {state}");
+            Ok::<_, anyhow::Error>(
+                push(&client_net, &deals, stream, &bytes, TransferOptions::default(), &ctx).await?,
+            )
+        }
+    };
 
     println!(
-        "storage: {} deals of {} bytes each, commP computed, pieces stored",
+        "storage: {} deals of {} bytes each: proposed, pushed and commP-verified over libp2p",
         args.deals, args.size
     );
     let mut streams = Vec::new();
     for n in 0..args.deals {
         let bytes = data(n);
         let signed = proposal(&bytes, n);
-        // What the provider does with received bytes: store them, checking the commitment.
-        let terms = &signed.proposal;
-        pieces.put(terms.piece_cid, terms.piece_size, bytes.as_slice()).await?;
-        let pair = script.storage_deal_to_active(signed, &parties).await?;
+        let state = over_network(signed.clone(), bytes).await?;
+        anyhow::ensure!(state == "CheckForAcceptance", "deal {n} ended the transfer in {state}");
+        let pair = script.chain_to_active(signed, &parties).await?;
         let end = fixtures::proposal().end_epoch;
         script.end_deal(pair, false, end).await?;
         streams.push(pair);
     }
-    let slashed =
-        script.storage_deal_to_active(proposal(&data(args.deals), args.deals), &parties).await?;
+    let bytes = data(args.deals);
+    let signed = proposal(&bytes, args.deals);
+    over_network(signed.clone(), bytes).await?;
+    let slashed = script.chain_to_active(signed, &parties).await?;
     script.end_deal(slashed, true, ChainEpoch(20_000)).await?;
+    // One byte damaged on the way: the provider's commitment check fails the deal.
     let bytes = data(args.deals + 1);
     let signed = proposal(&bytes, args.deals + 1);
-    let mut received = bytes;
-    received[0] ^= 0xff; // one byte damaged on the way
-    let refused = pieces
-        .put(signed.proposal.piece_cid, signed.proposal.piece_size, received.as_slice())
-        .await;
-    let reason = match refused {
-        Err(e) => e.to_string(),
-        Ok(_) => anyhow::bail!("damaged data was accepted as the proposed piece"),
-    };
-    let failing = failing_deal(&mut script, signed, &provider_key, reason).await?;
+    let mut damaged = bytes;
+    damaged[0] ^= 0xff;
+    let state = over_network(signed.clone(), damaged).await?;
+    anyhow::ensure!(state == "Failing", "a damaged piece was not refused ({state})");
+    let failing = (
+        Deals::storage_stream_id(StorageClient::NAME, &signed),
+        Deals::storage_stream_id(StorageProvider::NAME, &signed),
+    );
+    script.step::<StorageClient>(failing.0, StorageClientEvent::CleanupCompleted).await?;
+    script.step::<StorageProvider>(failing.1, StorageProviderEvent::CleanupCompleted).await?;
 
     println!("retrieval: one request, fetched in parts, paid as the bytes arrive");
     let request = dealledger::domain::retrieval::RetrievalRequest {
@@ -160,7 +220,8 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     );
     println!("(full timeline: cargo run -- audit {audited})");
     println!(
-        "{} steps, each re-checked by replaying its stream, in {:.2} s",
+        "{} scripted steps (chain, sealing, retrieval) re-checked by replaying their streams; \
+         whole demo {:.2} s",
         script.steps,
         started.elapsed().as_secs_f64()
     );
@@ -176,45 +237,4 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     println!("  cargo run -- verify && cargo run -- checkpoint");
     println!("  cargo run -- fsm show storage_provider");
     Ok(())
-}
-
-/// A deal whose data does not match its piece commitment: the provider fails it after the
-/// transfer, releases what it held, and the client learns it from the provider's status.
-async fn failing_deal(
-    script: &mut Script<'_>,
-    proposal: ClientDealProposal,
-    provider_key: &SigningKey,
-    reason: String,
-) -> anyhow::Result<(uuid::Uuid, uuid::Uuid)> {
-    use StorageClientEvent as C;
-    use StorageProviderEvent as P;
-    let client = Deals::storage_stream_id(StorageClient::NAME, &proposal);
-    let provider = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
-    let signed = dealledger::domain::storage::StorageDeal::sign(proposal.clone(), provider_key);
-    let amount = proposal.proposal.client_balance_requirement().unwrap_or_default();
-    let data_bytes = script.data_bytes.unwrap_or(proposal.proposal.piece_size.0);
-    script
-        .step::<StorageClient>(client, C::DealInitiated { proposal: Box::new(proposal.clone()) })
-        .await?;
-    script.step::<StorageClient>(client, C::FundsReserved { amount }).await?;
-    for event in [
-        P::ProposalReceived { proposal: Box::new(proposal) },
-        P::DealAccepted { deal: Box::new(signed.clone()) },
-        P::DataTransferStarted,
-        P::DataTransferCompleted { bytes: data_bytes },
-        P::DataVerificationFailed { reason: reason.clone() },
-        P::CleanupCompleted,
-    ] {
-        script.step::<StorageProvider>(provider, event).await?;
-    }
-    for event in [
-        C::DealAccepted { deal: Box::new(signed) },
-        C::DataTransferStarted,
-        C::DataTransferCompleted { bytes: data_bytes },
-        C::ProviderFailedDeal { reason },
-        C::CleanupCompleted,
-    ] {
-        script.step::<StorageClient>(client, event).await?;
-    }
-    Ok((client, provider))
 }

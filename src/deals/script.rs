@@ -158,6 +158,34 @@ impl<'a> Script<'a> {
         Ok((client, provider))
     }
 
+    /// The chain's part of a storage deal whose data has been transferred and verified (client
+    /// in CheckForAcceptance, provider in ReserveProviderFunds): funds, publish, sealing and
+    /// activation, up to `Active` on both sides.
+    pub async fn chain_to_active(
+        &mut self,
+        proposal: ClientDealProposal,
+        parties: &Parties<'_>,
+    ) -> Result<(Uuid, Uuid), ScriptError> {
+        let client = Deals::storage_stream_id(StorageClient::NAME, &proposal);
+        let provider = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
+        let (client_commands, provider_commands) =
+            storage_deal_commands(proposal, parties.provider);
+        // The commands after the transfer: from DealPublished (client) and FundsReserved
+        // (provider) on.
+        let after = |commands: Vec<SC>| {
+            commands.into_iter().skip_while(|c| !matches!(c, SC::DealPublished { .. }))
+        };
+        for command in after(client_commands) {
+            self.step::<StorageClient>(client, command).await?;
+        }
+        for command in
+            provider_commands.into_iter().skip_while(|c| !matches!(c, SP::FundsReserved { .. }))
+        {
+            self.step::<StorageProvider>(provider, command).await?;
+        }
+        Ok((client, provider))
+    }
+
     /// Ends an active deal on both sides: expired at its end epoch, or slashed.
     pub async fn end_deal(
         &mut self,
