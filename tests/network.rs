@@ -326,3 +326,61 @@ async fn a_transfer_killed_midway_resumes_from_the_recorded_offset() {
         bytes
     );
 }
+
+#[tokio::test]
+async fn retrieval_terms_are_quoted_then_accepted_or_refused_over_the_network() {
+    use dealledger::adapters::network::provider::propose_retrieval;
+    use dealledger::domain::retrieval::{ByteRange, RetrievalDealProposal};
+    use dealledger::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent};
+    use dealledger::fsm::retrieval_provider::RetrievalProvider;
+    let n = nodes(MarketCodec::default()).await;
+    let bytes = data(64 * 1024, 4);
+    let (piece, size) = commp_of(&bytes);
+    n.pieces.put(piece, size, bytes.as_slice()).await.unwrap();
+    let quote = n
+        .client
+        .request(n.provider_peer, MarketRequest::RetrievalQuery { piece_cid: piece })
+        .await
+        .unwrap();
+    assert!(
+        matches!(quote, MarketResponse::RetrievalQuote { available: true, bytes: 65_536, .. }),
+        "{quote:?}"
+    );
+    let terms = |piece_cid, price| RetrievalDealProposal {
+        payload_cid: dealledger::events::chain::cid_of_bytes(b"payload"),
+        piece_cid: Some(piece_cid),
+        part: ByteRange { offset: 0, length: 32_768 },
+        price_per_byte: TokenAmount(price),
+        payment_interval: 8_192,
+        payment_interval_increase: 8_192,
+        unseal_price: TokenAmount(0),
+        client: PartyKey::of(&client_key()),
+        provider: PartyKey::of(&provider_key()),
+    };
+    let unknown = dealledger::domain::PieceCid::from_commitment([5; 32]);
+    for (terms, client_state, provider_state) in [
+        (terms(piece, 2), "Accepted", Some("Unsealed")),
+        (terms(unknown, 2), "DealNotFound", Some("DealNotFound")),
+        (terms(piece, 0), "Rejected", Some("Rejected")),
+    ] {
+        let stream = Uuid::now_v7();
+        let proposed =
+            RetrievalClientEvent::DealProposed { proposal: Box::new(terms), part_of: None };
+        n.client_deals.handle::<RetrievalClient>(stream, proposed, &ctx(), None).await.unwrap();
+        let (state, provider_stream) =
+            propose_retrieval(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+        assert_eq!(state, client_state);
+        if let Some(provider_stream) = provider_stream {
+            let deal = n.provider_deals.load::<RetrievalProvider>(provider_stream).await.unwrap();
+            assert_eq!(Some(dealledger::fsm::Label::name(deal.state)), provider_state);
+        } else {
+            let states: Vec<String> = sqlx::query_scalar(
+                "SELECT state FROM retrieval_deals WHERE side = 'retrieval_provider' ORDER BY first_event_at DESC LIMIT 1",
+            )
+            .fetch_all(n.provider_deals.journal().pool())
+            .await
+            .unwrap();
+            assert_eq!(states.first().map(String::as_str), provider_state);
+        }
+    }
+}

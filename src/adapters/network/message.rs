@@ -15,6 +15,48 @@ pub const PROPOSE_PROTOCOL: &str = "/dealledger/storage/propose/1";
 pub const STATUS_PROTOCOL: &str = "/dealledger/storage/status/1";
 /// Moving a deal's data, chunk by acknowledged chunk.
 pub const TRANSFER_PROTOCOL: &str = "/dealledger/transfer/1";
+/// Asking whether a provider has a piece, and at what price.
+pub const RETRIEVAL_QUERY_PROTOCOL: &str = "/dealledger/retrieval/query/1";
+/// Proposing retrieval terms.
+pub const RETRIEVAL_PROPOSE_PROTOCOL: &str = "/dealledger/retrieval/propose/1";
+
+/// A provider's retrieval prices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetrievalAsk {
+    /// Lowest price per byte, in attoFIL.
+    pub price_per_byte: TokenAmount,
+    /// Price to unseal, in attoFIL.
+    pub unseal_price: TokenAmount,
+    /// Largest first payment interval, in bytes.
+    pub max_payment_interval: u64,
+}
+
+impl RetrievalAsk {
+    /// Why terms do not meet this ask, if they do not. Pure: the provider's retrieval policy.
+    pub fn refuses(
+        &self,
+        terms: &crate::domain::retrieval::RetrievalDealProposal,
+    ) -> Option<String> {
+        if terms.price_per_byte < self.price_per_byte {
+            return Some(format!(
+                "price {} per byte is below the ask of {}",
+                terms.price_per_byte.0, self.price_per_byte.0
+            ));
+        }
+        if terms.unseal_price < self.unseal_price {
+            return Some(format!(
+                "unseal price {} is below {}",
+                terms.unseal_price.0, self.unseal_price.0
+            ));
+        }
+        (terms.payment_interval > self.max_payment_interval).then(|| {
+            format!(
+                "payment interval {} exceeds {}",
+                terms.payment_interval, self.max_payment_interval
+            )
+        })
+    }
+}
 
 /// A provider's standing offer (the seed's Asks/Bids TODO).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +110,10 @@ pub enum MarketRequest {
     TransferChunk { proposal_cid: Cid, offset: u64, bytes: Vec<u8> },
     /// Every byte was sent: verify the piece.
     TransferFinish { proposal_cid: Cid },
+    /// Does the provider have this piece, and at what price?
+    RetrievalQuery { piece_cid: crate::domain::PieceCid },
+    /// Retrieval terms (seed retrieval step 2a).
+    RetrievalPropose(Box<crate::domain::retrieval::RetrievalDealProposal>),
 }
 
 impl MarketRequest {
@@ -80,6 +126,8 @@ impl MarketRequest {
             MarketRequest::TransferOpen { .. }
             | MarketRequest::TransferChunk { .. }
             | MarketRequest::TransferFinish { .. } => TRANSFER_PROTOCOL,
+            MarketRequest::RetrievalQuery { .. } => RETRIEVAL_QUERY_PROTOCOL,
+            MarketRequest::RetrievalPropose(_) => RETRIEVAL_PROPOSE_PROTOCOL,
         }
     }
 }
@@ -103,4 +151,10 @@ pub enum MarketResponse {
     ChunkAcknowledged { received: u64 },
     /// The data was checked against the proposal's piece commitment.
     TransferVerified { verified: bool, reason: Option<String> },
+    /// Whether the piece is here (and how many bytes), and the provider's retrieval prices.
+    RetrievalQuote { available: bool, bytes: u64, ask: RetrievalAsk },
+    /// The retrieval terms are accepted; the provider's deal is this stream (2b-2c).
+    RetrievalAccepted { deal_stream: uuid::Uuid },
+    /// The piece is not stored here.
+    RetrievalDealNotFound,
 }

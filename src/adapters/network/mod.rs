@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use codec::MarketCodec;
 use message::{
-    ASK_PROTOCOL, MarketRequest, MarketResponse, PROPOSE_PROTOCOL, STATUS_PROTOCOL,
-    TRANSFER_PROTOCOL,
+    ASK_PROTOCOL, MarketRequest, MarketResponse, PROPOSE_PROTOCOL, RETRIEVAL_PROPOSE_PROTOCOL,
+    RETRIEVAL_QUERY_PROTOCOL, STATUS_PROTOCOL, TRANSFER_PROTOCOL,
 };
 
 /// Commands and events waiting at most, each way.
@@ -53,6 +53,8 @@ struct MarketBehaviour {
     propose: request_response::Behaviour<MarketCodec>,
     status: request_response::Behaviour<MarketCodec>,
     transfer: request_response::Behaviour<MarketCodec>,
+    retrieval_query: request_response::Behaviour<MarketCodec>,
+    retrieval_propose: request_response::Behaviour<MarketCodec>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
 }
@@ -63,6 +65,8 @@ impl MarketBehaviour {
             ASK_PROTOCOL => &mut self.ask,
             PROPOSE_PROTOCOL => &mut self.propose,
             TRANSFER_PROTOCOL => &mut self.transfer,
+            RETRIEVAL_QUERY_PROTOCOL => &mut self.retrieval_query,
+            RETRIEVAL_PROPOSE_PROTOCOL => &mut self.retrieval_propose,
             _ => &mut self.status,
         }
     }
@@ -194,6 +198,8 @@ pub fn new(
             propose: behaviour(PROPOSE_PROTOCOL),
             status: behaviour(STATUS_PROTOCOL),
             transfer: behaviour(TRANSFER_PROTOCOL),
+            retrieval_query: behaviour(RETRIEVAL_QUERY_PROTOCOL),
+            retrieval_propose: behaviour(RETRIEVAL_PROPOSE_PROTOCOL),
             identify: identify::Behaviour::new(identify::Config::new(
                 "/dealledger/1".into(),
                 key.public(),
@@ -277,6 +283,12 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(MarketBehaviourEvent::Transfer(event)) => {
                 self.on_market(TRANSFER_PROTOCOL, event).await
+            }
+            SwarmEvent::Behaviour(MarketBehaviourEvent::RetrievalQuery(event)) => {
+                self.on_market(RETRIEVAL_QUERY_PROTOCOL, event).await
+            }
+            SwarmEvent::Behaviour(MarketBehaviourEvent::RetrievalPropose(event)) => {
+                self.on_market(RETRIEVAL_PROPOSE_PROTOCOL, event).await
             }
             SwarmEvent::ListenerError { error, .. } => {
                 if let Some(reply) = self.pending_listen.take() {

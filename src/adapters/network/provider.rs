@@ -8,12 +8,16 @@ use libp2p::PeerId;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::message::{MarketRequest, MarketResponse, StorageAsk};
+use super::message::{MarketRequest, MarketResponse, RetrievalAsk, StorageAsk};
 use super::{Client, NetworkError, NetworkEvent};
 use crate::adapters::transfer::ProviderTransfers;
 use crate::deals::{Cause, Deals, DealsError};
 use crate::domain::PartyKey;
+use crate::domain::TokenAmount;
+use crate::domain::retrieval::RetrievalDealProposal;
 use crate::domain::storage::{ClientDealProposal, StorageDeal};
+use crate::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent};
+use crate::fsm::retrieval_provider::{RetrievalProvider, RetrievalProviderEvent};
 use crate::fsm::storage_client::{StorageClient, StorageClientEvent};
 use crate::fsm::storage_provider::{State, StorageProvider, StorageProviderEvent};
 use crate::fsm::{DecideContext, Label, Machine};
@@ -24,6 +28,7 @@ pub struct ProviderService {
     deals: Deals,
     key: SigningKey,
     ask: StorageAsk,
+    retrieval_ask: RetrievalAsk,
     transfers: ProviderTransfers,
 }
 
@@ -36,7 +41,19 @@ impl ProviderService {
         ask: StorageAsk,
         transfers: ProviderTransfers,
     ) -> Self {
-        Self { deals, key, ask, transfers }
+        let retrieval_ask = RetrievalAsk {
+            price_per_byte: TokenAmount(1),
+            unseal_price: TokenAmount::ZERO,
+            max_payment_interval: 1 << 20,
+        };
+        Self { deals, key, ask, retrieval_ask, transfers }
+    }
+
+    /// Sets the prices retrievals must meet (default: 1 attoFIL a byte, free unsealing,
+    /// payment at least every MiB).
+    pub fn with_retrieval_ask(mut self, ask: RetrievalAsk) -> Self {
+        self.retrieval_ask = ask;
+        self
     }
 
     /// The answer to one request from `peer`.
@@ -58,7 +75,73 @@ impl ProviderService {
                     Err(response) => response,
                 }
             }
+            MarketRequest::RetrievalQuery { piece_cid } => {
+                let bytes = self.transfers.pieces().size(&piece_cid).await;
+                MarketResponse::RetrievalQuote {
+                    available: bytes.is_some(),
+                    bytes: bytes.unwrap_or(0),
+                    ask: self.retrieval_ask.clone(),
+                }
+            }
+            MarketRequest::RetrievalPropose(terms) => self.on_retrieval(peer, *terms, ctx).await,
         }
+    }
+
+    async fn on_retrieval(
+        &self,
+        peer: PeerId,
+        terms: RetrievalDealProposal,
+        ctx: &DecideContext,
+    ) -> MarketResponse {
+        use RetrievalProviderEvent as R;
+        let rejected = |reason: String| MarketResponse::Rejected { reason };
+        if terms.client.peer_id() != Some(peer) {
+            return rejected(format!("the terms' client is not the sending peer {peer}"));
+        }
+        if terms.provider != PartyKey::of(&self.key) {
+            return rejected("the terms name another provider".into());
+        }
+        if let Err(e) = terms.validate() {
+            return rejected(e.to_string());
+        }
+        let stored = match terms.piece_cid {
+            Some(piece) => self.transfers.pieces().size(&piece).await,
+            None => None,
+        };
+        let deal_stream = Uuid::now_v7();
+        let proposal = Box::new(terms.clone());
+        let (command, response) = match stored {
+            None => (R::PieceNotFound { proposal }, MarketResponse::RetrievalDealNotFound),
+            Some(bytes) if terms.part.offset + terms.part.length > bytes => {
+                let reason = format!("the piece holds {bytes} bytes; the part ends beyond them");
+                (R::DealRejected { proposal, reason: reason.clone() }, rejected(reason))
+            }
+            Some(_) => match self.retrieval_ask.refuses(&terms) {
+                Some(reason) => {
+                    (R::DealRejected { proposal, reason: reason.clone() }, rejected(reason))
+                }
+                None => (
+                    R::DealAccepted { proposal },
+                    MarketResponse::RetrievalAccepted { deal_stream },
+                ),
+            },
+        };
+        let accepted = matches!(command, R::DealAccepted { .. });
+        if let Err(e) =
+            self.deals.handle::<RetrievalProvider>(deal_stream, command, ctx, None).await
+        {
+            return MarketResponse::Error { reason: e.to_string() };
+        }
+        // The piece store keeps unsealed copies: unsealing is done as soon as it is asked.
+        if accepted
+            && let Err(e) = self
+                .deals
+                .handle::<RetrievalProvider>(deal_stream, R::PieceUnsealed, ctx, None)
+                .await
+        {
+            return MarketResponse::Error { reason: e.to_string() };
+        }
+        response
     }
 
     async fn on_proposal(
@@ -208,4 +291,38 @@ pub async fn propose(
     };
     let decision = deals.handle::<StorageClient>(stream_id, command, ctx, None).await?;
     Ok(decision.deal.state.name())
+}
+
+/// Sends a client retrieval deal's terms to its provider and records the answer: the effect
+/// `send(RetrievalProposal)` of state WaitForAcceptance, performed. Returns the client deal's
+/// state and, when accepted, the provider's deal stream.
+pub async fn propose_retrieval(
+    client: &Client,
+    deals: &Deals,
+    stream_id: Uuid,
+    ctx: &DecideContext,
+) -> Result<(&'static str, Option<Uuid>), ProposeError> {
+    use crate::fsm::retrieval_client::State;
+    let deal = deals.load::<RetrievalClient>(stream_id).await?;
+    let Some(terms) = deal.data.proposal.clone() else {
+        return Err(ProposeError::NotReady(stream_id));
+    };
+    if deal.state != State::WaitForAcceptance {
+        return Err(ProposeError::NotReady(stream_id));
+    }
+    let provider = terms.provider.peer_id().ok_or(ProposeError::NotReady(stream_id))?;
+    let response =
+        client.request(provider, MarketRequest::RetrievalPropose(Box::new(terms))).await?;
+    let (command, provider_stream) = match response {
+        MarketResponse::RetrievalAccepted { deal_stream } => {
+            (RetrievalClientEvent::DealAccepted, Some(deal_stream))
+        }
+        MarketResponse::RetrievalDealNotFound => (RetrievalClientEvent::DealNotFound, None),
+        MarketResponse::Rejected { reason } => {
+            (RetrievalClientEvent::DealRejected { reason }, None)
+        }
+        other => return Err(ProposeError::Unexpected(format!("{other:?}"))),
+    };
+    let decision = deals.handle::<RetrievalClient>(stream_id, command, ctx, None).await?;
+    Ok((decision.deal.state.name(), provider_stream))
 }

@@ -113,6 +113,11 @@ impl PieceStore {
         Ok(out)
     }
 
+    /// The stored bytes of a piece, if it is here.
+    pub async fn size(&self, piece: &PieceCid) -> Option<u64> {
+        tokio::fs::metadata(self.path(piece)).await.ok().map(|m| m.len())
+    }
+
     /// Whether the piece is here.
     pub async fn has(&self, piece: &PieceCid) -> bool {
         tokio::fs::try_exists(self.path(piece)).await.unwrap_or(false)

@@ -149,6 +149,11 @@ impl ProviderTransfers {
         Self { deals, store, options }
     }
 
+    /// The piece store the transfers write to.
+    pub fn pieces(&self) -> &PieceStore {
+        &self.store
+    }
+
     /// Answers one transfer request about the provider deal `stream_id`.
     pub async fn answer(
         &self,
