@@ -384,3 +384,105 @@ async fn retrieval_terms_are_quoted_then_accepted_or_refused_over_the_network() 
         }
     }
 }
+
+/// A client retrieval deal for `part` of `piece`, accepted by the provider over the network,
+/// with its payment channel and lane set up (the chain adapter's part, played here). Returns
+/// the client's and the provider's deal streams.
+async fn accepted_retrieval(
+    n: &Nodes,
+    piece: dealledger::domain::PieceCid,
+    part: dealledger::domain::retrieval::ByteRange,
+    lane: u64,
+) -> (Uuid, Uuid) {
+    use dealledger::adapters::network::provider::propose_retrieval;
+    use dealledger::domain::retrieval::{ChannelAddress, RetrievalDealProposal};
+    use dealledger::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent as RC};
+    let terms = RetrievalDealProposal {
+        payload_cid: dealledger::events::chain::cid_of_bytes(b"payload"),
+        piece_cid: Some(piece),
+        part,
+        price_per_byte: TokenAmount(2),
+        payment_interval: 512 * 1024,
+        payment_interval_increase: 256 * 1024,
+        unseal_price: TokenAmount(0),
+        client: PartyKey::of(&client_key()),
+        provider: PartyKey::of(&provider_key()),
+    };
+    let stream = Uuid::now_v7();
+    let proposed = RC::DealProposed { proposal: Box::new(terms), part_of: None };
+    n.client_deals.handle::<RetrievalClient>(stream, proposed, &ctx(), None).await.unwrap();
+    let (state, provider_stream) =
+        propose_retrieval(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    assert_eq!(state, "Accepted");
+    for event in [
+        RC::PaymentChannelCreateInitiated,
+        RC::PaymentChannelReady { channel: ChannelAddress("t2-test-channel".into()) },
+        RC::LaneAllocated { lane },
+    ] {
+        n.client_deals.handle::<RetrievalClient>(stream, event, &ctx(), None).await.unwrap();
+    }
+    (stream, provider_stream.unwrap())
+}
+
+#[tokio::test]
+async fn a_four_mib_piece_is_retrieved_through_two_paid_deals_and_matches() {
+    use dealledger::adapters::transfer::retrieval::pull;
+    use dealledger::domain::retrieval::ByteRange;
+    use dealledger::fsm::retrieval_provider::RetrievalProvider;
+    let n = nodes(MarketCodec::default()).await;
+    let original = data(4 << 20, 5);
+    let (piece, size) = commp_of(&original);
+    n.pieces.put(piece, size, original.as_slice()).await.unwrap();
+    let mut retrieved = Vec::new();
+    for (index, offset) in [0u64, 2 << 20].into_iter().enumerate() {
+        let part = ByteRange { offset, length: 2 << 20 };
+        let (stream, provider_stream) = accepted_retrieval(&n, piece, part, index as u64).await;
+        let outcome = pull(
+            &n.client,
+            &n.client_deals,
+            stream,
+            provider_stream,
+            &client_key(),
+            TokenAmount(u128::MAX),
+            &ctx(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcome.state, "Completed");
+        assert_eq!(outcome.paid, TokenAmount(2 * (2 << 20)));
+        let provider = n.provider_deals.load::<RetrievalProvider>(provider_stream).await.unwrap();
+        assert_eq!(dealledger::fsm::Label::name(provider.state), "Completed");
+        // 512 KiB, then +768 KiB, then the rest: two interval payments and the last one.
+        assert_eq!(provider.data.payments, 3);
+        retrieved.extend(outcome.bytes);
+    }
+    assert!(retrieved == original, "the retrieved bytes differ from the original");
+}
+
+#[tokio::test]
+async fn a_client_at_its_funds_limit_stops_with_only_what_the_provider_sent() {
+    use dealledger::adapters::transfer::retrieval::pull;
+    use dealledger::domain::retrieval::ByteRange;
+    use dealledger::fsm::retrieval_provider::RetrievalProvider;
+    let n = nodes(MarketCodec::default()).await;
+    let original = data(2 << 20, 6);
+    let (piece, size) = commp_of(&original);
+    n.pieces.put(piece, size, original.as_slice()).await.unwrap();
+    let (stream, provider_stream) =
+        accepted_retrieval(&n, piece, ByteRange { offset: 0, length: 2 << 20 }, 0).await;
+    // Enough for the first interval (512 KiB at 2 attoFIL a byte), not for the second.
+    let limit = TokenAmount(2 * 512 * 1024);
+    let outcome =
+        pull(&n.client, &n.client_deals, stream, provider_stream, &client_key(), limit, &ctx())
+            .await
+            .unwrap();
+    assert_eq!(outcome.state, "InsufficientFunds");
+    assert_eq!(outcome.paid, limit);
+    let provider = n.provider_deals.load::<RetrievalProvider>(provider_stream).await.unwrap();
+    assert_eq!(dealledger::fsm::Label::name(provider.state), "FundsNeeded");
+    // The client holds exactly what was sent before the provider stopped for payment: the
+    // paid first interval and the unpaid second one, byte for byte.
+    assert_eq!(outcome.bytes.len() as u64, provider.data.bytes_sent);
+    assert_eq!(provider.data.bytes_sent, (512 + 768) * 1024);
+    assert!(outcome.bytes == original[..outcome.bytes.len()]);
+}

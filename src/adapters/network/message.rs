@@ -114,6 +114,10 @@ pub enum MarketRequest {
     RetrievalQuery { piece_cid: crate::domain::PieceCid },
     /// Retrieval terms (seed retrieval step 2a).
     RetrievalPropose(Box<crate::domain::retrieval::RetrievalDealProposal>),
+    /// The next bytes of a retrieval deal's part, from `offset` (steps 2h-2i).
+    RetrievalPull { deal_stream: uuid::Uuid, offset: u64 },
+    /// A voucher for the bytes received so far.
+    RetrievalPay { deal_stream: uuid::Uuid, voucher: Box<crate::domain::retrieval::SignedVoucher> },
 }
 
 impl MarketRequest {
@@ -128,6 +132,9 @@ impl MarketRequest {
             | MarketRequest::TransferFinish { .. } => TRANSFER_PROTOCOL,
             MarketRequest::RetrievalQuery { .. } => RETRIEVAL_QUERY_PROTOCOL,
             MarketRequest::RetrievalPropose(_) => RETRIEVAL_PROPOSE_PROTOCOL,
+            MarketRequest::RetrievalPull { .. } | MarketRequest::RetrievalPay { .. } => {
+                TRANSFER_PROTOCOL
+            }
         }
     }
 }
@@ -157,4 +164,14 @@ pub enum MarketResponse {
     RetrievalAccepted { deal_stream: uuid::Uuid },
     /// The piece is not stored here.
     RetrievalDealNotFound,
+    /// Bytes of the part from `offset`; sending stops while a payment is due (`owed` in total,
+    /// `last` for the final one); `complete` once everything is sent and paid.
+    RetrievalBlocks {
+        offset: u64,
+        bytes: Vec<u8>,
+        payment_due: Option<(TokenAmount, bool)>,
+        complete: bool,
+    },
+    /// The voucher was taken; `complete` when it was the last payment.
+    PaymentAccepted { paid: TokenAmount, complete: bool },
 }

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::message::{MarketRequest, MarketResponse, RetrievalAsk, StorageAsk};
 use super::{Client, NetworkError, NetworkEvent};
 use crate::adapters::transfer::ProviderTransfers;
+use crate::adapters::transfer::retrieval::ProviderRetrievals;
 use crate::deals::{Cause, Deals, DealsError};
 use crate::domain::PartyKey;
 use crate::domain::TokenAmount;
@@ -84,6 +85,11 @@ impl ProviderService {
                 }
             }
             MarketRequest::RetrievalPropose(terms) => self.on_retrieval(peer, *terms, ctx).await,
+            request
+            @ (MarketRequest::RetrievalPull { .. } | MarketRequest::RetrievalPay { .. }) => {
+                let pieces = self.transfers.pieces().clone();
+                ProviderRetrievals::new(self.deals.clone(), pieces).answer(peer, request, ctx).await
+            }
         }
     }
 

@@ -5,6 +5,8 @@
 //! After a dropped connection either side reopens the transfer and it resumes from the last
 //! offset recorded in the provider's journal, not from zero.
 
+pub mod retrieval;
+
 use uuid::Uuid;
 
 use crate::adapters::network::message::{MarketRequest, MarketResponse};
