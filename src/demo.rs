@@ -2,34 +2,44 @@
 //! on the embedded database and shows what it recorded.
 //!
 //! Storage deals are proposed and their data pushed between two libp2p nodes on 127.0.0.1, and
-//! the provider checks each piece's commitment. The chain, the sealing pipeline and the
-//! retrieval side are still played by the library's [`Script`] in this process, in the order
-//! the seed's flows give their inputs; the machines, the journal and the outbox are real.
+//! the provider checks each piece's commitment; a stored piece is then pulled back in paid
+//! parts. The chain, payment channels and the sealing pipeline are still played by the
+//! library's [`Script`] in this process, in the order the seed's flows give their inputs; the
+//! machines, the journal and the outbox are real.
 
 use clap::Args;
 use ed25519_dalek::SigningKey;
 
+use anyhow::Context;
 use dealledger::adapters::network;
 use dealledger::adapters::network::codec::MarketCodec;
 use dealledger::adapters::network::message::{MarketRequest, MarketResponse, StorageAsk};
+use dealledger::adapters::network::provider::propose_retrieval;
 use dealledger::adapters::network::provider::{ProviderService, propose};
 use dealledger::adapters::piece::commp::commp_of;
 use dealledger::adapters::piece::store::PieceStore;
+use dealledger::adapters::transfer::retrieval::pull;
 use dealledger::adapters::transfer::{ProviderTransfers, TransferOptions, push};
 use dealledger::db::Database;
 use dealledger::deals::Deals;
 use dealledger::deals::script::{Parties, Script};
 use dealledger::domain::ChainEpoch;
+use dealledger::domain::PartyKey;
 use dealledger::domain::retrieval::RetrievalDealProposal;
+use dealledger::domain::retrieval::{ChannelAddress, RetrievalRequest};
 use dealledger::domain::storage::{ClientDealProposal, StorageDealProposal};
 use dealledger::domain::{PaddedPieceSize, TokenAmount};
 use dealledger::events::Journal;
+use dealledger::events::chain::cid_of_bytes;
 use dealledger::fsm::fixtures;
+use dealledger::fsm::retrieval_client::{RequestPart, RetrievalClient, RetrievalClientEvent as RC};
+use dealledger::fsm::retrieval_request::{RetrievalRequestEvent as RR, RetrievalRequestMachine};
 use dealledger::fsm::storage_client::{StorageClient, StorageClientEvent};
 use dealledger::fsm::storage_provider::{StorageProvider, StorageProviderEvent};
 use dealledger::fsm::{DecideContext, Machine};
 use libp2p::Multiaddr;
 use std::time::Duration;
+use uuid::Uuid;
 
 /// Options of the demo.
 #[derive(Args, Debug)]
@@ -130,9 +140,13 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         args.deals, args.size
     );
     let mut streams = Vec::new();
+    let mut first_piece = None;
     for n in 0..args.deals {
         let bytes = data(n);
         let signed = proposal(&bytes, n);
+        if first_piece.is_none() {
+            first_piece = Some((signed.proposal.piece_cid, bytes.clone()));
+        }
         let state = over_network(signed.clone(), bytes).await?;
         anyhow::ensure!(state == "CheckForAcceptance", "deal {n} ended the transfer in {state}");
         let pair = script.chain_to_active(signed, &parties).await?;
@@ -159,25 +173,85 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     script.step::<StorageClient>(failing.0, StorageClientEvent::CleanupCompleted).await?;
     script.step::<StorageProvider>(failing.1, StorageProviderEvent::CleanupCompleted).await?;
 
-    println!("retrieval: one request, fetched in parts, paid as the bytes arrive");
-    let request = dealledger::domain::retrieval::RetrievalRequest {
-        provider: dealledger::domain::PartyKey::of(&provider_key),
-        client: dealledger::domain::PartyKey::of(&client_key),
-        total_bytes: 2_500,
-        part_size: 1_000,
-        ..fixtures::retrieval_request()
+    let (piece_cid, original) = first_piece.context("--deals must be at least 1")?;
+    println!("retrieval: deal 0's piece, pulled back over libp2p in three paid deals");
+    let request = RetrievalRequest {
+        payload_cid: cid_of_bytes(&original[..original.len().min(64)]),
+        piece_cid: Some(piece_cid),
+        total_bytes: original.len() as u64,
+        part_size: (original.len() as u64).div_ceil(3).max(1),
+        provider: PartyKey::of(&provider_key),
+        client: PartyKey::of(&client_key),
+        max_price_per_byte: TokenAmount(2),
     };
     let request_id = deals.initiate_retrieval(request.clone(), 3, &ctx).await?;
+    let mut retrieved = Vec::with_capacity(original.len());
     let mut vouchers = 0;
     for (index, part) in request.parts().into_iter().enumerate() {
+        let part_index = index as u32;
         let terms = RetrievalDealProposal {
+            payload_cid: request.payload_cid,
+            piece_cid: Some(piece_cid),
             part,
+            price_per_byte: TokenAmount(2),
+            payment_interval: 128 * 1024,
+            payment_interval_increase: 64 * 1024,
+            unseal_price: TokenAmount::ZERO,
             client: request.client,
             provider: request.provider,
-            ..fixtures::retrieval_terms()
         };
-        vouchers += script.retrieve_part(request_id, index as u32, terms, &parties).await?;
+        let stream = Uuid::now_v7();
+        let part_of = Some(RequestPart { request_id, part_index });
+        deals
+            .handle::<RetrievalClient>(
+                stream,
+                RC::DealProposed { proposal: Box::new(terms), part_of },
+                &ctx,
+                None,
+            )
+            .await?;
+        // The request's start-retrieval-deal effect, performed.
+        script
+            .step::<RetrievalRequestMachine>(
+                request_id,
+                RR::PartStarted { part_index, deal_stream: stream },
+            )
+            .await?;
+        let (state, provider_stream) = propose_retrieval(&client_net, &deals, stream, &ctx).await?;
+        let provider_stream =
+            provider_stream.with_context(|| format!("part {index} was not accepted: {state}"))?;
+        // The payment channel: the chain adapter's part, played here.
+        let channel = ChannelAddress(format!("t2-demo-{}", &request_id.simple().to_string()[..8]));
+        for event in [
+            RC::PaymentChannelCreateInitiated,
+            RC::PaymentChannelReady { channel },
+            RC::LaneAllocated { lane: index as u64 },
+        ] {
+            script.step::<RetrievalClient>(stream, event).await?;
+        }
+        let outcome = pull(
+            &client_net,
+            &deals,
+            stream,
+            provider_stream,
+            &client_key,
+            TokenAmount(u128::MAX),
+            &ctx,
+        )
+        .await?;
+        anyhow::ensure!(outcome.state == "Completed", "part {index} ended in {}", outcome.state);
+        vouchers += deals.load::<RetrievalClient>(stream).await?.data.payments;
+        // The completed deal's notify effect, performed.
+        let completed = RR::PartCompleted {
+            part_index,
+            deal_stream: stream,
+            bytes: part.length,
+            paid: outcome.paid,
+        };
+        script.step::<RetrievalRequestMachine>(request_id, completed).await?;
+        retrieved.extend(outcome.bytes);
     }
+    anyhow::ensure!(retrieved == original, "the retrieved bytes differ from the stored piece");
 
     println!("\n{:<38} {:<18} {:<14} {:>4}  note", "stream", "side", "state", "code");
     let shown = streams.iter().chain([&slashed, &failing]);
@@ -191,7 +265,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     }
     let status = deals.get_retrieval_status(request_id).await?;
     println!(
-        "\nretrieval request {}: {} ({} of {} parts, {} of {} bytes, {} vouchers, paid {})",
+        "\nretrieval request {}: {} ({} of {} parts, {} of {} bytes verified byte for byte, {} vouchers, paid {})",
         status.request_id,
         status.state,
         status.parts_completed,
@@ -220,7 +294,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     );
     println!("(full timeline: cargo run -- audit {audited})");
     println!(
-        "{} scripted steps (chain, sealing, retrieval) re-checked by replaying their streams; \
+        "{} scripted steps (chain, payment channels, sealing) re-checked by replaying their streams; \
          whole demo {:.2} s",
         script.steps,
         started.elapsed().as_secs_f64()
