@@ -149,42 +149,50 @@ impl PieceStore {
         Ok(kept)
     }
 
-    /// Appends a chunk at `offset`, which must be the partial data's current length. Returns
-    /// the new length.
-    pub async fn append(
+    /// Opens the deal's partial data for appending, cut to `keep` bytes, with the commitment
+    /// hasher already fed with what is kept (read once, on a resumed transfer).
+    pub async fn open_partial(
         &self,
         deal: &str,
-        offset: u64,
-        bytes: &[u8],
-    ) -> Result<u64, PieceStoreError> {
+        keep: u64,
+    ) -> Result<(tokio::fs::File, u64, CommP), PieceStoreError> {
+        let kept = self.resume(deal, keep).await?;
         let path = self.partial(deal);
-        let mut file = tokio::fs::OpenOptions::new()
+        let mut hasher = CommP::new();
+        if kept > 0 {
+            let mut file = tokio::fs::File::open(&path).await.map_err(Self::io(&path))?;
+            let mut buffer = vec![0u8; 1 << 16];
+            loop {
+                let read = file.read(&mut buffer).await.map_err(Self::io(&path))?;
+                if read == 0 {
+                    break;
+                }
+                hasher.update(&buffer[..read]);
+            }
+        }
+        let file = tokio::fs::OpenOptions::new()
             .append(true)
             .open(&path)
             .await
             .map_err(Self::io(&path))?;
-        let length = file.metadata().await.map_err(Self::io(&path))?.len();
-        if length != offset {
-            return Err(PieceStoreError::OutOfOrder { expected: length, got: offset });
-        }
-        file.write_all(bytes).await.map_err(Self::io(&path))?;
-        file.flush().await.map_err(Self::io(&path))?;
-        Ok(length + bytes.len() as u64)
+        Ok((file, kept, hasher))
     }
 
-    /// Checks the deal's partial data against `expected` and keeps it as that piece. On a
-    /// mismatch the partial data is removed and the actual commitment reported.
-    pub async fn finish(
+    /// Keeps the deal's partial data as `piece` (its commitment already checked by the caller),
+    /// or drops it when `keep` is false.
+    pub async fn settle_partial(
         &self,
         deal: &str,
-        expected: PieceCid,
-        size: PaddedPieceSize,
-    ) -> Result<u64, PieceStoreError> {
+        piece: &PieceCid,
+        keep: bool,
+    ) -> Result<(), PieceStoreError> {
         let path = self.partial(deal);
-        let file = tokio::fs::File::open(&path).await.map_err(Self::io(&path))?;
-        let stored = self.put(expected, size, file).await;
-        let _ = tokio::fs::remove_file(&path).await;
-        stored
+        if keep {
+            let final_path = self.path(piece);
+            tokio::fs::rename(&path, &final_path).await.map_err(Self::io(&final_path))
+        } else {
+            tokio::fs::remove_file(&path).await.map_err(Self::io(&path))
+        }
     }
 }
 

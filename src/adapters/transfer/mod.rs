@@ -7,7 +7,14 @@
 
 pub mod retrieval;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
 use uuid::Uuid;
+
+use crate::adapters::piece::commp::CommP;
 
 use crate::adapters::network::message::{MarketRequest, MarketResponse};
 use crate::adapters::network::{Client, NetworkError};
@@ -33,7 +40,7 @@ pub struct TransferOptions {
 
 impl Default for TransferOptions {
     fn default() -> Self {
-        Self { chunk_bytes: CHUNK_BYTES, progress_every: 1 << 20 }
+        Self { chunk_bytes: CHUNK_BYTES, progress_every: 4 << 20 }
     }
 }
 
@@ -135,20 +142,39 @@ pub async fn push(
     Ok(state.name())
 }
 
+/// One open push on the provider: the file being appended to and the commitment so far, so
+/// that chunks neither replay the deal nor reopen the file, and the end needs no second read.
+struct Session {
+    file: tokio::fs::File,
+    hasher: CommP,
+    received: u64,
+    recorded: u64,
+}
+
 /// The provider's side of pushes: validates them against its deals (the seed's
 /// PushValidator), keeps the bytes in the piece store, records progress, and checks the piece
 /// commitment when the push ends.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProviderTransfers {
     deals: Deals,
     store: PieceStore,
     options: TransferOptions,
+    sessions: Arc<Mutex<HashMap<Uuid, Session>>>,
+}
+
+impl std::fmt::Debug for ProviderTransfers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderTransfers")
+            .field("store", &self.store)
+            .field("options", &self.options)
+            .finish()
+    }
 }
 
 impl ProviderTransfers {
     /// Transfers into `store`, recording through `deals`.
     pub fn new(deals: Deals, store: PieceStore, options: TransferOptions) -> Self {
-        Self { deals, store, options }
+        Self { deals, store, options, sessions: Arc::default() }
     }
 
     /// The piece store the transfers write to.
@@ -169,6 +195,16 @@ impl ProviderTransfers {
         }
     }
 
+    async fn record(
+        &self,
+        stream_id: Uuid,
+        event: P,
+        ctx: &DecideContext,
+    ) -> Result<ProviderState, String> {
+        let decision = self.deals.handle::<StorageProvider>(stream_id, event, ctx, None).await;
+        decision.map(|d| d.deal.state).map_err(|e| e.to_string())
+    }
+
     async fn try_answer(
         &self,
         stream_id: Uuid,
@@ -176,66 +212,103 @@ impl ProviderTransfers {
         ctx: &DecideContext,
     ) -> Result<MarketResponse, String> {
         let text = |e: &dyn std::fmt::Display| e.to_string();
-        let deal = self.deals.load::<StorageProvider>(stream_id).await.map_err(|e| text(&e))?;
-        let proposal = deal.data.proposal.clone().ok_or("no proposal")?;
-        let key = proposal.cid().to_string();
-        let record = |event: P| async move {
-            self.deals
-                .handle::<StorageProvider>(stream_id, event, ctx, None)
-                .await
-                .map_err(|e| e.to_string())
-        };
         match request {
             MarketRequest::TransferOpen { total_bytes, .. } => {
+                let deal =
+                    self.deals.load::<StorageProvider>(stream_id).await.map_err(|e| text(&e))?;
+                let proposal = deal.data.proposal.clone().ok_or("no proposal")?;
                 if total_bytes > proposal.proposal.piece_size.0 {
                     return Err(format!("{total_bytes} bytes do not fit the deal's piece"));
                 }
                 match deal.state {
                     ProviderState::WaitingForData => {
-                        record(P::DataTransferStarted).await.map(drop)?
+                        self.record(stream_id, P::DataTransferStarted, ctx).await?;
                     }
                     ProviderState::ProviderTransferAwaitRestart => {
-                        record(P::DataTransferRestarted).await.map(drop)?
+                        self.record(stream_id, P::DataTransferRestarted, ctx).await?;
                     }
                     ProviderState::Transferring => {}
                     state => {
                         return Err(format!("deal is in {}, not waiting for data", state.name()));
                     }
                 }
-                let resume_from = self
-                    .store
-                    .resume(&key, deal.data.bytes_received)
-                    .await
-                    .map_err(|e| text(&e))?;
-                Ok(MarketResponse::TransferAccepted { resume_from })
+                let key = proposal.cid().to_string();
+                let recorded = deal.data.bytes_received;
+                let (file, received, hasher) =
+                    self.store.open_partial(&key, recorded).await.map_err(|e| text(&e))?;
+                let session = Session { file, hasher, received, recorded };
+                self.sessions.lock().await.insert(stream_id, session);
+                Ok(MarketResponse::TransferAccepted { resume_from: received })
             }
             MarketRequest::TransferChunk { offset, bytes, .. } => {
-                if deal.state != ProviderState::Transferring {
-                    return Err(format!("deal is in {}, not transferring", deal.state.name()));
+                let mut sessions = self.sessions.lock().await;
+                let session = sessions
+                    .get_mut(&stream_id)
+                    .ok_or("no open transfer for this deal: open it first")?;
+                if offset != session.received {
+                    return Err(format!(
+                        "chunk at offset {offset}, but {} bytes are kept",
+                        session.received
+                    ));
                 }
-                let received =
-                    self.store.append(&key, offset, &bytes).await.map_err(|e| text(&e))?;
-                if received - deal.data.bytes_received >= self.options.progress_every {
-                    record(P::DataTransferProgressed { bytes: received }).await?;
+                session.file.write_all(&bytes).await.map_err(|e| text(&e))?;
+                session.hasher.update(&bytes);
+                session.received += bytes.len() as u64;
+                let received = session.received;
+                if received - session.recorded >= self.options.progress_every {
+                    session.file.flush().await.map_err(|e| text(&e))?;
+                    session.file.sync_data().await.map_err(|e| text(&e))?;
+                    if let Err(e) = self
+                        .record(stream_id, P::DataTransferProgressed { bytes: received }, ctx)
+                        .await
+                    {
+                        sessions.remove(&stream_id);
+                        return Err(e);
+                    }
+                    session.recorded = received;
                 }
                 Ok(MarketResponse::ChunkAcknowledged { received })
             }
             MarketRequest::TransferFinish { .. } => {
-                if deal.state != ProviderState::Transferring {
-                    return Err(format!("deal is in {}, not transferring", deal.state.name()));
-                }
-                let received = self.store.resume(&key, u64::MAX).await.map_err(|e| text(&e))?;
-                record(P::DataTransferCompleted { bytes: received }).await?;
+                let mut session = self
+                    .sessions
+                    .lock()
+                    .await
+                    .remove(&stream_id)
+                    .ok_or("no open transfer for this deal")?;
+                session.file.flush().await.map_err(|e| text(&e))?;
+                let deal =
+                    self.deals.load::<StorageProvider>(stream_id).await.map_err(|e| text(&e))?;
+                let proposal = deal.data.proposal.clone().ok_or("no proposal")?;
+                let key = proposal.cid().to_string();
+                self.record(stream_id, P::DataTransferCompleted { bytes: session.received }, ctx)
+                    .await?;
                 // VerifyData's effect, performed: the commitment of the bytes received.
                 let terms = &proposal.proposal;
-                match self.store.finish(&key, terms.piece_cid, terms.piece_size).await {
-                    Ok(_) => {
-                        record(P::DataVerified { piece_cid: terms.piece_cid }).await?;
+                let verdict = match session.hasher.finish_at(terms.piece_size) {
+                    Ok(actual) if actual == terms.piece_cid => Ok(()),
+                    Ok(actual) => {
+                        Err(format!("the data's commitment is {actual}, not {}", terms.piece_cid))
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                self.store
+                    .settle_partial(&key, &terms.piece_cid, verdict.is_ok())
+                    .await
+                    .map_err(|e| text(&e))?;
+                match verdict {
+                    Ok(()) => {
+                        self.record(stream_id, P::DataVerified { piece_cid: terms.piece_cid }, ctx)
+                            .await?;
                         Ok(MarketResponse::TransferVerified { verified: true, reason: None })
                     }
-                    Err(e) => {
-                        let reason = e.to_string();
-                        record(P::DataVerificationFailed { reason: reason.clone() }).await?;
+                    Err(reason) => {
+                        self.record(
+                            stream_id,
+                            P::DataVerificationFailed { reason: reason.clone() },
+                            ctx,
+                        )
+                        .await?;
                         Ok(MarketResponse::TransferVerified {
                             verified: false,
                             reason: Some(reason),

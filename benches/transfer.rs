@@ -1,0 +1,153 @@
+//! `cargo bench --bench transfer`: pushing a deal's data over libp2p on 127.0.0.1 with the
+//! ledger (journal progress, piece store on disk, commP check at the end), beside the same
+//! chunks over the same protocol answered by a bare node that keeps nothing. Prints a table and
+//! writes `target/bench/transfer.json`. Size scales with `BENCH_SCALE` (default 1.0: 64 MiB).
+
+use std::time::{Duration, Instant};
+
+use libp2p::Multiaddr;
+use uuid::Uuid;
+
+use dealledger::adapters::network::codec::MarketCodec;
+use dealledger::adapters::network::message::{MarketRequest, MarketResponse, StorageAsk};
+use dealledger::adapters::network::provider::{ProviderService, propose};
+use dealledger::adapters::network::{self, NetworkEvent};
+use dealledger::adapters::piece::commp::commp_of;
+use dealledger::adapters::piece::store::PieceStore;
+use dealledger::adapters::transfer::{CHUNK_BYTES, ProviderTransfers, TransferOptions, push};
+use dealledger::db::testing::fresh_database;
+use dealledger::deals::Deals;
+use dealledger::domain::storage::ClientDealProposal;
+use dealledger::domain::{ChainEpoch, PaddedPieceSize, TokenAmount};
+use dealledger::events::Journal;
+use dealledger::fsm::DecideContext;
+use dealledger::fsm::fixtures::{NOW, client_key, proposal, provider_key};
+use dealledger::fsm::storage_client::{StorageClient, StorageClientEvent};
+
+fn ctx() -> DecideContext {
+    DecideContext { epoch: ChainEpoch(NOW), ..DecideContext::default() }
+}
+
+async fn ledger_push(data: &[u8]) -> f64 {
+    let (provider_pool, _) = fresh_database(4).await.expect("database");
+    let (client_pool, _) = fresh_database(4).await.expect("database");
+    let (provider_deals, client_deals) =
+        (Deals::new(Journal::new(provider_pool)), Deals::new(Journal::new(client_pool)));
+    let (provider, events, event_loop) =
+        network::new(&provider_key(), MarketCodec::default(), Duration::from_secs(60))
+            .expect("node");
+    tokio::spawn(event_loop.run());
+    let address = provider
+        .listen("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>().expect("addr"))
+        .await
+        .expect("listen");
+    let pieces =
+        PieceStore::new(std::env::temp_dir().join(format!("dealledger-bench-{}", Uuid::new_v4())));
+    let transfers =
+        ProviderTransfers::new(provider_deals.clone(), pieces, TransferOptions::default());
+    let ask = StorageAsk {
+        price_per_gib_epoch: TokenAmount(0),
+        min_piece_size: PaddedPieceSize(128),
+        max_piece_size: PaddedPieceSize(1 << 40),
+    };
+    tokio::spawn(ProviderService::new(provider_deals, provider_key(), ask, transfers).serve(
+        provider.clone(),
+        events,
+        ctx(),
+    ));
+    let (client, _events, client_loop) =
+        network::new(&client_key(), MarketCodec::default(), Duration::from_secs(60)).expect("node");
+    tokio::spawn(client_loop.run());
+    client.add_address(provider.peer_id(), address).await.expect("address");
+    let (piece_cid, piece_size) = commp_of(data);
+    let mut terms = proposal();
+    terms.piece_cid = piece_cid;
+    terms.piece_size = piece_size;
+    let signed = ClientDealProposal::sign(terms, &client_key());
+    let amount = signed.proposal.client_balance_requirement().expect("amounts");
+    let stream = client_deals.initiate_deal(signed, &ctx()).await.expect("initiate");
+    client_deals
+        .handle::<StorageClient>(
+            stream.stream_id,
+            StorageClientEvent::FundsReserved { amount },
+            &ctx(),
+            None,
+        )
+        .await
+        .expect("funds");
+    propose(&client, &client_deals, stream.stream_id, &ctx()).await.expect("propose");
+    let started = Instant::now();
+    let state =
+        push(&client, &client_deals, stream.stream_id, data, TransferOptions::default(), &ctx())
+            .await
+            .expect("push");
+    assert_eq!(state, "CheckForAcceptance");
+    data.len() as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64
+}
+
+async fn bare_push(data: &[u8]) -> f64 {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let (bare, mut events, event_loop) =
+        network::new(&key, MarketCodec::default(), Duration::from_secs(60)).expect("node");
+    tokio::spawn(event_loop.run());
+    let address = bare
+        .listen("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>().expect("addr"))
+        .await
+        .expect("listen");
+    let responder = bare.clone();
+    tokio::spawn(async move {
+        while let Some(NetworkEvent::InboundRequest { request, channel, .. }) = events.recv().await
+        {
+            let response = match &request {
+                MarketRequest::TransferChunk { offset, bytes, .. } => {
+                    MarketResponse::ChunkAcknowledged { received: offset + bytes.len() as u64 }
+                }
+                _ => MarketResponse::Error { reason: "bare node".into() },
+            };
+            let _ = responder.respond(&request, channel, response).await;
+        }
+    });
+    let (client, _events, client_loop) =
+        network::new(&client_key(), MarketCodec::default(), Duration::from_secs(60)).expect("node");
+    tokio::spawn(client_loop.run());
+    client.add_address(bare.peer_id(), address).await.expect("address");
+    let proposal_cid = dealledger::events::chain::cid_of_bytes(b"bench");
+    let started = Instant::now();
+    let mut offset = 0usize;
+    while offset < data.len() {
+        let end = (offset + CHUNK_BYTES).min(data.len());
+        let request = MarketRequest::TransferChunk {
+            proposal_cid,
+            offset: offset as u64,
+            bytes: data[offset..end].to_vec(),
+        };
+        match client.request(bare.peer_id(), request).await.expect("chunk") {
+            MarketResponse::ChunkAcknowledged { received } => offset = received as usize,
+            other => panic!("{other:?}"),
+        }
+    }
+    data.len() as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64
+}
+
+#[tokio::main]
+async fn main() {
+    let scale: f64 = std::env::var("BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let bytes = ((64u64 << 20) as f64 * scale) as usize;
+    let data: Vec<u8> = (0..bytes).map(|i| (i as u32).wrapping_mul(2_654_435_761) as u8).collect();
+    let bare = bare_push(&data).await;
+    let ledger = ledger_push(&data).await;
+    println!(
+        "\ntransfer benchmark (127.0.0.1, {} MiB, chunks of {} KiB)",
+        bytes >> 20,
+        CHUNK_BYTES >> 10
+    );
+    println!("{:<62} {:>10}", "workload", "MiB/s");
+    println!("{:<62} {:>10.1}", "bare request-response chunks (same protocol, nothing kept)", bare);
+    println!("{:<62} {:>10.1}", "ledger push (journal progress, piece store, commP check)", ledger);
+    println!("ledger / bare: {:.2}", ledger / bare);
+    let json = serde_json::json!({"bytes": bytes, "bare_mib_per_s": bare, "ledger_mib_per_s": ledger, "ratio": ledger / bare});
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).expect("target/bench");
+    std::fs::write(dir.join("transfer.json"), serde_json::to_string_pretty(&json).expect("json"))
+        .expect("write");
+}
