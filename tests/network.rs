@@ -240,15 +240,15 @@ async fn eight_mib_are_pushed_verified_and_kept_until_the_chain_is_needed() {
         n.pieces.read_range(&piece, 3_000_000, 1_000).await.unwrap(),
         bytes[3_000_000..3_001_000]
     );
-    // Progress was recorded every 4 MiB (the default granularity), not per 256 KiB chunk: once
-    // before the end of 8 MiB.
+    // Progress was recorded every 4 MiB (the default granularity), not per 256 KiB chunk: at
+    // 4 and 8 MiB.
     let progress: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE event_type = 'data-transfer-progressed'",
     )
     .fetch_one(n.provider_deals.journal().pool())
     .await
     .unwrap();
-    assert_eq!(progress, 1, "{progress} progress events");
+    assert_eq!(progress, 2, "{progress} progress events");
 }
 
 #[tokio::test]
