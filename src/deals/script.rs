@@ -144,18 +144,7 @@ impl<'a> Script<'a> {
         proposal: ClientDealProposal,
         parties: &Parties<'_>,
     ) -> Result<(Uuid, Uuid), ScriptError> {
-        let client = Deals::storage_stream_id(StorageClient::NAME, &proposal);
-        let provider = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
-        let data_bytes = self.data_bytes.unwrap_or(proposal.proposal.piece_size.0);
-        let (client_commands, provider_commands) =
-            storage_deal_commands_moving(proposal, parties.provider, data_bytes);
-        for command in client_commands {
-            self.step::<StorageClient>(client, command).await?;
-        }
-        for command in provider_commands {
-            self.step::<StorageProvider>(provider, command).await?;
-        }
-        Ok((client, provider))
+        self.play_storage(proposal, parties, false).await
     }
 
     /// The chain's part of a storage deal whose data has been transferred and verified (client
@@ -166,21 +155,32 @@ impl<'a> Script<'a> {
         proposal: ClientDealProposal,
         parties: &Parties<'_>,
     ) -> Result<(Uuid, Uuid), ScriptError> {
+        self.play_storage(proposal, parties, true).await
+    }
+
+    /// Plays [`storage_deal_commands_moving`] on both sides; with `after_transfer`, only the
+    /// commands from DealPublished (client) and FundsReserved (provider) on.
+    async fn play_storage(
+        &mut self,
+        proposal: ClientDealProposal,
+        parties: &Parties<'_>,
+        after_transfer: bool,
+    ) -> Result<(Uuid, Uuid), ScriptError> {
         let client = Deals::storage_stream_id(StorageClient::NAME, &proposal);
         let provider = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
+        let data_bytes = self.data_bytes.unwrap_or(proposal.proposal.piece_size.0);
         let (client_commands, provider_commands) =
-            storage_deal_commands(proposal, parties.provider);
-        // The commands after the transfer: from DealPublished (client) and FundsReserved
-        // (provider) on.
-        let after = |commands: Vec<SC>| {
-            commands.into_iter().skip_while(|c| !matches!(c, SC::DealPublished { .. }))
-        };
-        for command in after(client_commands) {
+            storage_deal_commands_moving(proposal, parties.provider, data_bytes);
+        let client_commands = client_commands
+            .into_iter()
+            .skip_while(|c| after_transfer && !matches!(c, SC::DealPublished { .. }));
+        for command in client_commands {
             self.step::<StorageClient>(client, command).await?;
         }
-        for command in
-            provider_commands.into_iter().skip_while(|c| !matches!(c, SP::FundsReserved { .. }))
-        {
+        let provider_commands = provider_commands
+            .into_iter()
+            .skip_while(|c| after_transfer && !matches!(c, SP::FundsReserved { .. }));
+        for command in provider_commands {
             self.step::<StorageProvider>(provider, command).await?;
         }
         Ok((client, provider))
