@@ -8,7 +8,9 @@ use libp2p::Multiaddr;
 use uuid::Uuid;
 
 use dealledger::adapters::network::codec::MarketCodec;
-use dealledger::adapters::network::message::{MarketRequest, MarketResponse, StorageAsk};
+use dealledger::adapters::network::message::{
+    MarketRequest, MarketResponse, SignedStatusQuery, StorageAsk,
+};
 use dealledger::adapters::network::provider::{ProviderService, propose};
 use dealledger::adapters::network::{self, Client};
 use dealledger::adapters::piece::commp::commp_of;
@@ -125,12 +127,15 @@ async fn a_storage_deal_is_proposed_and_accepted_over_the_network() {
     assert_eq!((provider_status.state, provider_status.code), ("WaitingForData", 18));
     let client_deal = client_deals.load::<StorageClient>(stream).await.unwrap();
     assert!(client_deal.data.signed_deal.unwrap().verify().is_ok());
-    // And the status protocol reports the provider's side
-    let status = client
-        .request(provider, MarketRequest::Status { proposal_cid: signed_proposal().cid() })
-        .await
-        .unwrap();
+    // And the status protocol reports the provider's side to the deal's client only
+    let ask_status = |key: &SigningKey| {
+        let query = SignedStatusQuery::sign(signed_proposal().cid(), key);
+        client.request(provider, MarketRequest::Status(Box::new(query)))
+    };
+    let status = ask_status(&client_key()).await.unwrap();
     assert!(matches!(status, MarketResponse::Status { code: 18, .. }), "{status:?}");
+    let stranger = ask_status(&SigningKey::from_bytes(&[8; 32])).await.unwrap();
+    assert!(matches!(stranger, MarketResponse::Rejected { .. }), "{stranger:?}");
 }
 
 #[tokio::test]

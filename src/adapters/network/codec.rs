@@ -184,7 +184,9 @@ mod tests {
 
         #[test]
         fn any_status_request_round_trips(digest in any::<[u8; 8]>()) {
-            let request = MarketRequest::Status { proposal_cid: crate::events::chain::cid_of_bytes(&digest) };
+            let cid = crate::events::chain::cid_of_bytes(&digest);
+            let signed = super::super::message::SignedStatusQuery::sign(cid, &crate::fsm::fixtures::client_key());
+            let request = MarketRequest::Status(Box::new(signed));
             let framed = encode(&request, DEFAULT_MAX_MESSAGE_BYTES).unwrap();
             prop_assert_eq!(decode::<MarketRequest>(&framed[4..]).unwrap(), request);
         }

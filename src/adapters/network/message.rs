@@ -95,6 +95,46 @@ impl StorageAsk {
     }
 }
 
+/// Domain separation for status query signatures.
+const STATUS_QUERY_CONTEXT: &str = "dealledger/storage-status-query/1";
+
+/// A client's question about one of its deals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusQuery {
+    /// The deal, by proposal CID.
+    pub proposal_cid: Cid,
+    /// The asking client.
+    pub client: crate::domain::PartyKey,
+}
+
+/// A status query signed by the client it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedStatusQuery {
+    /// The question.
+    pub query: StatusQuery,
+    /// The client's signature over it.
+    pub signature: ed25519_dalek::Signature,
+}
+
+impl SignedStatusQuery {
+    /// Signs a query about `proposal_cid` with the client's key.
+    pub fn sign(proposal_cid: Cid, client_key: &ed25519_dalek::SigningKey) -> Self {
+        let query = StatusQuery { proposal_cid, client: crate::domain::PartyKey::of(client_key) };
+        let signature = crate::domain::sign(STATUS_QUERY_CONTEXT, &query, client_key);
+        Self { query, signature }
+    }
+
+    /// Whether the signature is the named client's.
+    pub fn verifies(&self) -> bool {
+        crate::domain::verify(
+            STATUS_QUERY_CONTEXT,
+            &self.query,
+            &self.query.client,
+            &self.signature,
+        )
+    }
+}
+
 /// What a peer asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MarketRequest {
@@ -102,8 +142,8 @@ pub enum MarketRequest {
     Ask,
     /// A signed proposal (storage flow step 1).
     Propose(Box<ClientDealProposal>),
-    /// The status of the deal with this proposal CID.
-    Status { proposal_cid: Cid },
+    /// The status of a deal, asked by its client (signed, so only the client learns it).
+    Status(Box<SignedStatusQuery>),
     /// Opens (or reopens) the push of a deal's data; the answer says where to resume.
     TransferOpen { proposal_cid: Cid, total_bytes: u64 },
     /// The bytes at `offset` of the deal's data.
@@ -126,7 +166,7 @@ impl MarketRequest {
         match self {
             MarketRequest::Ask => ASK_PROTOCOL,
             MarketRequest::Propose(_) => PROPOSE_PROTOCOL,
-            MarketRequest::Status { .. } => STATUS_PROTOCOL,
+            MarketRequest::Status(_) => STATUS_PROTOCOL,
             MarketRequest::TransferOpen { .. }
             | MarketRequest::TransferChunk { .. }
             | MarketRequest::TransferFinish { .. } => TRANSFER_PROTOCOL,

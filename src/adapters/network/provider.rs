@@ -8,7 +8,7 @@ use libp2p::PeerId;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::message::{MarketRequest, MarketResponse, RetrievalAsk, StorageAsk};
+use super::message::{MarketRequest, MarketResponse, RetrievalAsk, SignedStatusQuery, StorageAsk};
 use super::{Client, NetworkError, NetworkEvent};
 use crate::adapters::transfer::ProviderTransfers;
 use crate::adapters::transfer::retrieval::ProviderRetrievals;
@@ -67,7 +67,7 @@ impl ProviderService {
         match request {
             MarketRequest::Ask => MarketResponse::Ask(self.ask.clone()),
             MarketRequest::Propose(proposal) => self.on_proposal(peer, *proposal, ctx).await,
-            MarketRequest::Status { proposal_cid } => self.status(proposal_cid).await,
+            MarketRequest::Status(query) => self.status(&query).await,
             MarketRequest::TransferOpen { proposal_cid, .. }
             | MarketRequest::TransferChunk { proposal_cid, .. }
             | MarketRequest::TransferFinish { proposal_cid } => {
@@ -217,11 +217,25 @@ impl ProviderService {
         })
     }
 
-    async fn status(&self, proposal_cid: cid::Cid) -> MarketResponse {
-        let stream = match self.provider_stream(proposal_cid).await {
+    async fn status(&self, signed: &SignedStatusQuery) -> MarketResponse {
+        if !signed.verifies() {
+            return MarketResponse::Rejected {
+                reason: "the status query's signature does not verify".into(),
+            };
+        }
+        let stream = match self.provider_stream(signed.query.proposal_cid).await {
             Ok(stream) => stream,
             Err(response) => return response,
         };
+        let client = match self.deals.load::<StorageProvider>(stream).await {
+            Ok(deal) => deal.data.proposal.map(|p| p.proposal.client),
+            Err(e) => return MarketResponse::Error { reason: e.to_string() },
+        };
+        if client != Some(signed.query.client) {
+            return MarketResponse::Rejected {
+                reason: "only the deal's client may ask its status".into(),
+            };
+        }
         match self.deals.get_storage_deal_status(stream).await {
             Ok(s) => MarketResponse::Status {
                 state: s.state.to_owned(),
