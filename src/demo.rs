@@ -130,7 +130,16 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
             let state = propose(&client_net, &deals, stream, &ctx).await?;
             anyhow::ensure!(state == "StartDataTransfer", "the provider did not accept: {state}");
             Ok::<_, anyhow::Error>(
-                push(&client_net, &deals, stream, &bytes, TransferOptions::default(), &ctx).await?,
+                push(
+                    &client_net,
+                    &deals,
+                    stream,
+                    std::io::Cursor::new(&bytes),
+                    bytes.len() as u64,
+                    TransferOptions::default(),
+                    &ctx,
+                )
+                .await?,
             )
         }
     };

@@ -229,10 +229,17 @@ async fn eight_mib_are_pushed_verified_and_kept_until_the_chain_is_needed() {
         propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap(),
         "StartDataTransfer"
     );
-    let state =
-        push(&n.client, &n.client_deals, stream, &bytes, TransferOptions::default(), &ctx())
-            .await
-            .unwrap();
+    let state = push(
+        &n.client,
+        &n.client_deals,
+        stream,
+        std::io::Cursor::new(&bytes),
+        bytes.len() as u64,
+        TransferOptions::default(),
+        &ctx(),
+    )
+    .await
+    .unwrap();
     assert_eq!(state, "CheckForAcceptance");
     let provider_stream = Deals::storage_stream_id("storage_provider", &proposal);
     let provider = n.provider_deals.get_storage_deal_status(provider_stream).await.unwrap();
@@ -265,9 +272,17 @@ async fn data_that_does_not_match_the_piece_commitment_fails_the_deal_on_both_si
     let proposal = proposal_for(&promised);
     let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
     propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
-    let state = push(&n.client, &n.client_deals, stream, &sent, TransferOptions::default(), &ctx())
-        .await
-        .unwrap();
+    let state = push(
+        &n.client,
+        &n.client_deals,
+        stream,
+        std::io::Cursor::new(&sent),
+        sent.len() as u64,
+        TransferOptions::default(),
+        &ctx(),
+    )
+    .await
+    .unwrap();
     assert_eq!(state, "Failing");
     let client = n.client_deals.get_storage_deal_status(stream).await.unwrap();
     assert!(client.message.unwrap().contains("commitment"));
@@ -289,7 +304,16 @@ async fn a_transfer_killed_midway_resumes_from_the_recorded_offset() {
     // Given a push under way
     let (client, deals, copy) = (n.client.clone(), n.client_deals.clone(), bytes.clone());
     let pushing = tokio::spawn(async move {
-        push(&client, &deals, stream, &copy, TransferOptions::default(), &ctx()).await
+        push(
+            &client,
+            &deals,
+            stream,
+            std::io::Cursor::new(&copy),
+            copy.len() as u64,
+            TransferOptions::default(),
+            &ctx(),
+        )
+        .await
     });
     // When the client's connection dies after the provider recorded some progress
     loop {
@@ -313,9 +337,17 @@ async fn a_transfer_killed_midway_resumes_from_the_recorded_offset() {
         n.provider_deals.get_storage_deal_status(provider_stream).await.unwrap().bytes_transferred;
     // Then a new connection resumes where the provider's journal says, and the piece verifies
     let (client, _loop) = client_node(n.provider_peer, n.provider_address.clone()).await;
-    let state = push(&client, &n.client_deals, stream, &bytes, TransferOptions::default(), &ctx())
-        .await
-        .unwrap();
+    let state = push(
+        &client,
+        &n.client_deals,
+        stream,
+        std::io::Cursor::new(&bytes),
+        bytes.len() as u64,
+        TransferOptions::default(),
+        &ctx(),
+    )
+    .await
+    .unwrap();
     assert_eq!(state, "CheckForAcceptance");
     let provider = n.provider_deals.get_storage_deal_status(provider_stream).await.unwrap();
     assert_eq!(provider.state, "ReserveProviderFunds");

@@ -59,18 +59,27 @@ pub enum PushError {
     /// The ledger refused a step.
     #[error(transparent)]
     Deals(#[from] DealsError),
+    /// The data could not be read; nothing about the transfer was recorded for it.
+    #[error("cannot read the data to send: {0}")]
+    Source(#[source] std::io::Error),
 }
 
-/// Pushes `data` (the deal's piece data) to the provider, or resumes an interrupted push.
-/// Returns the client deal's state after the provider's verdict.
-pub async fn push(
+/// Pushes `data` (the deal's piece data, `total` bytes, read chunk by chunk so memory stays
+/// flat whatever its size) to the provider, or resumes an interrupted push from the offset the
+/// provider recorded. Returns the client deal's state after the provider's verdict.
+pub async fn push<R>(
     client: &Client,
     deals: &Deals,
     stream_id: Uuid,
-    data: &[u8],
+    mut data: R,
+    total: u64,
     options: TransferOptions,
     ctx: &DecideContext,
-) -> Result<&'static str, PushError> {
+) -> Result<&'static str, PushError>
+where
+    R: tokio::io::AsyncRead + tokio::io::AsyncSeek + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let deal = deals.load::<StorageClient>(stream_id).await?;
     let (Some(proposal), Some(_)) = (deal.data.proposal.clone(), deal.data.signed_deal.as_ref())
     else {
@@ -96,7 +105,6 @@ pub async fn push(
         record(C::DataTransferInterrupted { reason: e.to_string() }).await?;
         Err::<&'static str, PushError>(PushError::Interrupted(e))
     };
-    let total = data.len() as u64;
     let open = MarketRequest::TransferOpen { proposal_cid, total_bytes: total };
     let mut offset = match client.request(provider, open).await {
         Ok(MarketResponse::TransferAccepted { resume_from }) => resume_from,
@@ -110,7 +118,14 @@ pub async fn push(
     let mut recorded = deal.data.bytes_sent;
     while offset < total {
         let end = (offset + options.chunk_bytes as u64).min(total);
-        let bytes = data[offset as usize..end as usize].to_vec();
+        let mut bytes = vec![0u8; (end - offset) as usize];
+        let read = async {
+            data.seek(std::io::SeekFrom::Start(offset)).await?;
+            data.read_exact(&mut bytes).await
+        };
+        if let Err(e) = read.await {
+            return Err(PushError::Source(e));
+        }
         match client
             .request(provider, MarketRequest::TransferChunk { proposal_cid, offset, bytes })
             .await
