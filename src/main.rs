@@ -61,6 +61,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Runs a provider node: market protocols on libp2p, the transitions projector, periodic
+    /// signed checkpoints; until SIGINT/SIGTERM.
+    Serve(serve::ServeArgs),
     /// Signs the head of every stream with the node key (`checkpoint verify` checks one).
     Checkpoint {
         #[command(subcommand)]
@@ -133,6 +136,7 @@ mod audit_cli;
 mod demo;
 mod fsm_cli;
 mod projections_cli;
+mod serve;
 
 fn main() -> std::process::ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
@@ -176,6 +180,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Events { command: EventsCommand::Tail { stream, from_start, json } } => {
             tail(&journal, stream, from_start, json).await
         }
+        Command::Serve(args) => serve::run(&db, &journal, args).await,
         Command::Audit { deal, json, at } => audit_cli::audit(&journal, &deal, json, at).await,
         Command::Verify { since, json } => audit_cli::verify(&journal, since, json).await,
         Command::Checkpoint { command: None, every } => {
