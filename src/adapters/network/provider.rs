@@ -31,6 +31,7 @@ pub struct ProviderService {
     ask: StorageAsk,
     retrieval_ask: RetrievalAsk,
     transfers: ProviderTransfers,
+    retrievals: ProviderRetrievals,
 }
 
 impl ProviderService {
@@ -47,7 +48,8 @@ impl ProviderService {
             unseal_price: TokenAmount::ZERO,
             max_payment_interval: 1 << 20,
         };
-        Self { deals, key, ask, retrieval_ask, transfers }
+        let retrievals = ProviderRetrievals::new(deals.clone(), transfers.pieces().clone());
+        Self { deals, key, ask, retrieval_ask, transfers, retrievals }
     }
 
     /// Sets the prices retrievals must meet (default: 1 attoFIL a byte, free unsealing,
@@ -87,8 +89,7 @@ impl ProviderService {
             MarketRequest::RetrievalPropose(terms) => self.on_retrieval(peer, *terms, ctx).await,
             request
             @ (MarketRequest::RetrievalPull { .. } | MarketRequest::RetrievalPay { .. }) => {
-                let pieces = self.transfers.pieces().clone();
-                ProviderRetrievals::new(self.deals.clone(), pieces).answer(peer, request, ctx).await
+                self.retrievals.answer(peer, request, ctx).await
             }
         }
     }
@@ -165,23 +166,19 @@ impl ProviderService {
             return rejected("the proposal names another provider".into());
         }
         let cause = Cause { correlation_id: Uuid::now_v7(), causation_id: Uuid::now_v7() };
-        let deal = match self.deals.receive_proposal(proposal.clone(), ctx, Some(cause)).await {
-            Ok(deal) => deal,
-            Err(DealsError::Rejected(rejection)) => return rejected(rejection.to_string()),
-            Err(e) => return MarketResponse::Error { reason: e.to_string() },
-        };
-        let state = match self.deals.load::<StorageProvider>(deal.stream_id).await {
-            Ok(loaded) => loaded.state,
-            Err(e) => return MarketResponse::Error { reason: e.to_string() },
-        };
-        if state == State::Rejecting {
-            let reason = self
-                .deals
-                .get_storage_deal_status(deal.stream_id)
-                .await
-                .ok()
-                .and_then(|s| s.message);
-            return rejected(reason.unwrap_or_else(|| "rejected".into()));
+        // The decision already holds the deal after validation: no need to replay it again.
+        let stream_id = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
+        let received =
+            StorageProviderEvent::ProposalReceived { proposal: Box::new(proposal.clone()) };
+        let validated =
+            match self.deals.handle::<StorageProvider>(stream_id, received, ctx, Some(cause)).await
+            {
+                Ok(decision) => decision.deal,
+                Err(DealsError::Rejected(rejection)) => return rejected(rejection.to_string()),
+                Err(e) => return MarketResponse::Error { reason: e.to_string() },
+            };
+        if validated.state == State::Rejecting {
+            return rejected(validated.data.message.unwrap_or_else(|| "rejected".into()));
         }
         // AcceptWait: the provider's policy decides, the machine records it.
         let command = match self.ask.refuses(&proposal.proposal) {
@@ -195,8 +192,7 @@ impl ProviderService {
             StorageProviderEvent::DealRejected { reason } => rejected(reason.clone()),
             _ => unreachable!("only an acceptance or a rejection is decided here"),
         };
-        match self.deals.handle::<StorageProvider>(deal.stream_id, command, ctx, Some(cause)).await
-        {
+        match self.deals.handle::<StorageProvider>(stream_id, command, ctx, Some(cause)).await {
             Ok(_) => response,
             Err(e) => MarketResponse::Error { reason: e.to_string() },
         }

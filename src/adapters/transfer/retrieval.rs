@@ -209,9 +209,12 @@ pub async fn pull(
             .await?;
             if owed > funds_limit {
                 let reason = format!("{owed} owed is over the funds limit of {funds_limit}");
-                let state = record(C::FundsInsufficient { reason }).await?.deal.state;
-                let paid = deals.load::<RetrievalClient>(stream_id).await?.data.paid;
-                return Ok(PullOutcome { state: state.name(), bytes: received, paid });
+                let stopped = record(C::FundsInsufficient { reason }).await?.deal;
+                return Ok(PullOutcome {
+                    state: stopped.state.name(),
+                    bytes: received,
+                    paid: stopped.data.paid,
+                });
             }
             record(C::FundsAvailable).await?;
             let voucher = Box::new(SignedVoucher::sign(
