@@ -13,6 +13,7 @@
 //! - [`domain`]: deal documents, parties, amounts and piece CIDs shared by the machines.
 //! - [`audit`]: replay a deal's history, verify the journal's chains.
 //! - [`deals`]: the `Deals` service: the seed's verbs, and `handle` for adapters.
+//! - [`runner`]: the effect runner: performs the outbox's effects, feeds results back.
 //! - [`db`]: where the database comes from (a URL, or the embedded cluster).
 
 pub mod adapters;
@@ -23,3 +24,4 @@ pub mod domain;
 pub mod events;
 pub mod fsm;
 pub mod projections;
+pub mod runner;

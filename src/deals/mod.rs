@@ -192,10 +192,36 @@ impl Deals {
         ctx: &DecideContext,
         cause: Option<Cause>,
     ) -> Result<Decision<M>, DealsError> {
+        self.handle_completing(stream_id, command, ctx, cause, None).await
+    }
+
+    /// [`Deals::handle`] for the result of an effect: the outbox row `effect_id` is marked
+    /// done in the same transaction that records the command, so a crash between the two
+    /// cannot happen — either both are recorded or the effect is performed (idempotently)
+    /// again. When the command is refused, the effect is not completed; the caller decides.
+    pub async fn handle_effect_result<M: Projected>(
+        &self,
+        effect_id: i64,
+        stream_id: Uuid,
+        command: M::Event,
+        ctx: &DecideContext,
+        cause: Option<Cause>,
+    ) -> Result<Decision<M>, DealsError> {
+        self.handle_completing(stream_id, command, ctx, cause, Some(effect_id)).await
+    }
+
+    async fn handle_completing<M: Projected>(
+        &self,
+        stream_id: Uuid,
+        command: M::Event,
+        ctx: &DecideContext,
+        cause: Option<Cause>,
+        completes: Option<i64>,
+    ) -> Result<Decision<M>, DealsError> {
         for attempt in 1..=self.conflict_retries {
             let deal = self.load::<M>(stream_id).await?;
             let decision = deal.decide(command.clone(), ctx)?;
-            match self.record(&deal, &decision, cause).await {
+            match self.record_completing(&deal, &decision, cause, completes).await {
                 Ok(()) => return Ok(decision),
                 Err(DealsError::Journal(JournalError::Conflict { .. }))
                     if attempt < self.conflict_retries =>
@@ -224,6 +250,16 @@ impl Deals {
         decision: &Decision<M>,
         cause: Option<Cause>,
     ) -> Result<(), DealsError> {
+        self.record_completing(deal, decision, cause, None).await
+    }
+
+    async fn record_completing<M: Projected>(
+        &self,
+        deal: &Deal<M>,
+        decision: &Decision<M>,
+        cause: Option<Cause>,
+        completes: Option<i64>,
+    ) -> Result<(), DealsError> {
         let events = decision
             .events
             .iter()
@@ -247,6 +283,9 @@ impl Deals {
         let appended =
             self.journal.append_in_tx(&mut tx, deal.id, M::NAME, deal.version, &events).await?;
         outbox::enqueue(&mut tx, deal.id, M::NAME, &effects).await?;
+        if let Some(effect_id) = completes {
+            outbox::complete_in_tx(&mut tx, effect_id, None).await?;
+        }
         let last_type = events.last().map(|e| e.event_type.as_str()).unwrap_or_default();
         inline::project(&mut tx, &decision.deal, last_type, appended.recorded_at).await?;
         tx.commit().await?;

@@ -28,6 +28,8 @@ pub struct StorageDealStatus {
     pub proposal_cid: Option<Cid>,
     /// The on-chain deal id, once published.
     pub deal_id: Option<DealId>,
+    /// The message that published the deal, once known.
+    pub publish_message: Option<Cid>,
     /// Bytes sent (client) or received (provider).
     pub bytes_transferred: u64,
     /// Funds the deal holds reserved, in attoFIL.
@@ -80,6 +82,7 @@ impl Deals {
                 version: deal.version,
                 proposal_cid: d.proposal_cid,
                 deal_id: d.deal_id,
+                publish_message: d.publish_message,
                 bytes_transferred: d.bytes_sent,
                 funds_reserved: d.funds_reserved,
                 message: d.message.clone(),
@@ -95,6 +98,7 @@ impl Deals {
                 version: deal.version,
                 proposal_cid: d.proposal_cid,
                 deal_id: d.deal_id,
+                publish_message: d.publish_message,
                 bytes_transferred: d.bytes_received,
                 funds_reserved: d.funds_reserved,
                 message: d.message.clone(),

@@ -93,3 +93,113 @@ pub async fn pending(
     .fetch_all(pool)
     .await?)
 }
+
+/// Claims up to `limit` due effects of the given types for `lease`: effects nobody holds (or
+/// whose holder's lease ran out — a crashed runner), oldest first. Concurrent runners never
+/// claim the same effect (`FOR UPDATE SKIP LOCKED`). Each claim counts as an attempt.
+pub async fn claim(
+    pool: &PgPool,
+    effect_types: &[&str],
+    lease: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<PendingEffect>, JournalError> {
+    Ok(sqlx::query_as(
+        "UPDATE outbox o SET claimed_until = now() + $2 * interval '1 millisecond', \
+                             attempts = o.attempts + 1 \
+         WHERE o.id IN ( \
+             SELECT id FROM outbox \
+             WHERE completed_at IS NULL AND available_at <= now() \
+               AND (claimed_until IS NULL OR claimed_until < now()) \
+               AND effect_type = ANY($1) \
+             ORDER BY available_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+         RETURNING o.id, o.stream_id, o.stream_type, o.version, o.seq, o.effect_type, \
+                   o.payload, o.attempts",
+    )
+    .bind(effect_types)
+    .bind(lease.as_millis() as f64)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Marks a claimed effect done inside the caller's transaction (the one recording the
+/// command its result became), so the result and the completion commit together.
+pub async fn complete_in_tx(
+    tx: &mut Transaction<'_, Postgres>,
+    id: i64,
+    note: Option<&str>,
+) -> Result<(), JournalError> {
+    sqlx::query(
+        "UPDATE outbox SET completed_at = now(), claimed_until = NULL, last_error = $2 \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(note)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Marks a claimed effect done on its own (an effect whose result needs no command).
+pub async fn complete(pool: &PgPool, id: i64, note: Option<&str>) -> Result<(), JournalError> {
+    let mut tx = pool.begin().await?;
+    complete_in_tx(&mut tx, id, note).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Gives a claimed effect back to be tried again after `delay`. A failed attempt keeps its
+/// count and its error; a wait (`error` = None: the chain has nothing new yet) does not
+/// count as an attempt.
+pub async fn release(
+    pool: &PgPool,
+    id: i64,
+    delay: std::time::Duration,
+    error: Option<&str>,
+) -> Result<(), JournalError> {
+    sqlx::query(
+        "UPDATE outbox SET claimed_until = NULL, \
+                available_at = now() + $2 * interval '1 millisecond', \
+                attempts = CASE WHEN $3::text IS NULL THEN attempts - 1 ELSE attempts END, \
+                last_error = COALESCE($3, last_error) \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(delay.as_millis() as f64)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Makes waiting effects of the given types due now (the chain moved: what they wait for may
+/// have happened).
+pub async fn wake(pool: &PgPool, effect_types: &[&str]) -> Result<u64, JournalError> {
+    Ok(sqlx::query(
+        "UPDATE outbox SET available_at = now() \
+         WHERE completed_at IS NULL AND available_at > now() AND effect_type = ANY($1) \
+           AND claimed_until IS NULL",
+    )
+    .bind(effect_types)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Effects of one event still not completed, other than `except`.
+pub async fn open_siblings(
+    pool: &PgPool,
+    stream_id: Uuid,
+    version: i32,
+    except: i64,
+) -> Result<i64, JournalError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM outbox \
+         WHERE stream_id = $1 AND version = $2 AND id <> $3 AND completed_at IS NULL",
+    )
+    .bind(stream_id)
+    .bind(version)
+    .bind(except)
+    .fetch_one(pool)
+    .await?)
+}

@@ -189,7 +189,13 @@ pub enum MarketResponse {
     /// The proposal is rejected, and why.
     Rejected { reason: String },
     /// A deal's status on the provider's side.
-    Status { state: String, code: u16, deal_id: Option<u64>, message: Option<String> },
+    Status {
+        state: String,
+        code: u16,
+        deal_id: Option<u64>,
+        message: Option<String>,
+        publish_message: Option<Cid>,
+    },
     /// The request could not be served (unknown deal, internal failure), and why.
     Error { reason: String },
     /// The push is open; send from this offset (the last one the provider recorded).

@@ -238,6 +238,7 @@ impl ProviderService {
                 code: s.code,
                 deal_id: s.deal_id.map(|d| d.0),
                 message: s.message,
+                publish_message: s.publish_message,
             },
             Err(e) => MarketResponse::Error { reason: e.to_string() },
         }
@@ -307,6 +308,40 @@ pub async fn propose(
     };
     let decision = deals.handle::<StorageClient>(stream_id, command, ctx, None).await?;
     Ok(decision.deal.state.name())
+}
+
+/// Asks a client deal's provider where the deal stands (the effect `send(StorageStatusQuery)`
+/// of state CheckForAcceptance, performed) and records what it learns: the deal's on-chain
+/// id and publish message once published, or the provider's failure. Returns `None` while
+/// there is nothing new to record (ask again later).
+pub async fn query_status(
+    client: &Client,
+    deals: &Deals,
+    stream_id: Uuid,
+    key: &ed25519_dalek::SigningKey,
+    ctx: &DecideContext,
+) -> Result<Option<&'static str>, ProposeError> {
+    let deal = deals.load::<StorageClient>(stream_id).await?;
+    let Some(proposal) = deal.data.proposal.clone() else {
+        return Err(ProposeError::NotReady(stream_id));
+    };
+    let provider = proposal.proposal.provider.peer_id().ok_or(ProposeError::NotReady(stream_id))?;
+    let query = SignedStatusQuery::sign(proposal.cid(), key);
+    let response = client.request(provider, MarketRequest::Status(Box::new(query))).await?;
+    let command = match response {
+        MarketResponse::Status {
+            deal_id: Some(deal_id), publish_message: Some(message), ..
+        } => StorageClientEvent::DealPublished { deal_id: crate::domain::DealId(deal_id), message },
+        MarketResponse::Status { state, message, .. } if state == "Failing" || state == "Error" => {
+            StorageClientEvent::ProviderFailedDeal {
+                reason: message.unwrap_or_else(|| format!("the provider's deal is {state}")),
+            }
+        }
+        MarketResponse::Status { .. } => return Ok(None),
+        other => return Err(ProposeError::Unexpected(format!("{other:?}"))),
+    };
+    let decision = deals.handle::<StorageClient>(stream_id, command, ctx, None).await?;
+    Ok(Some(decision.deal.state.name()))
 }
 
 /// Sends a client retrieval deal's terms to its provider and records the answer: the effect

@@ -1,0 +1,337 @@
+//! The effect runner: claims due effects from the outbox, performs them through the chain
+//! adapter, the sealing pipeline and (for status queries) the network, and feeds each result
+//! back to the deal's machine as a command — in the same transaction that marks the effect
+//! done. It never decides: every next step is the machine's.
+//!
+//! Crash safety comes from three rules. An effect is claimed with a lease, so a runner that
+//! dies holding it loses it when the lease runs out. Every chain write is keyed by the
+//! effect's deterministic id ([`perform::message_key`]), so performing an effect again after
+//! a crash sends nothing new. And an effect's result and its completion commit together
+//! ([`Deals::handle_effect_result`]). Waiting effects (watches) stay in the outbox until what
+//! they wait for is observed, so after a restart a node resumes exactly where it was.
+
+mod perform;
+mod timeouts;
+
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+
+pub use perform::{CHAIN_EFFECTS, Feedback, Outcome, WATCH_EFFECTS, message_key};
+pub use timeouts::{TimeoutPolicy, time_out_stuck_deals};
+
+use crate::adapters::chain::{Chain, ChainError, SealingPipeline, head_changes};
+use crate::adapters::network::Client;
+use crate::deals::{Deals, DealsError};
+use crate::domain::storage::DealPolicy;
+use crate::events::JournalError;
+use crate::events::outbox::{self, PendingEffect};
+use crate::fsm::{DecideContext, Machine};
+use crate::fsm::effects::Effect;
+use crate::fsm::retrieval_client::RetrievalClient;
+use crate::fsm::retrieval_client::RetrievalClientEvent as RC;
+use crate::fsm::storage_client::{StorageClient, StorageClientEvent as SC};
+use crate::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
+
+/// Why the runner could not perform an effect this time.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The chain refused or failed.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// The ledger failed.
+    #[error(transparent)]
+    Deals(#[from] DealsError),
+    /// The outbox could not be read or written.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The counterparty could not be reached.
+    #[error("network: {0}")]
+    Network(String),
+    /// A stored effect does not decode.
+    #[error("effect {id} does not decode: {reason}")]
+    Undecodable { id: i64, reason: String },
+    /// The deal lacks what its effect needs: a bug in a machine.
+    #[error("inconsistent deal: {0}")]
+    Inconsistent(String),
+}
+
+impl RunnerError {
+    /// Whether the same attempt may succeed later (the chain or network was unreachable).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RunnerError::Chain(e) => e.is_transient(),
+            RunnerError::Network(_) | RunnerError::Journal(_) => true,
+            RunnerError::Deals(DealsError::Journal(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+/// How the runner claims, waits and gives up.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// How long a claim holds before another runner may take the effect over.
+    pub lease: Duration,
+    /// Effects claimed per round.
+    pub batch: i64,
+    /// Failed attempts before an effect's failure becomes a machine input.
+    pub max_attempts: i32,
+    /// Delay after the first failure; doubles with each attempt.
+    pub backoff: Duration,
+    /// How often a waiting effect looks again when no head change wakes it.
+    pub watch_poll: Duration,
+    /// How often the chain head is polled for changes.
+    pub head_poll: Duration,
+    /// Proposal limits the machines decide with.
+    pub policy: DealPolicy,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(30),
+            batch: 64,
+            max_attempts: 5,
+            backoff: Duration::from_millis(200),
+            watch_poll: Duration::from_secs(5),
+            head_poll: Duration::from_millis(500),
+            policy: DealPolicy::default(),
+        }
+    }
+}
+
+/// The network side of a runner: for effects that ask a counterparty (status queries).
+#[derive(Clone)]
+pub struct RunnerNetwork {
+    /// The node's libp2p client.
+    pub client: Client,
+    /// The node's signing key (signs status queries).
+    pub key: SigningKey,
+}
+
+/// Performs the outbox's chain effects for one node.
+#[derive(Clone)]
+pub struct EffectRunner<C, S> {
+    deals: Deals,
+    chain: C,
+    sealer: S,
+    network: Option<RunnerNetwork>,
+    config: RunnerConfig,
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    /// Effects claimed.
+    pub claimed: usize,
+    /// Effects whose result was fed to a machine.
+    pub fed: usize,
+    /// Effects put back to wait.
+    pub waiting: usize,
+    /// Attempts that failed.
+    pub failed: usize,
+}
+
+impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
+    /// A runner feeding `deals` from `chain` and `sealer`.
+    pub fn new(deals: Deals, chain: C, sealer: S, config: RunnerConfig) -> Self {
+        Self { deals, chain, sealer, network: None, config }
+    }
+
+    /// Also performs status queries to counterparties over `network`.
+    pub fn with_network(mut self, network: RunnerNetwork) -> Self {
+        self.network = Some(network);
+        self
+    }
+
+    fn effect_types(&self) -> Vec<&'static str> {
+        let mut types = CHAIN_EFFECTS.to_vec();
+        if self.network.is_some() {
+            types.push("send");
+        }
+        types
+    }
+
+    /// The context machines decide in: the chain's current epoch.
+    async fn context(&self) -> Result<DecideContext, RunnerError> {
+        Ok(DecideContext { epoch: self.chain.head().await?, policy: self.config.policy.clone() })
+    }
+
+    /// Recovery on start: every waiting effect becomes due now, so that deals resume where
+    /// they were (effects claimed by a runner that crashed come back when their lease ends).
+    pub async fn recover(&self) -> Result<u64, RunnerError> {
+        let types = self.effect_types();
+        Ok(outbox::wake(self.deals.journal().pool(), &types).await?)
+    }
+
+    /// Claims and performs one batch of due effects.
+    pub async fn run_once(&self) -> Result<RoundReport, RunnerError> {
+        let pool = self.deals.journal().pool();
+        let types = self.effect_types();
+        let claimed = outbox::claim(pool, &types, self.config.lease, self.config.batch).await?;
+        let mut report = RoundReport { claimed: claimed.len(), ..RoundReport::default() };
+        for pending in &claimed {
+            match self.run_effect(pending).await {
+                Ok(Outcome::Feed(_)) => report.fed += 1,
+                Ok(Outcome::Wait(_)) => report.waiting += 1,
+                Ok(_) => {}
+                Err(e) => {
+                    report.failed += 1;
+                    tracing::warn!(effect = pending.id, kind = %pending.effect_type,
+                        attempt = pending.attempts, error = %e, "effect failed");
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Runs rounds until the outbox has nothing due (for tests and the demo). Returns the
+    /// total of the rounds.
+    pub async fn run_until_idle(&self) -> Result<RoundReport, RunnerError> {
+        let mut total = RoundReport::default();
+        loop {
+            let round = self.run_once().await?;
+            total.claimed += round.claimed;
+            total.fed += round.fed;
+            total.waiting += round.waiting;
+            total.failed += round.failed;
+            if round.claimed == round.waiting + round.failed {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Runs until `stop` resolves: rounds as long as there is work, and between them waits
+    /// for a chain head change (which re-arms waiting effects), a new effect, or the poll.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), RunnerError> {
+        use futures::StreamExt;
+        self.recover().await?;
+        let mut heads = Box::pin(head_changes(self.chain.clone(), self.config.head_poll));
+        let pool = self.deals.journal().pool().clone();
+        tokio::pin!(stop);
+        loop {
+            let round = self.run_once().await?;
+            if round.claimed > round.waiting + round.failed {
+                continue;
+            }
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                head = heads.next() => {
+                    if head.is_some() {
+                        outbox::wake(&pool, WATCH_EFFECTS).await?;
+                    }
+                }
+                _ = tokio::time::sleep(self.config.head_poll) => {}
+            }
+        }
+    }
+
+    /// Performs one claimed effect and settles it: result fed and effect completed together,
+    /// a wait put back, a failure retried with backoff — and past the attempt limit, turned
+    /// into the machine's failure input.
+    async fn run_effect(&self, pending: &PendingEffect) -> Result<Outcome, RunnerError> {
+        let pool = self.deals.journal().pool();
+        let effect: Effect = match postcard::from_bytes(&pending.payload) {
+            Ok(effect) => effect,
+            Err(e) => {
+                let error = RunnerError::Undecodable { id: pending.id, reason: e.to_string() };
+                outbox::complete(pool, pending.id, Some(&error.to_string())).await?;
+                return Err(error);
+            }
+        };
+        let outcome = match self.perform(pending, &effect).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                self.failed(pending, &effect, &e).await?;
+                return Err(e);
+            }
+        };
+        match &outcome {
+            Outcome::Feed(feedback) => {
+                if let Err(e) = self.feed(pending, feedback.clone()).await {
+                    // The deal moved on (the input is no longer expected): the result is
+                    // stale, and the effect is done.
+                    outbox::complete(pool, pending.id, Some(&e.to_string())).await?;
+                }
+            }
+            Outcome::Done => outbox::complete(pool, pending.id, None).await?,
+            Outcome::Skipped(note) => outbox::complete(pool, pending.id, Some(note)).await?,
+            Outcome::Wait(delay) => outbox::release(pool, pending.id, *delay, None).await?,
+        }
+        Ok(outcome)
+    }
+
+    /// Feeds an effect's result to its deal and completes the effect in one transaction.
+    async fn feed(&self, pending: &PendingEffect, feedback: Feedback) -> Result<(), DealsError> {
+        let ctx = self.context().await.unwrap_or_default();
+        let (id, stream) = (pending.id, pending.stream_id);
+        let d = &self.deals;
+        match feedback {
+            Feedback::StorageClient(c) => {
+                d.handle_effect_result::<StorageClient>(id, stream, c, &ctx, None).await?;
+            }
+            Feedback::StorageProvider(p) => {
+                d.handle_effect_result::<StorageProvider>(id, stream, p, &ctx, None).await?;
+            }
+            Feedback::RetrievalClient(r) => {
+                d.handle_effect_result::<RetrievalClient>(id, stream, r, &ctx, None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A failed attempt: retried with exponential backoff; past the limit (or at once when
+    /// retrying cannot help) the failure becomes the machine's input for it.
+    async fn failed(
+        &self,
+        pending: &PendingEffect,
+        effect: &Effect,
+        error: &RunnerError,
+    ) -> Result<(), RunnerError> {
+        let pool = self.deals.journal().pool();
+        let exhausted = pending.attempts >= self.config.max_attempts || !error.is_transient();
+        let reason = error.to_string();
+        if !exhausted {
+            let factor = 1u32 << (pending.attempts.clamp(1, 16) - 1) as u32;
+            let delay = self.config.backoff.saturating_mul(factor);
+            outbox::release(pool, pending.id, delay, Some(&reason)).await?;
+            return Ok(());
+        }
+        let failure = match (pending.stream_type.as_str(), effect) {
+            (StorageClient::NAME, Effect::ReserveFunds { .. }) => {
+                Some(Feedback::StorageClient(SC::FundsReservationFailed { reason: reason.clone() }))
+            }
+            (StorageProvider::NAME, Effect::ReserveFunds { .. }) => Some(Feedback::StorageProvider(
+                SP::FundsReservationFailed { reason: reason.clone() },
+            )),
+            (_, Effect::PublishDeal { .. } | Effect::WaitForMessage { .. }) => {
+                Some(Feedback::StorageProvider(SP::PublishFailed { reason: reason.clone() }))
+            }
+            (_, Effect::HandOffToSealing { .. }) => {
+                Some(Feedback::StorageProvider(SP::HandOffFailed { reason: reason.clone() }))
+            }
+            (
+                _,
+                Effect::SetUpPaymentChannel { .. }
+                | Effect::WaitForPaymentChannel { .. }
+                | Effect::AllocateLane { .. },
+            ) => Some(Feedback::RetrievalClient(RC::PaymentChannelFailed { reason: reason.clone() })),
+            _ => None,
+        };
+        match failure {
+            Some(feedback) => {
+                if let Err(e) = self.feed(pending, feedback).await {
+                    outbox::complete(pool, pending.id, Some(&format!("{reason}; {e}"))).await?;
+                }
+            }
+            // Nothing in the machine to tell (a watch, a redemption after the deal ended):
+            // the effect stays for an operator, with its error, after a long pause.
+            None => {
+                outbox::release(pool, pending.id, self.config.backoff.saturating_mul(1 << 16), Some(&reason))
+                    .await?
+            }
+        }
+        Ok(())
+    }
+}

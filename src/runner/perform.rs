@@ -1,0 +1,366 @@
+//! Performing one effect: the chain call (or network request) it stands for, and the machine
+//! input its result becomes. Nothing here decides where a deal goes next — the result is fed
+//! to the deal's machine, which does.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::{EffectRunner, RunnerError};
+use crate::adapters::chain::{Chain, MessageKey, MessageStatus, OnChainDealState, SealingPipeline};
+use crate::adapters::chain::{DealObservation, SealingStatus};
+use crate::domain::DealId;
+use crate::events::outbox::PendingEffect;
+use crate::fsm::effects::{Effect, OutboundMessage};
+use crate::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent as RC};
+use crate::fsm::retrieval_provider::RetrievalProvider;
+use crate::fsm::storage_client::{StorageClient, StorageClientEvent as SC};
+use crate::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
+use crate::fsm::{Machine, retrieval_client, storage_client, storage_provider};
+
+/// A machine input an effect's result became, for the stream that caused the effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Feedback {
+    /// For a storage client deal.
+    StorageClient(SC),
+    /// For a storage provider deal.
+    StorageProvider(SP),
+    /// For a retrieval client deal.
+    RetrievalClient(RC),
+}
+
+/// What performing an effect came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done; its result is this input.
+    Feed(Feedback),
+    /// Done; nothing to tell the machine.
+    Done,
+    /// Done elsewhere, or not this runner's to do: completed with this note.
+    Skipped(&'static str),
+    /// What it waits for has not happened yet: look again after this long (or at the next
+    /// chain head).
+    Wait(Duration),
+}
+
+/// The effect types this runner performs; other effects are left in the outbox for the
+/// adapters that perform them (the network and transfer adapters).
+pub const CHAIN_EFFECTS: &[&str] = &[
+    "reserve-funds",
+    "wait-for-funding",
+    "release-funds",
+    "publish-deal",
+    "wait-for-message",
+    "verify-deal-on-chain",
+    "hand-off-to-sealing",
+    "watch-pre-commit",
+    "watch-activation",
+    "watch-expiry",
+    "clean-up-staged-data",
+    "close-transfer",
+    "set-up-payment-channel",
+    "wait-for-payment-channel",
+    "allocate-lane",
+    "redeem-voucher",
+];
+
+/// Effects that wait on the chain: re-armed at every new head.
+pub const WATCH_EFFECTS: &[&str] = &[
+    "wait-for-message",
+    "verify-deal-on-chain",
+    "watch-pre-commit",
+    "watch-activation",
+    "watch-expiry",
+    "send",
+];
+
+/// The deterministic id of an effect's chain message: performing it twice sends it once.
+pub fn message_key(effect: &PendingEffect) -> MessageKey {
+    let mut subject = effect.stream_id.as_bytes().to_vec();
+    subject.extend_from_slice(&effect.version.to_be_bytes());
+    subject.extend_from_slice(&effect.seq.to_be_bytes());
+    MessageKey::of(&effect.effect_type, &subject)
+}
+
+impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
+    /// Performs one claimed effect and says what it came to.
+    pub(super) async fn perform(
+        &self,
+        pending: &PendingEffect,
+        effect: &Effect,
+    ) -> Result<Outcome, RunnerError> {
+        let stream = pending.stream_id;
+        let key = message_key(pending);
+        let side = pending.stream_type.as_str();
+        let storage = |client: SC, provider: SP| match side {
+            StorageClient::NAME => Outcome::Feed(Feedback::StorageClient(client)),
+            _ => Outcome::Feed(Feedback::StorageProvider(provider)),
+        };
+        let poll = self.config.watch_poll;
+        Ok(match effect {
+            Effect::ReserveFunds { wallet, amount } => {
+                // Each deal deposits what it needs, keyed by the effect: a repeat adds nothing.
+                self.chain.add_balance(*wallet, *amount, key).await?;
+                storage(SC::FundsReserved { amount: *amount }, SP::FundsReserved { amount: *amount })
+            }
+            Effect::WaitForFunding { message: Some(message), .. } => {
+                match self.chain.message_status(*message).await? {
+                    MessageStatus::Pending => Outcome::Wait(poll),
+                    MessageStatus::Failed { reason, .. } => storage(
+                        SC::FundsReservationFailed { reason: reason.clone() },
+                        SP::FundsReservationFailed { reason },
+                    ),
+                    MessageStatus::Landed { .. } => Outcome::Skipped("funding landed"),
+                }
+            }
+            Effect::WaitForFunding { message: None, .. } => Outcome::Skipped("no funding message"),
+            Effect::ReleaseFunds { wallet, amount } => {
+                if self.published(pending).await? {
+                    // The deal is on chain: the market actor holds its funds and releases them
+                    // itself at expiry or slashing. Nothing to withdraw.
+                } else if amount.0 > 0 {
+                    let available = self.chain.market_balance(*wallet).await?.available();
+                    let back = (*amount).min(available);
+                    if back.0 > 0 {
+                        self.chain.withdraw_balance(*wallet, back, key).await?;
+                    }
+                }
+                self.after_cleanup_step(pending).await?
+            }
+            Effect::CloseTransfer { .. } => {
+                // Transfers check the deal's state on every request: a deal that left its
+                // transfer states gets no more bytes. Nothing is held open here.
+                self.after_cleanup_step(pending).await?
+            }
+            Effect::PublishDeal { deal } => match self.chain.publish_storage_deal(deal).await {
+                Ok(message) => Outcome::Feed(Feedback::StorageProvider(SP::PublishSent { message })),
+                Err(e) if !e.is_transient() => {
+                    Outcome::Feed(Feedback::StorageProvider(SP::PublishFailed { reason: e.to_string() }))
+                }
+                Err(e) => return Err(e.into()),
+            },
+            Effect::WaitForMessage { message } => match self.chain.message_status(*message).await? {
+                MessageStatus::Pending => Outcome::Wait(poll),
+                MessageStatus::Landed { deal_id: Some(deal_id), .. } => {
+                    Outcome::Feed(Feedback::StorageProvider(SP::DealPublished { deal_id }))
+                }
+                MessageStatus::Landed { deal_id: None, .. } => Outcome::Feed(
+                    Feedback::StorageProvider(SP::PublishFailed {
+                        reason: "the publish message landed without a deal id".into(),
+                    }),
+                ),
+                MessageStatus::Failed { reason, .. } => {
+                    Outcome::Feed(Feedback::StorageProvider(SP::PublishFailed { reason }))
+                }
+            },
+            Effect::VerifyDealOnChain { deal_id, proposal_cid } => {
+                match self.chain.deal(*deal_id).await? {
+                    None => Outcome::Wait(poll),
+                    Some(seen) if seen.proposal_cid.is_none_or(|c| c == *proposal_cid) => {
+                        Outcome::Feed(Feedback::StorageClient(SC::PublishConfirmed))
+                    }
+                    Some(_) => Outcome::Feed(Feedback::StorageClient(SC::PublishVerificationFailed {
+                        reason: format!("deal {} on chain is not proposal {proposal_cid}", deal_id.0),
+                    })),
+                }
+            }
+            Effect::HandOffToSealing { deal_id, piece_cid, size } => {
+                match self.sealer.hand_off(*deal_id, *piece_cid, *size).await {
+                    Ok(_) => Outcome::Feed(Feedback::StorageProvider(SP::DealHandedOff)),
+                    Err(e) if !e.is_transient() => Outcome::Feed(Feedback::StorageProvider(
+                        SP::HandOffFailed { reason: e.to_string() },
+                    )),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Effect::WatchPreCommit { deal_id }
+            | Effect::WatchActivation { deal_id }
+            | Effect::WatchExpiry { deal_id, .. } => self.watch(pending, effect, *deal_id).await?,
+            Effect::CleanUpStagedData { .. } => {
+                // The unsealed copy stays in the piece store: it serves retrievals.
+                Outcome::Feed(Feedback::StorageProvider(SP::DealFinalized))
+            }
+            Effect::Send { message: OutboundMessage::StorageStatusQuery { .. }, .. } => {
+                let Some(network) = &self.network else {
+                    return Ok(Outcome::Skipped("no network on this runner"));
+                };
+                let ctx = self.context().await?;
+                match crate::adapters::network::provider::query_status(
+                    &network.client,
+                    &self.deals,
+                    stream,
+                    &network.key,
+                    &ctx,
+                )
+                .await
+                {
+                    Ok(Some(_)) => Outcome::Skipped("status recorded"),
+                    Ok(None) => Outcome::Wait(poll),
+                    Err(e) => return Err(RunnerError::Network(e.to_string())),
+                }
+            }
+            Effect::Send { .. } => Outcome::Skipped("sent by the network adapter"),
+            Effect::SetUpPaymentChannel { provider, amount } => {
+                let client = self.retrieval_client(stream).await?;
+                let existed = self.chain.channel_between(client, *provider).await?.is_some();
+                self.chain.get_or_create_channel(client, *provider, *amount, key).await?;
+                Outcome::Feed(Feedback::RetrievalClient(if existed {
+                    RC::PaymentChannelAddFundsInitiated
+                } else {
+                    RC::PaymentChannelCreateInitiated
+                }))
+            }
+            Effect::WaitForPaymentChannel { provider } => {
+                let client = self.retrieval_client(stream).await?;
+                match self.chain.channel_between(client, *provider).await? {
+                    Some(channel) => {
+                        Outcome::Feed(Feedback::RetrievalClient(RC::PaymentChannelReady { channel }))
+                    }
+                    None => Outcome::Wait(poll),
+                }
+            }
+            Effect::AllocateLane { channel } => {
+                let lane = self.chain.allocate_lane(channel, key).await?;
+                Outcome::Feed(Feedback::RetrievalClient(RC::LaneAllocated { lane }))
+            }
+            Effect::RedeemVoucher { voucher } => {
+                self.chain.submit_voucher(voucher).await?;
+                Outcome::Done
+            }
+            _ => Outcome::Skipped("not a chain effect"),
+        })
+    }
+
+    /// Whether the storage deal that caused `pending` has been published on chain.
+    async fn published(&self, pending: &PendingEffect) -> Result<bool, RunnerError> {
+        Ok(match pending.stream_type.as_str() {
+            StorageClient::NAME => {
+                self.deals.load::<StorageClient>(pending.stream_id).await?.data.deal_id.is_some()
+            }
+            StorageProvider::NAME => {
+                self.deals.load::<StorageProvider>(pending.stream_id).await?.data.deal_id.is_some()
+            }
+            _ => false,
+        })
+    }
+
+    /// After a clean-up effect of a failing deal: when it was the last one of its event, the
+    /// deal is told its clean-up completed.
+    async fn after_cleanup_step(&self, pending: &PendingEffect) -> Result<Outcome, RunnerError> {
+        let pool = self.deals.journal().pool();
+        let others =
+            crate::events::outbox::open_siblings(pool, pending.stream_id, pending.version, pending.id)
+                .await?;
+        if others > 0 {
+            return Ok(Outcome::Done);
+        }
+        let id = pending.stream_id;
+        Ok(match pending.stream_type.as_str() {
+            StorageClient::NAME
+                if self.deals.load::<StorageClient>(id).await?.state
+                    == storage_client::State::Failing =>
+            {
+                Outcome::Feed(Feedback::StorageClient(SC::CleanupCompleted))
+            }
+            StorageProvider::NAME
+                if self.deals.load::<StorageProvider>(id).await?.state
+                    == storage_provider::State::Failing =>
+            {
+                Outcome::Feed(Feedback::StorageProvider(SP::CleanupCompleted))
+            }
+            RetrievalClient::NAME => {
+                let state = self.deals.load::<RetrievalClient>(id).await?.state;
+                if matches!(
+                    state,
+                    retrieval_client::State::Failing | retrieval_client::State::Cancelling
+                ) {
+                    Outcome::Feed(Feedback::RetrievalClient(RC::CleanupCompleted))
+                } else {
+                    Outcome::Done
+                }
+            }
+            RetrievalProvider::NAME => Outcome::Done,
+            _ => Outcome::Done,
+        })
+    }
+
+    async fn retrieval_client(&self, stream: Uuid) -> Result<crate::domain::PartyKey, RunnerError> {
+        let deal = self.deals.load::<RetrievalClient>(stream).await?;
+        deal.data
+            .proposal
+            .map(|p| p.client)
+            .ok_or_else(|| RunnerError::Inconsistent(format!("retrieval {stream} has no terms")))
+    }
+
+    /// A watch effect: what the chain shows for the deal at finality, as the input the deal
+    /// waits for — or a wait until the next head.
+    async fn watch(
+        &self,
+        pending: &PendingEffect,
+        effect: &Effect,
+        deal_id: DealId,
+    ) -> Result<Outcome, RunnerError> {
+        let poll = self.config.watch_poll;
+        let seen = self.chain.deal(deal_id).await?;
+        let provider_side = pending.stream_type == StorageProvider::NAME;
+        if provider_side && !matches!(effect, Effect::WatchExpiry { .. }) {
+            if let SealingStatus::Failed { reason } = self.sealer.status(deal_id).await? {
+                return Ok(Outcome::Feed(Feedback::StorageProvider(SP::SealingFailed { reason })));
+            }
+        }
+        let Some(seen) = seen else {
+            // Lotus drops a deal from the market once it has expired.
+            return Ok(match effect {
+                Effect::WatchExpiry { end_epoch, .. } if self.chain.head().await? >= *end_epoch => {
+                    both(pending, SC::DealExpired { epoch: *end_epoch }, SP::DealExpired {
+                        epoch: *end_epoch,
+                    })
+                }
+                _ => Outcome::Wait(poll),
+            });
+        };
+        Ok(observed(pending, effect, &seen).unwrap_or(Outcome::Wait(poll)))
+    }
+}
+
+/// The same observation for whichever side the effect's stream is.
+fn both(pending: &PendingEffect, client: SC, provider: SP) -> Outcome {
+    if pending.stream_type == StorageClient::NAME {
+        Outcome::Feed(Feedback::StorageClient(client))
+    } else {
+        Outcome::Feed(Feedback::StorageProvider(provider))
+    }
+}
+
+/// The input a watch effect gets from an observation, if the observation is news for it.
+fn observed(pending: &PendingEffect, effect: &Effect, seen: &DealObservation) -> Option<Outcome> {
+    let state = seen.state();
+    let slashed = || {
+        let epoch = seen.slash_epoch.unwrap_or_default();
+        both(pending, SC::DealSlashed { epoch }, SP::DealSlashed { epoch })
+    };
+    let timed_out = || {
+        let reason = format!("deal {} was not activated by its start epoch", seen.deal_id.0);
+        both(pending, SC::DealTimedOut { reason: reason.clone() }, SP::DealTimedOut { reason })
+    };
+    let activated = || {
+        let epoch = seen.sector_start_epoch.unwrap_or_default();
+        both(pending, SC::DealActivated { epoch }, SP::DealActivated { epoch })
+    };
+    match (effect, state) {
+        (_, OnChainDealState::Slashed) => Some(slashed()),
+        (Effect::WatchExpiry { .. }, OnChainDealState::Expired) => {
+            let epoch = seen.closed_epoch.unwrap_or(seen.end_epoch);
+            Some(both(pending, SC::DealExpired { epoch }, SP::DealExpired { epoch }))
+        }
+        (Effect::WatchExpiry { .. }, _) => None,
+        (_, OnChainDealState::TimedOut) => Some(timed_out()),
+        (_, OnChainDealState::Active | OnChainDealState::Expired) => Some(activated()),
+        (Effect::WatchPreCommit { .. }, OnChainDealState::PreCommitted) => {
+            seen.sector.map(|sector| {
+                both(pending, SC::DealPreCommitted { sector }, SP::DealPreCommitted { sector })
+            })
+        }
+        _ => None,
+    }
+}
