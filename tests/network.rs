@@ -4,99 +4,24 @@
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use libp2p::Multiaddr;
 use uuid::Uuid;
 
 use dealledger::adapters::network::codec::MarketCodec;
-use dealledger::adapters::network::message::{
-    MarketRequest, MarketResponse, SignedStatusQuery, StorageAsk,
-};
-use dealledger::adapters::network::provider::{ProviderService, propose};
-use dealledger::adapters::network::{self, Client};
+use dealledger::adapters::network::message::{MarketRequest, MarketResponse, SignedStatusQuery};
+use dealledger::adapters::network::provider::propose;
 use dealledger::adapters::piece::commp::commp_of;
-use dealledger::adapters::piece::store::PieceStore;
-use dealledger::adapters::transfer::{ProviderTransfers, PushError, TransferOptions, push};
-use dealledger::db::testing::fresh_database;
+use dealledger::adapters::transfer::{PushError, TransferOptions, push};
 use dealledger::deals::Deals;
 use dealledger::domain::storage::ClientDealProposal;
-use dealledger::domain::{ChainEpoch, PaddedPieceSize, PartyKey, TokenAmount};
-use dealledger::events::Journal;
-use dealledger::fsm::DecideContext;
+use dealledger::domain::{PartyKey, TokenAmount};
 use dealledger::fsm::fixtures::*;
 use dealledger::fsm::storage_client::{StorageClient, StorageClientEvent};
 
-fn ctx() -> DecideContext {
-    DecideContext { epoch: ChainEpoch(NOW), ..DecideContext::default() }
-}
-
-fn ask() -> StorageAsk {
-    StorageAsk {
-        price_per_gib_epoch: TokenAmount(500_000_000),
-        min_piece_size: PaddedPieceSize(128),
-        max_piece_size: PaddedPieceSize(1 << 30),
-    }
-}
-
-async fn deals() -> Deals {
-    let (pool, _) = fresh_database(4).await.expect("a fresh test database");
-    Deals::new(Journal::new(pool))
-}
+mod common;
+use common::*;
 
 async fn events(deals: &Deals) -> i64 {
     deals.journal().count().await.unwrap()
-}
-
-/// A provider node serving the market protocols, and a client node that knows its address.
-async fn two_nodes(provider_codec: MarketCodec) -> (Deals, Deals, Client) {
-    let nodes = nodes(provider_codec).await;
-    (nodes.provider_deals, nodes.client_deals, nodes.client)
-}
-
-struct Nodes {
-    provider_deals: Deals,
-    client_deals: Deals,
-    client: Client,
-    client_loop: tokio::task::JoinHandle<()>,
-    provider_address: Multiaddr,
-    provider_peer: libp2p::PeerId,
-    pieces: PieceStore,
-}
-
-async fn nodes(provider_codec: MarketCodec) -> Nodes {
-    let (provider_deals, client_deals) = (deals().await, deals().await);
-    let (provider, provider_events, provider_loop) =
-        network::new(&provider_key(), provider_codec, Duration::from_secs(10)).unwrap();
-    tokio::spawn(provider_loop.run());
-    let address =
-        provider.listen("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>().unwrap()).await.unwrap();
-    let pieces =
-        PieceStore::new(std::env::temp_dir().join(format!("dealledger-pieces-{}", Uuid::new_v4())));
-    let transfers =
-        ProviderTransfers::new(provider_deals.clone(), pieces.clone(), TransferOptions::default());
-    let service = ProviderService::new(provider_deals.clone(), provider_key(), ask(), transfers);
-    tokio::spawn(service.serve(provider.clone(), provider_events, ctx()));
-    let (client, client_loop) = client_node(provider.peer_id(), address.clone()).await;
-    Nodes {
-        provider_deals,
-        client_deals,
-        client,
-        client_loop,
-        provider_address: address,
-        provider_peer: provider.peer_id(),
-        pieces,
-    }
-}
-
-/// A client node (the fixtures' client key) that knows where the provider is.
-async fn client_node(
-    provider: libp2p::PeerId,
-    address: Multiaddr,
-) -> (Client, tokio::task::JoinHandle<()>) {
-    let (client, _client_events, client_loop) =
-        network::new(&client_key(), MarketCodec::default(), Duration::from_secs(10)).unwrap();
-    let handle = tokio::spawn(client_loop.run());
-    client.add_address(provider, address).await.unwrap();
-    (client, handle)
 }
 
 /// A client deal with its funds reserved, ready to propose.
@@ -195,28 +120,6 @@ async fn an_oversized_message_is_refused_by_the_provider_without_effect() {
 }
 
 /// Random-looking bytes, reproducible.
-fn data(len: usize, seed: u8) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
-/// A signed proposal for `bytes`, priced to meet the ask.
-fn proposal_for(bytes: &[u8]) -> ClientDealProposal {
-    let (piece_cid, piece_size) = commp_of(bytes);
-    let mut terms = proposal();
-    terms.piece_cid = piece_cid;
-    terms.piece_size = piece_size;
-    terms.storage_price_per_epoch = TokenAmount(100_000_000);
-    ClientDealProposal::sign(terms, &client_key())
-}
-
 const EIGHT_MIB: usize = 8 << 20;
 
 #[tokio::test]

@@ -26,12 +26,12 @@ use crate::deals::{Deals, DealsError};
 use crate::domain::storage::DealPolicy;
 use crate::events::JournalError;
 use crate::events::outbox::{self, PendingEffect};
-use crate::fsm::{DecideContext, Machine};
 use crate::fsm::effects::Effect;
 use crate::fsm::retrieval_client::RetrievalClient;
 use crate::fsm::retrieval_client::RetrievalClientEvent as RC;
 use crate::fsm::storage_client::{StorageClient, StorageClientEvent as SC};
 use crate::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
+use crate::fsm::{DecideContext, Machine};
 
 /// Why the runner could not perform an effect this time.
 #[derive(Debug, thiserror::Error)]
@@ -302,9 +302,11 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             (StorageClient::NAME, Effect::ReserveFunds { .. }) => {
                 Some(Feedback::StorageClient(SC::FundsReservationFailed { reason: reason.clone() }))
             }
-            (StorageProvider::NAME, Effect::ReserveFunds { .. }) => Some(Feedback::StorageProvider(
-                SP::FundsReservationFailed { reason: reason.clone() },
-            )),
+            (StorageProvider::NAME, Effect::ReserveFunds { .. }) => {
+                Some(Feedback::StorageProvider(SP::FundsReservationFailed {
+                    reason: reason.clone(),
+                }))
+            }
             (_, Effect::PublishDeal { .. } | Effect::WaitForMessage { .. }) => {
                 Some(Feedback::StorageProvider(SP::PublishFailed { reason: reason.clone() }))
             }
@@ -316,7 +318,9 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                 Effect::SetUpPaymentChannel { .. }
                 | Effect::WaitForPaymentChannel { .. }
                 | Effect::AllocateLane { .. },
-            ) => Some(Feedback::RetrievalClient(RC::PaymentChannelFailed { reason: reason.clone() })),
+            ) => {
+                Some(Feedback::RetrievalClient(RC::PaymentChannelFailed { reason: reason.clone() }))
+            }
             _ => None,
         };
         match failure {
@@ -328,8 +332,13 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             // Nothing in the machine to tell (a watch, a redemption after the deal ended):
             // the effect stays for an operator, with its error, after a long pause.
             None => {
-                outbox::release(pool, pending.id, self.config.backoff.saturating_mul(1 << 16), Some(&reason))
-                    .await?
+                outbox::release(
+                    pool,
+                    pending.id,
+                    self.config.backoff.saturating_mul(1 << 16),
+                    Some(&reason),
+                )
+                .await?
             }
         }
         Ok(())

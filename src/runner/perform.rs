@@ -101,7 +101,10 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             Effect::ReserveFunds { wallet, amount } => {
                 // Each deal deposits what it needs, keyed by the effect: a repeat adds nothing.
                 self.chain.add_balance(*wallet, *amount, key).await?;
-                storage(SC::FundsReserved { amount: *amount }, SP::FundsReserved { amount: *amount })
+                storage(
+                    SC::FundsReserved { amount: *amount },
+                    SP::FundsReserved { amount: *amount },
+                )
             }
             Effect::WaitForFunding { message: Some(message), .. } => {
                 match self.chain.message_status(*message).await? {
@@ -133,43 +136,56 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                 self.after_cleanup_step(pending).await?
             }
             Effect::PublishDeal { deal } => match self.chain.publish_storage_deal(deal).await {
-                Ok(message) => Outcome::Feed(Feedback::StorageProvider(SP::PublishSent { message })),
+                Ok(message) => {
+                    Outcome::Feed(Feedback::StorageProvider(SP::PublishSent { message }))
+                }
                 Err(e) if !e.is_transient() => {
-                    Outcome::Feed(Feedback::StorageProvider(SP::PublishFailed { reason: e.to_string() }))
+                    Outcome::Feed(Feedback::StorageProvider(SP::PublishFailed {
+                        reason: e.to_string(),
+                    }))
                 }
                 Err(e) => return Err(e.into()),
             },
-            Effect::WaitForMessage { message } => match self.chain.message_status(*message).await? {
-                MessageStatus::Pending => Outcome::Wait(poll),
-                MessageStatus::Landed { deal_id: Some(deal_id), .. } => {
-                    Outcome::Feed(Feedback::StorageProvider(SP::DealPublished { deal_id }))
+            Effect::WaitForMessage { message } => {
+                match self.chain.message_status(*message).await? {
+                    MessageStatus::Pending => Outcome::Wait(poll),
+                    MessageStatus::Landed { deal_id: Some(deal_id), .. } => {
+                        Outcome::Feed(Feedback::StorageProvider(SP::DealPublished { deal_id }))
+                    }
+                    MessageStatus::Landed { deal_id: None, .. } => {
+                        Outcome::Feed(Feedback::StorageProvider(SP::PublishFailed {
+                            reason: "the publish message landed without a deal id".into(),
+                        }))
+                    }
+                    MessageStatus::Failed { reason, .. } => {
+                        Outcome::Feed(Feedback::StorageProvider(SP::PublishFailed { reason }))
+                    }
                 }
-                MessageStatus::Landed { deal_id: None, .. } => Outcome::Feed(
-                    Feedback::StorageProvider(SP::PublishFailed {
-                        reason: "the publish message landed without a deal id".into(),
-                    }),
-                ),
-                MessageStatus::Failed { reason, .. } => {
-                    Outcome::Feed(Feedback::StorageProvider(SP::PublishFailed { reason }))
-                }
-            },
+            }
             Effect::VerifyDealOnChain { deal_id, proposal_cid } => {
                 match self.chain.deal(*deal_id).await? {
                     None => Outcome::Wait(poll),
                     Some(seen) if seen.proposal_cid.is_none_or(|c| c == *proposal_cid) => {
                         Outcome::Feed(Feedback::StorageClient(SC::PublishConfirmed))
                     }
-                    Some(_) => Outcome::Feed(Feedback::StorageClient(SC::PublishVerificationFailed {
-                        reason: format!("deal {} on chain is not proposal {proposal_cid}", deal_id.0),
-                    })),
+                    Some(_) => {
+                        Outcome::Feed(Feedback::StorageClient(SC::PublishVerificationFailed {
+                            reason: format!(
+                                "deal {} on chain is not proposal {proposal_cid}",
+                                deal_id.0
+                            ),
+                        }))
+                    }
                 }
             }
             Effect::HandOffToSealing { deal_id, piece_cid, size } => {
                 match self.sealer.hand_off(*deal_id, *piece_cid, *size).await {
                     Ok(_) => Outcome::Feed(Feedback::StorageProvider(SP::DealHandedOff)),
-                    Err(e) if !e.is_transient() => Outcome::Feed(Feedback::StorageProvider(
-                        SP::HandOffFailed { reason: e.to_string() },
-                    )),
+                    Err(e) if !e.is_transient() => {
+                        Outcome::Feed(Feedback::StorageProvider(SP::HandOffFailed {
+                            reason: e.to_string(),
+                        }))
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -214,7 +230,9 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                 let client = self.retrieval_client(stream).await?;
                 match self.chain.channel_between(client, *provider).await? {
                     Some(channel) => {
-                        Outcome::Feed(Feedback::RetrievalClient(RC::PaymentChannelReady { channel }))
+                        Outcome::Feed(Feedback::RetrievalClient(RC::PaymentChannelReady {
+                            channel,
+                        }))
                     }
                     None => Outcome::Wait(poll),
                 }
@@ -248,9 +266,13 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
     /// deal is told its clean-up completed.
     async fn after_cleanup_step(&self, pending: &PendingEffect) -> Result<Outcome, RunnerError> {
         let pool = self.deals.journal().pool();
-        let others =
-            crate::events::outbox::open_siblings(pool, pending.stream_id, pending.version, pending.id)
-                .await?;
+        let others = crate::events::outbox::open_siblings(
+            pool,
+            pending.stream_id,
+            pending.version,
+            pending.id,
+        )
+        .await?;
         if others > 0 {
             return Ok(Outcome::Done);
         }
@@ -303,18 +325,21 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
         let poll = self.config.watch_poll;
         let seen = self.chain.deal(deal_id).await?;
         let provider_side = pending.stream_type == StorageProvider::NAME;
-        if provider_side && !matches!(effect, Effect::WatchExpiry { .. }) {
-            if let SealingStatus::Failed { reason } = self.sealer.status(deal_id).await? {
-                return Ok(Outcome::Feed(Feedback::StorageProvider(SP::SealingFailed { reason })));
-            }
+        if provider_side
+            && !matches!(effect, Effect::WatchExpiry { .. })
+            && let SealingStatus::Failed { reason } = self.sealer.status(deal_id).await?
+        {
+            return Ok(Outcome::Feed(Feedback::StorageProvider(SP::SealingFailed { reason })));
         }
         let Some(seen) = seen else {
             // Lotus drops a deal from the market once it has expired.
             return Ok(match effect {
                 Effect::WatchExpiry { end_epoch, .. } if self.chain.head().await? >= *end_epoch => {
-                    both(pending, SC::DealExpired { epoch: *end_epoch }, SP::DealExpired {
-                        epoch: *end_epoch,
-                    })
+                    both(
+                        pending,
+                        SC::DealExpired { epoch: *end_epoch },
+                        SP::DealExpired { epoch: *end_epoch },
+                    )
                 }
                 _ => Outcome::Wait(poll),
             });

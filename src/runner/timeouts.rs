@@ -9,11 +9,11 @@ use uuid::Uuid;
 use super::RunnerError;
 use crate::deals::{Deals, DealsError};
 use crate::fsm::DecideContext;
+use crate::fsm::Machine;
 use crate::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent};
 use crate::fsm::retrieval_provider::{RetrievalProvider, RetrievalProviderEvent};
 use crate::fsm::storage_client::{StorageClient, StorageClientEvent};
 use crate::fsm::storage_provider::{StorageProvider, StorageProviderEvent};
-use crate::fsm::Machine;
 
 /// How long a deal may stay in one state.
 #[derive(Debug, Clone)]
@@ -61,7 +61,12 @@ pub async fn time_out_stuck_deals(
         let reason = format!("no progress in {state} for over {:?}", policy.after);
         let result = match side.as_str() {
             StorageClient::NAME => deals
-                .handle::<StorageClient>(stream, StorageClientEvent::DealTimedOut { reason }, ctx, None)
+                .handle::<StorageClient>(
+                    stream,
+                    StorageClientEvent::DealTimedOut { reason },
+                    ctx,
+                    None,
+                )
                 .await
                 .map(drop),
             StorageProvider::NAME => deals

@@ -231,24 +231,16 @@ impl Devnet {
         party: PartyKey,
         delta: String,
     ) -> Result<(), ChainError> {
-        let ok: bool = sqlx::query_scalar(
-            "INSERT INTO devnet.wallets AS w (party, balance) VALUES ($1, $2::numeric) \
-             ON CONFLICT (party) DO UPDATE SET balance = w.balance + $2::numeric \
-             WHERE w.balance + $2::numeric >= 0 \
-             RETURNING true",
+        let why = || format!("wallet of {party} has too little");
+        Self::shift(
+            tx,
+            "UPDATE devnet.wallets SET balance = balance + $2::numeric WHERE party = $1",
+            "INSERT INTO devnet.wallets (party, balance) VALUES ($1, $2::numeric)",
+            party,
+            [delta, "0".into()],
+            why,
         )
-        .bind(party.0.as_slice())
-        .bind(&delta)
-        .fetch_optional(&mut **tx)
         .await
-        .map_err(|e| match e {
-            sqlx::Error::Database(d) if d.is_check_violation() => {
-                refused(format!("wallet of {party} has too little"))
-            }
-            other => other.into(),
-        })?
-        .unwrap_or(false);
-        if ok { Ok(()) } else { Err(refused(format!("wallet of {party} has too little"))) }
     }
 
     /// Moves escrow and locked amounts of a market participant (signed text deltas).
@@ -258,23 +250,51 @@ impl Devnet {
         escrow: String,
         locked: String,
     ) -> Result<(), ChainError> {
-        sqlx::query(
-            "INSERT INTO devnet.market_participants AS m (party, escrow, locked) \
-             VALUES ($1, $2::numeric, $3::numeric) \
-             ON CONFLICT (party) DO UPDATE \
-             SET escrow = m.escrow + $2::numeric, locked = m.locked + $3::numeric",
+        let why = || format!("market balance of {party} does not cover it");
+        Self::shift(
+            tx,
+            "UPDATE devnet.market_participants \
+             SET escrow = escrow + $2::numeric, locked = locked + $3::numeric WHERE party = $1",
+            "INSERT INTO devnet.market_participants (party, escrow, locked) \
+             VALUES ($1, $2::numeric, $3::numeric)",
+            party,
+            [escrow, locked],
+            why,
         )
-        .bind(party.0.as_slice())
-        .bind(&escrow)
-        .bind(&locked)
-        .execute(&mut **tx)
         .await
-        .map_err(|e| match e {
-            sqlx::Error::Database(d) if d.is_check_violation() => {
-                refused(format!("market balance of {party} does not cover it"))
-            }
+    }
+
+    /// Applies signed deltas to a party's row (creating it on first credit); the table's
+    /// CHECK constraints refuse any balance going negative, and that is a refusal
+    /// (the message's transaction is then dropped: nothing of it is applied).
+    async fn shift(
+        tx: &mut Transaction<'_, Postgres>,
+        update: &'static str,
+        insert: &'static str,
+        party: PartyKey,
+        deltas: [String; 2],
+        why: impl Fn() -> String,
+    ) -> Result<(), ChainError> {
+        let refuse = |e: sqlx::Error| match e {
+            sqlx::Error::Database(d) if d.is_check_violation() => refused(why()),
             other => other.into(),
-        })?;
+        };
+        let updated = sqlx::query(sqlx::AssertSqlSafe(update))
+            .bind(party.0.as_slice())
+            .bind(&deltas[0])
+            .bind(&deltas[1])
+            .execute(&mut **tx)
+            .await
+            .map_err(refuse)?;
+        if updated.rows_affected() == 0 {
+            sqlx::query(sqlx::AssertSqlSafe(insert))
+                .bind(party.0.as_slice())
+                .bind(&deltas[0])
+                .bind(&deltas[1])
+                .execute(&mut **tx)
+                .await
+                .map_err(refuse)?;
+        }
         Ok(())
     }
 
@@ -417,8 +437,13 @@ impl Devnet {
                     .checked_add(client_collateral)
                     .ok_or_else(|| refused("refund overflows"))?;
                 Self::shift_market(tx, client, "0".into(), minus(refund)).await?;
-                Self::shift_market(tx, provider, minus(provider_collateral), minus(provider_collateral))
-                    .await?;
+                Self::shift_market(
+                    tx,
+                    provider,
+                    minus(provider_collateral),
+                    minus(provider_collateral),
+                )
+                .await?;
                 sqlx::query("UPDATE devnet.deals SET timed_out_epoch = $2 WHERE deal_id = $1")
                     .bind(deal_id)
                     .bind(start + 1)
@@ -472,8 +497,11 @@ impl Devnet {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| ChainError::NotFound { what: format!("deal {}", deal_id.0) })?;
-        let ended: [Option<i64>; 3] =
-            [row.try_get("slash_epoch")?, row.try_get("closed_epoch")?, row.try_get("timed_out_epoch")?];
+        let ended: [Option<i64>; 3] = [
+            row.try_get("slash_epoch")?,
+            row.try_get("closed_epoch")?,
+            row.try_get("timed_out_epoch")?,
+        ];
         if ended.iter().any(Option::is_some) {
             return Err(refused(format!("deal {} already ended", deal_id.0)));
         }
@@ -496,8 +524,13 @@ impl Devnet {
         Self::shift_market(&mut tx, client, minus(payment), minus(payment)).await?;
         Self::shift_market(&mut tx, client, "0".into(), minus(release)).await?;
         Self::shift_market(&mut tx, provider, plus(payment), "0".into()).await?;
-        Self::shift_market(&mut tx, provider, minus(provider_collateral), minus(provider_collateral))
-            .await?;
+        Self::shift_market(
+            &mut tx,
+            provider,
+            minus(provider_collateral),
+            minus(provider_collateral),
+        )
+        .await?;
         sqlx::query(
             "UPDATE devnet.deals SET slash_epoch = $2, last_payment_epoch = $3, \
              paid = paid + $4::numeric WHERE deal_id = $1",
@@ -568,12 +601,11 @@ impl Devnet {
         &self,
         deal_id: DealId,
     ) -> Result<Option<(SectorNumber, Option<String>)>, ChainError> {
-        let row: Option<(i64, Option<String>)> = sqlx::query_as(
-            "SELECT sector, failed_reason FROM devnet.sealing WHERE deal_id = $1",
-        )
-        .bind(deal_id.0 as i64)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<(i64, Option<String>)> =
+            sqlx::query_as("SELECT sector, failed_reason FROM devnet.sealing WHERE deal_id = $1")
+                .bind(deal_id.0 as i64)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.map(|(sector, reason)| (SectorNumber(sector as u64), reason)))
     }
 
@@ -722,12 +754,11 @@ impl Chain for Devnet {
     async fn publish_storage_deal(&self, deal: &StorageDeal) -> Result<Cid, ChainError> {
         let proposal_cid = deal.client_proposal.cid();
         let (mut tx, epoch) = self.begin().await?;
-        let existing: Option<Vec<u8>> = sqlx::query_scalar(
-            "SELECT publish_message FROM devnet.deals WHERE proposal_cid = $1",
-        )
-        .bind(proposal_cid.to_bytes())
-        .fetch_optional(&mut *tx)
-        .await?;
+        let existing: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT publish_message FROM devnet.deals WHERE proposal_cid = $1")
+                .bind(proposal_cid.to_bytes())
+                .fetch_optional(&mut *tx)
+                .await?;
         if let Some(message) = existing {
             return Cid::try_from(message).map_err(|e| ChainError::Malformed(e.to_string()));
         }
@@ -746,9 +777,10 @@ impl Chain for Devnet {
         let client_requirement =
             p.client_balance_requirement().ok_or_else(|| refused("deal amounts overflow"))?;
         let provider_requirement = p.provider_balance_requirement();
-        for (party, needed, who) in
-            [(p.client, client_requirement, "client"), (p.provider, provider_requirement, "provider")]
-        {
+        for (party, needed, who) in [
+            (p.client, client_requirement, "client"),
+            (p.provider, provider_requirement, "provider"),
+        ] {
             let balance = Self::balance_in(&mut tx, party).await?;
             if balance.available() < needed {
                 return Err(refused(format!(
@@ -790,12 +822,11 @@ impl Chain for Devnet {
     }
 
     async fn message_status(&self, message: Cid) -> Result<MessageStatus, ChainError> {
-        let row: Option<(i64, Option<i64>, Option<String>)> = sqlx::query_as(
-            "SELECT epoch, deal_id, result FROM devnet.messages WHERE cid = $1",
-        )
-        .bind(message.to_bytes())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<(i64, Option<i64>, Option<String>)> =
+            sqlx::query_as("SELECT epoch, deal_id, result FROM devnet.messages WHERE cid = $1")
+                .bind(message.to_bytes())
+                .fetch_optional(&self.pool)
+                .await?;
         let final_epoch = self.final_epoch().await?;
         Ok(match row {
             Some((epoch, _, _)) if epoch > final_epoch => MessageStatus::Pending,

@@ -17,10 +17,10 @@ use cid::Cid;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::TokenAmount;
 use crate::domain::retrieval::{ChannelAddress, SignedVoucher};
 use crate::domain::storage::StorageDeal;
 use crate::domain::{ChainEpoch, DealId, PaddedPieceSize, PartyKey, PieceCid, SectorNumber};
-use crate::domain::TokenAmount;
 use crate::events::chain::cid_of_bytes;
 
 pub use devnet::{Devnet, DevnetConfig};
@@ -318,4 +318,3 @@ pub fn head_changes<C: Chain + Clone>(
         }
     })
 }
-

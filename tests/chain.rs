@@ -1,0 +1,353 @@
+//! Whole deals on the devnet chain: two nodes on 127.0.0.1 (each with its own database), the
+//! devnet in a third, and each node's effect runner performing what its machines decide —
+//! publish, sealing, activation, expiry, slashing, payment channels and voucher redemption.
+//! The machines decide every step; the test only moves the devnet's clock.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use dealledger::adapters::chain::{
+    Chain, Devnet, DevnetConfig, DevnetSealer, MessageKey, OnChainDealState,
+};
+use dealledger::adapters::network::codec::MarketCodec;
+use dealledger::adapters::network::provider::{propose, propose_retrieval};
+use dealledger::adapters::transfer::retrieval::pull;
+use dealledger::adapters::transfer::{TransferOptions, push};
+use dealledger::db::testing::fresh_database;
+use dealledger::deals::Deals;
+use dealledger::domain::retrieval::{
+    ByteRange, PaymentVoucher, RetrievalDealProposal, SignedVoucher,
+};
+use dealledger::domain::{ChainEpoch, DealId, PartyKey, TokenAmount};
+use dealledger::events::outbox;
+use dealledger::fsm::fixtures::*;
+use dealledger::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent as RC};
+use dealledger::fsm::retrieval_provider::RetrievalProvider;
+use dealledger::fsm::{
+    Label, Machine, storage_client::StorageClient, storage_provider::StorageProvider,
+};
+use dealledger::runner::{EffectRunner, RunnerConfig, RunnerNetwork};
+
+mod common;
+use common::*;
+
+type Runner = EffectRunner<Devnet, DevnetSealer>;
+
+/// Two nodes, the devnet they share, and a runner per node.
+struct Market {
+    nodes: Nodes,
+    devnet: Devnet,
+    client: Runner,
+    provider: Runner,
+}
+
+const WALLET: TokenAmount = TokenAmount(1_000_000_000_000_000_000_000);
+
+async fn market() -> Market {
+    let nodes = nodes(MarketCodec::default()).await;
+    let (pool, _) = fresh_database(4).await.expect("a devnet database");
+    let config = DevnetConfig { genesis_epoch: NOW, ..DevnetConfig::default() };
+    let devnet = Devnet::open(pool, config).await.expect("the devnet opens");
+    for (party, key) in [(client_key(), "client"), (provider_key(), "provider")] {
+        let party = PartyKey::of(&party);
+        devnet.fund(party, WALLET, MessageKey::of("faucet", key.as_bytes())).await.unwrap();
+    }
+    let sealer = DevnetSealer::new(devnet.clone(), 2, 3);
+    let config = RunnerConfig { watch_poll: Duration::from_millis(20), ..RunnerConfig::default() };
+    let client = EffectRunner::new(
+        nodes.client_deals.clone(),
+        devnet.clone(),
+        sealer.clone(),
+        config.clone(),
+    )
+    .with_network(RunnerNetwork { client: nodes.client.clone(), key: client_key() });
+    let provider = EffectRunner::new(nodes.provider_deals.clone(), devnet.clone(), sealer, config);
+    Market { nodes, devnet, client, provider }
+}
+
+impl Market {
+    /// Runs both nodes' effects until neither has anything new to feed its machines.
+    async fn settle(&self) {
+        for _ in 0..50 {
+            self.client.recover().await.unwrap();
+            self.provider.recover().await.unwrap();
+            let fed = self.client.run_until_idle().await.unwrap().fed
+                + self.provider.run_until_idle().await.unwrap().fed;
+            if fed == 0 {
+                return;
+            }
+        }
+        panic!("the runners never settled");
+    }
+
+    /// Moves the devnet's clock and lets both nodes react.
+    async fn advance(&self, epochs: i64) -> ChainEpoch {
+        let head = self.devnet.advance(epochs).await.unwrap();
+        self.settle().await;
+        head
+    }
+
+    async fn states(
+        &self,
+        proposal: &dealledger::domain::storage::ClientDealProposal,
+    ) -> (&'static str, &'static str) {
+        let c = self
+            .nodes
+            .client_deals
+            .load::<StorageClient>(Deals::storage_stream_id(StorageClient::NAME, proposal))
+            .await
+            .unwrap();
+        let p = self
+            .nodes
+            .provider_deals
+            .load::<StorageProvider>(Deals::storage_stream_id(StorageProvider::NAME, proposal))
+            .await
+            .unwrap();
+        (c.state.name(), p.state.name())
+    }
+
+    /// A storage deal of `bytes` proposed, pushed and brought to Active by the runners and
+    /// the devnet. Returns the proposal and its on-chain deal id.
+    async fn active_deal(
+        &self,
+        seed: u8,
+    ) -> (dealledger::domain::storage::ClientDealProposal, DealId) {
+        let bytes = data(64 * 1024, seed);
+        let proposal = proposal_for(&bytes);
+        let deals = &self.nodes.client_deals;
+        let stream = deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap().stream_id;
+        // The client's runner deposits its funds on chain.
+        self.settle().await;
+        assert_eq!(self.states(&proposal).await.0, "FundsReserved");
+        assert_eq!(
+            propose(&self.nodes.client, deals, stream, &ctx()).await.unwrap(),
+            "StartDataTransfer"
+        );
+        let cursor = std::io::Cursor::new(&bytes);
+        let pushed = push(
+            &self.nodes.client,
+            deals,
+            stream,
+            cursor,
+            bytes.len() as u64,
+            TransferOptions::default(),
+            &ctx(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(pushed, "CheckForAcceptance");
+        // Provider: collateral, publish, hand-off; client: status query, on-chain check.
+        self.settle().await;
+        assert_eq!(self.states(&proposal).await, ("AwaitingPreCommit", "AwaitingPreCommit"));
+        self.advance(2).await;
+        assert_eq!(self.states(&proposal).await, ("Sealing", "Sealing"));
+        self.advance(3).await;
+        assert_eq!(self.states(&proposal).await, ("Active", "Active"));
+        let deal_id = deals.get_storage_deal_status(stream).await.unwrap().deal_id.unwrap();
+        (proposal, deal_id)
+    }
+}
+
+#[tokio::test]
+async fn a_storage_deal_runs_on_the_devnet_from_proposal_to_active_then_expired() {
+    let m = market().await;
+    let (proposal, deal_id) = m.active_deal(1).await;
+    let p = &proposal.proposal;
+    let seen = m.devnet.deal(deal_id).await.unwrap().expect("the deal is on chain");
+    assert_eq!(seen.state(), OnChainDealState::Active);
+    assert_eq!(seen.proposal_cid, Some(proposal.cid()));
+    // Both sides' status rows agree with the chain.
+    let rows: Vec<(String, String, Option<i64>)> =
+        sqlx::query_as("SELECT side, state, deal_id FROM storage_deals")
+            .fetch_all(m.nodes.client_deals.journal().pool())
+            .await
+            .unwrap();
+    assert_eq!(rows, vec![("storage_client".into(), "Active".into(), Some(deal_id.0 as i64))]);
+    // When the chain passes the deal's end epoch
+    let head = m.devnet.head().await.unwrap();
+    m.advance(p.end_epoch.0 - head.0 + 1).await;
+    // Then both sides see it expire, and the market paid the provider the whole fee.
+    assert_eq!(m.states(&proposal).await, ("Expired", "Expired"));
+    let seen = m.devnet.deal(deal_id).await.unwrap().unwrap();
+    assert_eq!(seen.state(), OnChainDealState::Expired);
+    let fee = p.total_storage_fee().unwrap();
+    let provider = m.devnet.market_balance(p.provider).await.unwrap();
+    assert_eq!(provider.locked, TokenAmount::ZERO);
+    assert_eq!(provider.escrow, p.provider_collateral.checked_add(fee).unwrap());
+    let client = m.devnet.market_balance(p.client).await.unwrap();
+    assert_eq!(client.locked, TokenAmount::ZERO);
+    // Every effect of both nodes was performed; none is left waiting.
+    for deals in [&m.nodes.client_deals, &m.nodes.provider_deals] {
+        let open = outbox::pending(deals.journal().pool(), None, 100).await.unwrap();
+        let chain_open: Vec<_> = open
+            .iter()
+            .filter(|e| dealledger::runner::CHAIN_EFFECTS.contains(&e.effect_type.as_str()))
+            .map(|e| e.effect_type.clone())
+            .collect();
+        assert!(chain_open.is_empty(), "effects left: {chain_open:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_slashed_deal_ends_slashed_on_both_sides_and_burns_the_provider_collateral() {
+    let m = market().await;
+    let (proposal, deal_id) = m.active_deal(2).await;
+    let before = m.devnet.market_balance(proposal.proposal.provider).await.unwrap();
+    // Given the deal has been stored for 25 epochs past its start
+    let head = m.devnet.head().await.unwrap();
+    m.advance(proposal.proposal.start_epoch.0 - head.0 + 25).await;
+    // When the provider fails to prove the sector
+    m.devnet.slash(deal_id).await.unwrap();
+    m.advance(1).await;
+    // Then both deals end Slashed, and the provider lost its collateral.
+    assert_eq!(m.states(&proposal).await, ("Slashed", "Slashed"));
+    let after = m.devnet.market_balance(proposal.proposal.provider).await.unwrap();
+    assert_eq!(after.locked, TokenAmount::ZERO);
+    let earned = after.escrow.0 + proposal.proposal.provider_collateral.0 - before.escrow.0;
+    let price = proposal.proposal.storage_price_per_epoch.0;
+    assert_eq!(earned, 25 * price, "the provider is paid for the epochs it stored, no more");
+    let client = m.devnet.market_balance(proposal.proposal.client).await.unwrap();
+    assert_eq!(client.locked, TokenAmount::ZERO, "the rest of the fee went back to the client");
+}
+
+#[tokio::test]
+async fn a_deal_whose_sealing_fails_fails_on_the_provider_and_times_out_on_chain() {
+    let m = market().await;
+    let bytes = data(32 * 1024, 3);
+    let proposal = proposal_for(&bytes);
+    let deals = &m.nodes.client_deals;
+    let stream = deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap().stream_id;
+    m.settle().await;
+    propose(&m.nodes.client, deals, stream, &ctx()).await.unwrap();
+    let cursor = std::io::Cursor::new(&bytes);
+    push(
+        &m.nodes.client,
+        deals,
+        stream,
+        cursor,
+        bytes.len() as u64,
+        TransferOptions::default(),
+        &ctx(),
+    )
+    .await
+    .unwrap();
+    m.settle().await;
+    let deal_id = deals.get_storage_deal_status(stream).await.unwrap().deal_id.unwrap();
+    // When the sealing pipeline fails the sector
+    m.devnet.fail_sealing(deal_id, "disk full").await.unwrap();
+    m.settle().await;
+    // Then the provider's deal fails through Failing, and the client learns at the start
+    // epoch, when the chain drops the deal it never saw activated.
+    assert_eq!(m.states(&proposal).await.1, "Error");
+    let head = m.devnet.head().await.unwrap();
+    m.advance(proposal.proposal.start_epoch.0 - head.0 + 1).await;
+    assert_eq!(m.states(&proposal).await, ("Error", "Error"));
+    assert_eq!(m.devnet.deal(deal_id).await.unwrap().unwrap().state(), OnChainDealState::TimedOut);
+    let client = m.devnet.market_balance(proposal.proposal.client).await.unwrap();
+    assert_eq!(client.locked, TokenAmount::ZERO, "the client's funds were unlocked");
+}
+
+#[tokio::test]
+async fn a_retrieval_is_paid_through_a_devnet_channel_and_the_provider_collects_the_vouchers() {
+    let m = market().await;
+    let original = data(1 << 20, 7);
+    let (piece, size) = dealledger::adapters::piece::commp::commp_of(&original);
+    m.nodes.pieces.put(piece, size, original.as_slice()).await.unwrap();
+    let terms = RetrievalDealProposal {
+        payload_cid: dealledger::events::chain::cid_of_bytes(b"payload"),
+        piece_cid: Some(piece),
+        part: ByteRange { offset: 0, length: 1 << 20 },
+        price_per_byte: TokenAmount(3),
+        payment_interval: 256 * 1024,
+        payment_interval_increase: 128 * 1024,
+        unseal_price: TokenAmount(0),
+        client: PartyKey::of(&client_key()),
+        provider: PartyKey::of(&provider_key()),
+    };
+    let total = terms.total_price().unwrap();
+    let stream = Uuid::now_v7();
+    let deals = &m.nodes.client_deals;
+    let proposed = RC::DealProposed { proposal: Box::new(terms.clone()), part_of: None };
+    deals.handle::<RetrievalClient>(stream, proposed, &ctx(), None).await.unwrap();
+    let (state, provider_stream) =
+        propose_retrieval(&m.nodes.client, deals, stream, &ctx()).await.unwrap();
+    assert_eq!(state, "Accepted");
+    // The client's runner creates the channel with the deal's price and allocates a lane.
+    m.settle().await;
+    let client_deal = deals.load::<RetrievalClient>(stream).await.unwrap();
+    assert_eq!(client_deal.state.name(), "Ongoing");
+    let channel = client_deal.data.channel.clone().expect("a real channel");
+    let state = m.devnet.channel(&channel).await.unwrap().expect("the channel is on chain");
+    assert_eq!(state.balance, total);
+    let wallet_before = m.devnet.wallet_balance(terms.provider).await.unwrap();
+    let outcome = pull(
+        &m.nodes.client,
+        deals,
+        stream,
+        provider_stream.unwrap(),
+        &client_key(),
+        TokenAmount(u128::MAX),
+        &ctx(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((outcome.state, outcome.paid), ("Completed", total));
+    assert!(outcome.bytes == original);
+    // The provider's runner redeems the last voucher; settle and collect pay it out.
+    m.settle().await;
+    let provider =
+        m.nodes.provider_deals.load::<RetrievalProvider>(provider_stream.unwrap()).await.unwrap();
+    assert_eq!(provider.state.name(), "Completed");
+    assert_eq!(m.devnet.channel(&channel).await.unwrap().unwrap().redeemed, total);
+    // A voucher with a bad signature, or one replaying a redeemed nonce, is refused.
+    let lane = client_deal.data.lane.unwrap();
+    let forged = SignedVoucher::sign(
+        PaymentVoucher { channel: channel.clone(), lane, nonce: 99, amount: total },
+        &provider_key(),
+    );
+    assert!(m.devnet.check_voucher(&forged).await.is_err(), "a forged voucher passes");
+    let replayed = SignedVoucher::sign(
+        PaymentVoucher { channel: channel.clone(), lane, nonce: 0, amount: total },
+        &client_key(),
+    );
+    assert!(m.devnet.submit_voucher(&replayed).await.is_err(), "a replayed nonce passes");
+    m.devnet.settle(&channel).await.unwrap();
+    m.devnet.advance(DevnetConfig::default().settle_delay).await.unwrap();
+    m.devnet.collect(&channel).await.unwrap();
+    let wallet_after = m.devnet.wallet_balance(terms.provider).await.unwrap();
+    assert_eq!(
+        wallet_after.0 - wallet_before.0,
+        total.0,
+        "the provider collects exactly the vouchers"
+    );
+}
+
+#[tokio::test]
+async fn a_runner_that_dies_holding_effects_is_replaced_and_nothing_is_done_twice() {
+    let m = market().await;
+    let bytes = data(16 * 1024, 9);
+    let proposal = proposal_for(&bytes);
+    let deals = &m.nodes.client_deals;
+    deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap();
+    // Given a runner that claimed the deposit effect and died before finishing it
+    let pool = deals.journal().pool();
+    let claimed =
+        outbox::claim(pool, &["reserve-funds"], Duration::from_millis(50), 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    // ...after its chain message went out
+    let effect: dealledger::fsm::effects::Effect =
+        postcard::from_bytes(&claimed[0].payload).unwrap();
+    let dealledger::fsm::effects::Effect::ReserveFunds { wallet, amount } = effect else {
+        panic!("{effect:?}");
+    };
+    let key = dealledger::runner::message_key(&claimed[0]);
+    m.devnet.add_balance(wallet, amount, key).await.unwrap();
+    // When its lease runs out and another runner starts
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    m.settle().await;
+    // Then the deal moved on once, and the deposit was made once.
+    assert_eq!(m.states(&proposal).await.0, "FundsReserved");
+    let balance = m.devnet.market_balance(wallet).await.unwrap();
+    assert_eq!(balance.escrow, amount, "the deposit happened exactly once");
+}
