@@ -7,7 +7,7 @@
 //! that into machine inputs and the machines decide.
 
 pub mod devnet;
-
+pub mod lotus;
 pub mod sealing;
 
 use std::future::Future;
@@ -20,10 +20,11 @@ use serde::{Deserialize, Serialize};
 use crate::domain::TokenAmount;
 use crate::domain::retrieval::{ChannelAddress, SignedVoucher};
 use crate::domain::storage::StorageDeal;
-use crate::domain::{ChainEpoch, DealId, PaddedPieceSize, PartyKey, PieceCid, SectorNumber};
+use crate::domain::{ChainEpoch, DealId, PaddedPieceSize, PartyKey, SectorNumber};
 use crate::events::chain::cid_of_bytes;
 
 pub use devnet::{Devnet, DevnetConfig};
+pub use lotus::Lotus;
 pub use sealing::{DevnetSealer, SealingPipeline, SealingStatus};
 
 /// Why a chain call did not go through.
@@ -109,8 +110,8 @@ pub struct DealObservation {
     pub deal_id: DealId,
     /// The CID of the client's signed proposal, when the chain reports it.
     pub proposal_cid: Option<Cid>,
-    /// The piece.
-    pub piece_cid: PieceCid,
+    /// The piece (a commP CID on a real chain; Lotus's documentation examples use others).
+    pub piece_cid: Cid,
     /// The padded piece size.
     pub piece_size: PaddedPieceSize,
     /// The client, as the chain knows it (a key on devnet, an address on Lotus).
