@@ -93,6 +93,16 @@ enum Command {
         #[command(subcommand)]
         command: projections_cli::ProjectionsCommand,
     },
+    /// What the chain adapter observes (devnet or Lotus).
+    Chain {
+        #[command(subcommand)]
+        command: chain_cli::ChainCommand,
+    },
+    /// The local devnet chain: advance its clock, run it in real time, inject faults.
+    Devnet {
+        #[command(subcommand)]
+        command: chain_cli::DevnetCommand,
+    },
     /// The deal state machines, read from their declarations.
     Fsm {
         #[command(subcommand)]
@@ -133,6 +143,7 @@ enum EventsCommand {
 }
 
 mod audit_cli;
+mod chain_cli;
 mod demo;
 mod fsm_cli;
 mod projections_cli;
@@ -192,6 +203,8 @@ async fn run() -> anyhow::Result<()> {
         Command::Export { deal, output } => audit_cli::export(&journal, &deal, &output).await,
         Command::VerifyBundle { .. } => unreachable!("handled before the database is opened"),
         Command::Projections { command } => projections_cli::run(&journal, command).await,
+        Command::Chain { command } => chain_cli::run(&db.pool, command).await,
+        Command::Devnet { command } => chain_cli::devnet(&db.pool, command).await,
         Command::Fsm { .. } => unreachable!("handled before the database is opened"),
     };
     db.close().await.context("closing the database")?;

@@ -1,12 +1,15 @@
 //! `dealledger serve`: a provider node as a long-running service — the market protocols on
-//! libp2p, the `deal_transitions` projector, and a signed checkpoint every few minutes — until
-//! SIGINT or SIGTERM. Chain, sealing and the HTTP API are not part of it yet.
+//! libp2p, the effect runner on the devnet chain (publish, sealing, activation, expiry,
+//! voucher redemption; it resumes every waiting effect on start), the `deal_transitions`
+//! projector, and a signed checkpoint every few minutes — until SIGINT or SIGTERM. The HTTP
+//! API and Lotus-backed publishing are not part of it yet.
 
 use std::time::Duration;
 
 use clap::Args;
 use libp2p::Multiaddr;
 
+use dealledger::adapters::chain::{Devnet, DevnetConfig, DevnetSealer};
 use dealledger::adapters::network::codec::MarketCodec;
 use dealledger::adapters::network::message::StorageAsk;
 use dealledger::adapters::network::provider::ProviderService;
@@ -20,6 +23,7 @@ use dealledger::domain::{ChainEpoch, PaddedPieceSize, TokenAmount};
 use dealledger::events::Journal;
 use dealledger::fsm::DecideContext;
 use dealledger::projections::projector::TransitionsProjector;
+use dealledger::runner::{EffectRunner, RunnerConfig};
 
 /// Options of `serve`.
 #[derive(Args, Debug)]
@@ -33,6 +37,14 @@ pub struct ServeArgs {
     /// The chain epoch proposals are checked against (until the chain adapter tells it).
     #[arg(long, default_value_t = 0)]
     pub epoch: i64,
+    /// The devnet chain: `devnet` (in this node's database) or a PostgreSQL URL of a devnet
+    /// shared with other nodes.
+    #[arg(long, default_value = "devnet")]
+    pub chain: String,
+    /// Run the devnet's clock in this process, one epoch every this many milliseconds
+    /// (0: another process, e.g. `dealledger devnet serve`, runs it).
+    #[arg(long, default_value_t = 0)]
+    pub devnet_epoch_ms: u64,
     /// Minutes between signed journal checkpoints.
     #[arg(long, default_value_t = 10)]
     pub checkpoint_minutes: u64,
@@ -70,8 +82,23 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
     };
     let pieces = PieceStore::new(db.home().join("pieces"));
     let transfers = ProviderTransfers::new(deals.clone(), pieces, TransferOptions::default());
+    let deals_for_runner = deals.clone();
     let service = ProviderService::new(deals, key.clone(), ask, transfers);
     let serving = tokio::spawn(service.serve(node.clone(), events, ctx));
+    let devnet = if args.chain == "devnet" {
+        Devnet::open(db.pool.clone(), DevnetConfig::default()).await?
+    } else {
+        let pool = dealledger::db::pool_options().max_connections(4).connect(&args.chain).await?;
+        Devnet::open(pool, DevnetConfig::default()).await?
+    };
+    let clock = (args.devnet_epoch_ms > 0)
+        .then(|| devnet.clone().run_clock(Duration::from_millis(args.devnet_epoch_ms)));
+    let sealer = DevnetSealer::new(devnet.clone(), 2, 3);
+    let runner = EffectRunner::new(deals_for_runner, devnet, sealer, RunnerConfig::default());
+    let (stop_runner, runner_stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(runner.run(async {
+        let _ = runner_stopped.await;
+    }));
     println!("provider {} listening on {address}/p2p/{}", node.peer_id(), node.peer_id());
     println!("database {}; ctrl-c or SIGTERM stops", db.display_url);
 
@@ -99,7 +126,12 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
     serving.abort();
     network_task.abort();
     let _ = stop_projector.send(());
+    let _ = stop_runner.send(());
     projector.await??;
+    runner.await??;
+    if let Some(clock) = clock {
+        clock.abort();
+    }
     checkpoint::create(journal, &key, chrono::Utc::now()).await?;
     println!("stopped; a final checkpoint was signed");
     Ok(())

@@ -211,15 +211,19 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
         let pool = self.deals.journal().pool().clone();
         tokio::pin!(stop);
         loop {
-            let round = self.run_once().await?;
-            if round.claimed > round.waiting + round.failed {
-                continue;
+            match self.run_once().await {
+                Ok(round) if round.claimed > round.waiting + round.failed => continue,
+                Ok(_) => {}
+                // The database is away (restarting, network): keep the node up, try again.
+                Err(e) => tracing::warn!(error = %e, "effect round failed"),
             }
             tokio::select! {
                 _ = &mut stop => return Ok(()),
                 head = heads.next() => {
                     if head.is_some() {
-                        outbox::wake(&pool, WATCH_EFFECTS).await?;
+                        if let Err(e) = outbox::wake(&pool, WATCH_EFFECTS).await {
+                            tracing::warn!(error = %e, "could not re-arm waiting effects");
+                        }
                     }
                 }
                 _ = tokio::time::sleep(self.config.head_poll) => {}
