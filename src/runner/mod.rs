@@ -220,10 +220,10 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             tokio::select! {
                 _ = &mut stop => return Ok(()),
                 head = heads.next() => {
-                    if head.is_some() {
-                        if let Err(e) = outbox::wake(&pool, WATCH_EFFECTS).await {
-                            tracing::warn!(error = %e, "could not re-arm waiting effects");
-                        }
+                    if head.is_some()
+                        && let Err(e) = outbox::wake(&pool, WATCH_EFFECTS).await
+                    {
+                        tracing::warn!(error = %e, "could not re-arm waiting effects");
                     }
                 }
                 _ = tokio::time::sleep(self.config.head_poll) => {}
