@@ -3,14 +3,17 @@
 //!
 //! Storage deals are proposed and their data pushed between two libp2p nodes on 127.0.0.1, and
 //! the provider checks each piece's commitment; a stored piece is then pulled back in paid
-//! parts. The chain, payment channels and the sealing pipeline are still played by the
-//! library's [`Script`] in this process, in the order the seed's flows give their inputs; the
-//! machines, the journal and the outbox are real.
+//! parts. The chain is the devnet (in this database's `devnet` schema, its clock moved by the
+//! demo), and one effect runner performs what the machines decide: deposits, publish, sealing,
+//! activation, expiry, slashing, payment channels, lanes, voucher redemption. The request's
+//! part bookkeeping (start a part, tell the request) is still played by the library's
+//! [`Script`], checked step by step against replay.
 
 use clap::Args;
 use ed25519_dalek::SigningKey;
 
 use anyhow::Context;
+use dealledger::adapters::chain::{Chain, Devnet, DevnetConfig, DevnetSealer, MessageKey};
 use dealledger::adapters::network;
 use dealledger::adapters::network::codec::MarketCodec;
 use dealledger::adapters::network::message::{MarketRequest, MarketResponse, StorageAsk};
@@ -22,11 +25,11 @@ use dealledger::adapters::transfer::retrieval::pull;
 use dealledger::adapters::transfer::{ProviderTransfers, TransferOptions, push};
 use dealledger::db::Database;
 use dealledger::deals::Deals;
-use dealledger::deals::script::{Parties, Script};
+use dealledger::deals::script::Script;
 use dealledger::domain::ChainEpoch;
 use dealledger::domain::PartyKey;
 use dealledger::domain::retrieval::RetrievalDealProposal;
-use dealledger::domain::retrieval::{ChannelAddress, RetrievalRequest};
+use dealledger::domain::retrieval::RetrievalRequest;
 use dealledger::domain::storage::{ClientDealProposal, StorageDealProposal};
 use dealledger::domain::{PaddedPieceSize, TokenAmount};
 use dealledger::events::Journal;
@@ -34,9 +37,10 @@ use dealledger::events::chain::cid_of_bytes;
 use dealledger::fsm::fixtures;
 use dealledger::fsm::retrieval_client::{RequestPart, RetrievalClient, RetrievalClientEvent as RC};
 use dealledger::fsm::retrieval_request::{RetrievalRequestEvent as RR, RetrievalRequestMachine};
-use dealledger::fsm::storage_client::{StorageClient, StorageClientEvent};
-use dealledger::fsm::storage_provider::{StorageProvider, StorageProviderEvent};
+use dealledger::fsm::storage_client::StorageClient;
+use dealledger::fsm::storage_provider::StorageProvider;
 use dealledger::fsm::{DecideContext, Machine};
+use dealledger::runner::{EffectRunner, RunnerConfig, RunnerNetwork};
 use libp2p::Multiaddr;
 use std::time::Duration;
 use uuid::Uuid;
@@ -57,8 +61,15 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     let deals = Deals::new(journal.clone());
     let client_key = SigningKey::generate(&mut rand::rng());
     let provider_key = SigningKey::generate(&mut rand::rng());
-    let parties = Parties { client: &client_key, provider: &provider_key };
-    let ctx = DecideContext { epoch: ChainEpoch(1_000), ..DecideContext::default() };
+    // The devnet lives on between runs like a real chain: deals start after its head.
+    let devnet = Devnet::open(db.pool.clone(), DevnetConfig::default()).await?;
+    let genesis = devnet.head().await?;
+    for (key, name) in [(&client_key, "client"), (&provider_key, "provider")] {
+        let faucet = MessageKey::of("demo-faucet", &PartyKey::of(key).0);
+        devnet.fund(PartyKey::of(key), TokenAmount(10u128.pow(24)), faucet).await?;
+        tracing::debug!(party = name, "funded on the devnet");
+    }
+    let ctx = DecideContext { epoch: genesis, ..DecideContext::default() };
     let mut script = Script::new(&deals, ctx.clone(), true);
     script.data_bytes = Some(args.size);
     let started = std::time::Instant::now();
@@ -91,6 +102,26 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     let (client_net, _client_events, client_loop) =
         network::new(&client_key, MarketCodec::default(), Duration::from_secs(30))?;
     tokio::spawn(client_loop.run());
+    let sealer = DevnetSealer::new(devnet.clone(), 2, 3);
+    let config = RunnerConfig { watch_poll: Duration::from_millis(20), ..RunnerConfig::default() };
+    let runner = EffectRunner::new(deals.clone(), devnet.clone(), sealer, config)
+        .with_network(RunnerNetwork { client: client_net.clone(), key: client_key.clone() });
+    // Lets the runner perform everything due until the machines wait on the chain.
+    let settle = || async {
+        loop {
+            runner.recover().await?;
+            if runner.run_until_idle().await?.fed == 0 {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+    };
+    let advance = |epochs: i64| {
+        let devnet = devnet.clone();
+        async move {
+            devnet.advance(epochs).await?;
+            settle().await
+        }
+    };
     let provider_peer = provider_net.peer_id();
     client_net.add_address(provider_peer, address.clone()).await?;
     println!("provider {provider_peer} listening on {address}");
@@ -104,6 +135,8 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         ask.price_per_gib_epoch.0, ask.min_piece_size.0, ask.max_piece_size.0
     );
 
+    let template = fixtures::proposal();
+    let duration = template.end_epoch.0 - template.start_epoch.0;
     let proposal = |bytes: &[u8], n: u32| {
         let (piece_cid, piece_size) = commp_of(bytes);
         let price = (ask.price_per_gib_epoch.0 * u128::from(piece_size.0)).div_ceil(1 << 30);
@@ -114,6 +147,8 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
             client: dealledger::domain::PartyKey::of(&client_key),
             provider: dealledger::domain::PartyKey::of(&provider_key),
             storage_price_per_epoch: TokenAmount(price),
+            start_epoch: ChainEpoch(genesis.0 + 100),
+            end_epoch: ChainEpoch(genesis.0 + 100 + duration),
             ..fixtures::proposal()
         };
         ClientDealProposal::sign(terms, &client_key)
@@ -122,11 +157,9 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     let over_network = |signed: ClientDealProposal, bytes: Vec<u8>| {
         let (deals, client_net, ctx) = (deals.clone(), client_net.clone(), ctx.clone());
         async move {
-            let amount = signed.proposal.client_balance_requirement().unwrap_or_default();
             let stream = deals.initiate_deal(signed, &ctx).await?.stream_id;
-            // Funds: the chain adapter's part, played here.
-            let funded = StorageClientEvent::FundsReserved { amount };
-            deals.handle::<StorageClient>(stream, funded, &ctx, None).await?;
+            // The runner deposits the client's funds in the market.
+            settle().await?;
             let state = propose(&client_net, &deals, stream, &ctx).await?;
             anyhow::ensure!(state == "StartDataTransfer", "the provider did not accept: {state}");
             Ok::<_, anyhow::Error>(
@@ -148,7 +181,14 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         "storage: {} deals of {} bytes each: proposed, pushed and commP-verified over libp2p",
         args.deals, args.size
     );
+    let storage_pair = |signed: &ClientDealProposal| {
+        (
+            Deals::storage_stream_id(StorageClient::NAME, signed),
+            Deals::storage_stream_id(StorageProvider::NAME, signed),
+        )
+    };
     let mut streams = Vec::new();
+    let mut signed_deals = Vec::new();
     let mut first_piece = None;
     for n in 0..args.deals {
         let bytes = data(n);
@@ -158,30 +198,41 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         }
         let state = over_network(signed.clone(), bytes).await?;
         anyhow::ensure!(state == "CheckForAcceptance", "deal {n} ended the transfer in {state}");
-        let pair = script.chain_to_active(signed, &parties).await?;
-        let end = fixtures::proposal().end_epoch;
-        script.end_deal(pair, false, end).await?;
-        streams.push(pair);
+        streams.push(storage_pair(&signed));
+        signed_deals.push(signed);
     }
     let bytes = data(args.deals);
     let signed = proposal(&bytes, args.deals);
     over_network(signed.clone(), bytes).await?;
-    let slashed = script.chain_to_active(signed, &parties).await?;
-    script.end_deal(slashed, true, ChainEpoch(20_000)).await?;
+    let slashed = storage_pair(&signed);
     // One byte damaged on the way: the provider's commitment check fails the deal.
     let bytes = data(args.deals + 1);
-    let signed = proposal(&bytes, args.deals + 1);
+    let failing_signed = proposal(&bytes, args.deals + 1);
     let mut damaged = bytes;
     damaged[0] ^= 0xff;
-    let state = over_network(signed.clone(), damaged).await?;
+    let state = over_network(failing_signed.clone(), damaged).await?;
     anyhow::ensure!(state == "Failing", "a damaged piece was not refused ({state})");
-    let failing = (
-        Deals::storage_stream_id(StorageClient::NAME, &signed),
-        Deals::storage_stream_id(StorageProvider::NAME, &signed),
-    );
-    script.step::<StorageClient>(failing.0, StorageClientEvent::CleanupCompleted).await?;
-    script.step::<StorageProvider>(failing.1, StorageProviderEvent::CleanupCompleted).await?;
+    let failing = storage_pair(&failing_signed);
 
+    println!("chain: devnet from epoch {}: collateral, publish, sealing and activation", genesis.0);
+    settle().await?;
+    advance(2).await?;
+    advance(3).await?;
+    for (client, provider) in streams.iter().chain([&slashed]) {
+        for stream in [client, provider] {
+            let state = deals.get_storage_deal_status(*stream).await?.state;
+            anyhow::ensure!(state == "Active", "deal {stream} is {state}, not Active");
+        }
+    }
+    let slashed_id = deals
+        .get_storage_deal_status(slashed.1)
+        .await?
+        .deal_id
+        .context("the slashed deal has no on-chain id")?;
+    advance(signed.proposal.start_epoch.0 - devnet.head().await?.0 + 30).await?;
+    devnet.slash(slashed_id).await?;
+    println!("chain: deal {} slashed at epoch {}", slashed_id.0, devnet.head().await?.0);
+    advance(1).await?;
     let (piece_cid, original) = first_piece.context("--deals must be at least 1")?;
     println!("retrieval: deal 0's piece, pulled back over libp2p in three paid deals");
     let request = RetrievalRequest {
@@ -229,15 +280,8 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         let (state, provider_stream) = propose_retrieval(&client_net, &deals, stream, &ctx).await?;
         let provider_stream =
             provider_stream.with_context(|| format!("part {index} was not accepted: {state}"))?;
-        // The payment channel: the chain adapter's part, played here.
-        let channel = ChannelAddress(format!("t2-demo-{}", &request_id.simple().to_string()[..8]));
-        for event in [
-            RC::PaymentChannelCreateInitiated,
-            RC::PaymentChannelReady { channel },
-            RC::LaneAllocated { lane: index as u64 },
-        ] {
-            script.step::<RetrievalClient>(stream, event).await?;
-        }
+        // The runner creates (then tops up) the payment channel and allocates a lane.
+        settle().await?;
         let outcome = pull(
             &client_net,
             &deals,
@@ -261,6 +305,11 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         retrieved.extend(outcome.bytes);
     }
     anyhow::ensure!(retrieved == original, "the retrieved bytes differ from the stored piece");
+    // The provider's runner redeems the vouchers on the channel.
+    settle().await?;
+    let end = signed_deals.iter().map(|s| s.proposal.end_epoch.0).max().unwrap_or_default();
+    println!("chain: advancing past the end epoch {end}: the deals expire");
+    advance(end - devnet.head().await?.0 + 1).await?;
 
     println!("\n{:<38} {:<18} {:<14} {:>4}  note", "stream", "side", "state", "code");
     let shown = streams.iter().chain([&slashed, &failing]);
@@ -303,8 +352,8 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     );
     println!("(full timeline: cargo run -- audit {audited})");
     println!(
-        "{} scripted steps (chain, payment channels, sealing) re-checked by replaying their streams; \
-         whole demo {:.2} s",
+        "{} scripted steps (the request's part bookkeeping) re-checked by replaying their \
+         streams; whole demo {:.2} s",
         script.steps,
         started.elapsed().as_secs_f64()
     );

@@ -23,7 +23,7 @@ use dealledger::domain::{ChainEpoch, PaddedPieceSize, TokenAmount};
 use dealledger::events::Journal;
 use dealledger::fsm::DecideContext;
 use dealledger::projections::projector::TransitionsProjector;
-use dealledger::runner::{EffectRunner, RunnerConfig};
+use dealledger::runner::{EffectRunner, RunnerConfig, TimeoutPolicy, time_out_stuck_deals};
 
 /// Options of `serve`.
 #[derive(Args, Debug)]
@@ -83,6 +83,7 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
     let pieces = PieceStore::new(db.home().join("pieces"));
     let transfers = ProviderTransfers::new(deals.clone(), pieces, TransferOptions::default());
     let deals_for_runner = deals.clone();
+    let timeout_deals = deals.clone();
     let service = ProviderService::new(deals, key.clone(), ask, transfers);
     let serving = tokio::spawn(service.serve(node.clone(), events, ctx));
     let devnet = if args.chain == "devnet" {
@@ -110,6 +111,7 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
         tokio::time::interval(Duration::from_secs(args.checkpoint_minutes.max(1) * 60));
     checkpoints.tick().await; // the first tick is immediate: sign one at start
     checkpoint::create(journal, &key, chrono::Utc::now()).await?;
+    let mut timeouts = tokio::time::interval(Duration::from_secs(60));
     let stop = shutdown();
     tokio::pin!(stop);
     loop {
@@ -117,6 +119,14 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
             _ = checkpoints.tick() => {
                 let signed = checkpoint::create(journal, &key, chrono::Utc::now()).await?;
                 tracing::info!(id = signed.id, streams = signed.statement.streams, "signed a checkpoint");
+            }
+            _ = timeouts.tick() => {
+                let ctx = DecideContext { epoch: ChainEpoch(args.epoch), ..DecideContext::default() };
+                match time_out_stuck_deals(&timeout_deals, &TimeoutPolicy::default(), &ctx).await {
+                    Ok(0) => {}
+                    Ok(moved) => tracing::info!(moved, "timed out stuck deals"),
+                    Err(e) => tracing::warn!(error = %e, "could not time out stuck deals"),
+                }
             }
             () = &mut stop => break,
         }

@@ -149,8 +149,8 @@ pub async fn complete(pool: &PgPool, id: i64, note: Option<&str>) -> Result<(), 
 }
 
 /// Gives a claimed effect back to be tried again after `delay`. A failed attempt keeps its
-/// count and its error; a wait (`error` = None: the chain has nothing new yet) does not
-/// count as an attempt.
+/// count and records its error; a wait (`error` = None: the chain has nothing new yet) does
+/// not count as an attempt and clears the error (the effect was performed, it just waits).
 pub async fn release(
     pool: &PgPool,
     id: i64,
@@ -161,7 +161,7 @@ pub async fn release(
         "UPDATE outbox SET claimed_until = NULL, \
                 available_at = now() + $2 * interval '1 millisecond', \
                 attempts = CASE WHEN $3::text IS NULL THEN attempts - 1 ELSE attempts END, \
-                last_error = COALESCE($3, last_error) \
+                last_error = $3 \
          WHERE id = $1",
     )
     .bind(id)
@@ -173,12 +173,12 @@ pub async fn release(
 }
 
 /// Makes waiting effects of the given types due now (the chain moved: what they wait for may
-/// have happened).
+/// have happened). Effects backing off after a failure keep their backoff.
 pub async fn wake(pool: &PgPool, effect_types: &[&str]) -> Result<u64, JournalError> {
     Ok(sqlx::query(
         "UPDATE outbox SET available_at = now() \
          WHERE completed_at IS NULL AND available_at > now() AND effect_type = ANY($1) \
-           AND claimed_until IS NULL",
+           AND claimed_until IS NULL AND last_error IS NULL",
     )
     .bind(effect_types)
     .execute(pool)

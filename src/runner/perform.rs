@@ -212,6 +212,10 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                 {
                     Ok(Some(_)) => Outcome::Skipped("status recorded"),
                     Ok(None) => Outcome::Wait(poll),
+                    // The deal moved on (failed, cancelled) since it asked: nothing to learn.
+                    Err(crate::adapters::network::provider::ProposeError::Deals(
+                        crate::deals::DealsError::Rejected(_),
+                    )) => Outcome::Skipped("the deal moved on before the answer"),
                     Err(e) => return Err(RunnerError::Network(e.to_string())),
                 }
             }
