@@ -105,3 +105,24 @@ fn reap_on_exit(server: &EmbeddedPostgres, dir: PathBuf) -> Result<(), DbError> 
         .map_err(|e| DbError::io(&dir, e))?;
     Ok(())
 }
+
+/// A URL another process can connect to `pool`'s database with (crash tests run the node in
+/// a child process). With `DATABASE_URL` set, that URL with the database name replaced.
+pub fn url_of(pool: &sqlx::PgPool) -> String {
+    let options = pool.connect_options();
+    let database = options.get_database().unwrap_or("postgres");
+    if let Some(mut url) = std::env::var("DATABASE_URL").ok().and_then(|u| url::Url::parse(&u).ok())
+    {
+        url.set_path(&format!("/{database}"));
+        return url.to_string();
+    }
+    let host = options
+        .get_socket()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| options.get_host().to_owned());
+    format!(
+        "postgresql:///{database}?host={host}&port={}&user={}",
+        options.get_port(),
+        options.get_username()
+    )
+}

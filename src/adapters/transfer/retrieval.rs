@@ -74,6 +74,25 @@ impl ProviderRetrievals {
                 .map_err(|e| e.to_string())
         };
         match request {
+            MarketRequest::RetrievalPull { offset, .. } if offset < deal.data.bytes_sent => {
+                // The client restarted and lost bytes it was sent: send them again. They were
+                // recorded (and priced) when first sent, so nothing is recorded now.
+                let end = deal.data.bytes_sent.min(offset + CHUNK_BYTES as u64);
+                let piece = terms.piece_cid.ok_or("no piece CID")?;
+                let bytes = self
+                    .store
+                    .read_range(&piece, terms.part.offset + offset, end - offset)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let payment_due = match deal.state {
+                    ProviderState::FundsNeeded => Some((deal.data.owed, false)),
+                    ProviderState::FundsNeededLastPayment => Some((deal.data.owed, true)),
+                    _ => None,
+                };
+                let complete =
+                    matches!(deal.state, ProviderState::Finalizing | ProviderState::Completed);
+                Ok(MarketResponse::RetrievalBlocks { offset, bytes, payment_due, complete })
+            }
             MarketRequest::RetrievalPull { offset, .. } => {
                 let mut state = deal.state;
                 if state == ProviderState::Unsealed {
@@ -125,6 +144,15 @@ impl ProviderRetrievals {
                     complete,
                 })
             }
+            MarketRequest::RetrievalPay { voucher, .. }
+                if deal.data.best_voucher.as_ref() == Some(&*voucher) =>
+            {
+                // The voucher already taken, sent again by a client that restarted before it
+                // saw the answer: answer the same, record nothing.
+                let complete =
+                    matches!(deal.state, ProviderState::Finalizing | ProviderState::Completed);
+                Ok(MarketResponse::PaymentAccepted { paid: deal.data.paid, complete })
+            }
             MarketRequest::RetrievalPay { voucher, .. } => {
                 let after = record(P::PaymentReceived { voucher }).await?.deal;
                 let complete = after.state == ProviderState::Finalizing;
@@ -143,15 +171,20 @@ impl ProviderRetrievals {
 pub struct PullOutcome {
     /// The client deal's state: `Completed`, or `InsufficientFunds` at the funds limit.
     pub state: &'static str,
-    /// The bytes received.
+    /// Where in the part [`PullOutcome::bytes`] start: 0, or the offset a resumed pull
+    /// started from (the bytes before it arrived in an earlier pull).
+    pub offset: u64,
+    /// The bytes received by this pull.
     pub bytes: Vec<u8>,
     /// Paid in total, in attoFIL.
     pub paid: TokenAmount,
 }
 
 /// Pulls a client retrieval deal's part from the provider deal `provider_stream`, paying each
-/// interval with vouchers signed by `key` up to `funds_limit` in total. The deal must be
-/// `Ongoing` (its payment channel and lane set up).
+/// interval with vouchers signed by `key` up to `funds_limit` in total. The deal's payment
+/// channel and lane must be set up. A pull resumes wherever the client's journal says the
+/// deal is — after a crash or a dropped connection, from the last bytes it recorded, the
+/// payment it was about to make, or the voucher the provider may not have received.
 pub async fn pull(
     client: &Client,
     deals: &Deals,
@@ -167,95 +200,144 @@ pub async fn pull(
     else {
         return Err(PushError::NotReady { stream_id, state: deal.state.name() });
     };
-    if deal.state != ClientState::Ongoing {
-        return Err(PushError::NotReady { stream_id, state: deal.state.name() });
-    }
     let provider =
         terms.provider.peer_id().ok_or_else(|| PushError::Refused("bad provider key".into()))?;
     let record = |event: C| async move {
-        deals.handle::<RetrievalClient>(stream_id, event, ctx, None).await
+        deals.handle::<RetrievalClient>(stream_id, event, ctx, None).await.map(|d| d.deal)
     };
-    let mut received = Vec::with_capacity(terms.part.length as usize);
-    let mut payments = deal.data.payments;
+    let start = deal.data.bytes_received;
+    let mut received = Vec::with_capacity((terms.part.length - start) as usize);
+    let mut deal = deal;
+    let mut idle = 0;
     loop {
-        let offset = received.len() as u64;
-        let pulled = client
-            .request(
-                provider,
-                MarketRequest::RetrievalPull { deal_stream: provider_stream, offset },
-            )
-            .await
-            .map_err(PushError::Interrupted)?;
-        let MarketResponse::RetrievalBlocks { bytes, payment_due, complete, .. } = pulled else {
-            return Err(PushError::Refused(format!("{pulled:?}")));
+        let outcome = |deal: &crate::fsm::Deal<RetrievalClient>, received: Vec<u8>| PullOutcome {
+            state: deal.state.name(),
+            offset: start,
+            bytes: received,
+            paid: deal.data.paid,
         };
-        if !bytes.is_empty() {
-            received.extend_from_slice(&bytes);
-            let total = received.len() as u64;
-            let event = if total == terms.part.length {
-                C::AllBlocksReceived { bytes: total }
-            } else {
-                C::BlocksReceived { bytes: total }
-            };
-            record(event).await?;
-        }
-        let mut done = complete;
-        if let Some((owed, last)) = payment_due {
-            record(if last {
-                C::LastPaymentRequested { owed }
-            } else {
-                C::PaymentRequested { owed }
-            })
-            .await?;
-            if owed > funds_limit {
-                let reason = format!("{owed} owed is over the funds limit of {funds_limit}");
-                let stopped = record(C::FundsInsufficient { reason }).await?.deal;
-                return Ok(PullOutcome {
-                    state: stopped.state.name(),
-                    bytes: received,
-                    paid: stopped.data.paid,
-                });
-            }
-            record(C::FundsAvailable).await?;
-            let voucher = Box::new(SignedVoucher::sign(
-                PaymentVoucher {
-                    channel: channel.clone(),
-                    lane,
-                    nonce: payments.into(),
-                    amount: owed,
-                },
-                key,
-            ));
-            record(C::PaymentSent { voucher: voucher.clone() }).await?;
-            payments += 1;
-            let paid = client
-                .request(
-                    provider,
-                    MarketRequest::RetrievalPay { deal_stream: provider_stream, voucher },
-                )
-                .await
-                .map_err(PushError::Interrupted)?;
-            match paid {
-                MarketResponse::PaymentAccepted { complete, .. } => done |= complete,
-                other => return Err(PushError::Refused(format!("{other:?}"))),
-            }
-        }
-        if done {
-            record(C::ProviderCompleted).await?;
-            // CheckComplete's effect, performed: every byte of the part arrived.
-            let event = if received.len() as u64 == terms.part.length {
-                C::CompletionVerified
-            } else {
-                C::CompletionVerificationFailed {
-                    reason: format!("{} of {} bytes arrived", received.len(), terms.part.length),
+        deal = match deal.state {
+            ClientState::FundsNeeded | ClientState::FundsNeededLastPayment => {
+                if deal.data.owed > funds_limit {
+                    let reason =
+                        format!("{} owed is over the funds limit of {funds_limit}", deal.data.owed);
+                    let stopped = record(C::FundsInsufficient { reason }).await?;
+                    return Ok(outcome(&stopped, received));
                 }
-            };
-            let after = record(event).await?.deal;
-            return Ok(PullOutcome {
-                state: after.state.name(),
-                bytes: received,
-                paid: after.data.paid,
-            });
+                record(C::FundsAvailable).await?
+            }
+            ClientState::SendFunds | ClientState::SendFundsLastPayment => {
+                let voucher = Box::new(SignedVoucher::sign(
+                    PaymentVoucher {
+                        channel: channel.clone(),
+                        lane,
+                        nonce: deal.data.payments.into(),
+                        amount: deal.data.owed,
+                    },
+                    key,
+                ));
+                let paid = record(C::PaymentSent { voucher: voucher.clone() }).await?;
+                pay(client, provider, provider_stream, voucher, &record).await?.unwrap_or(paid)
+            }
+            ClientState::CheckComplete => {
+                // VerifyData's effect, performed: every byte of the part arrived.
+                let event = if deal.data.bytes_received == terms.part.length {
+                    C::CompletionVerified
+                } else {
+                    C::CompletionVerificationFailed {
+                        reason: format!(
+                            "{} of {} bytes arrived",
+                            deal.data.bytes_received, terms.part.length
+                        ),
+                    }
+                };
+                let after = record(event).await?;
+                return Ok(outcome(&after, received));
+            }
+            ClientState::Ongoing | ClientState::BlocksComplete | ClientState::Finalizing => {
+                let offset = deal.data.bytes_received;
+                let pulled = client
+                    .request(
+                        provider,
+                        MarketRequest::RetrievalPull { deal_stream: provider_stream, offset },
+                    )
+                    .await
+                    .map_err(PushError::Interrupted)?;
+                let MarketResponse::RetrievalBlocks { bytes, payment_due, complete, .. } = pulled
+                else {
+                    return Err(PushError::Refused(format!("{pulled:?}")));
+                };
+                let mut after = deal;
+                let progressed = !bytes.is_empty() || payment_due.is_some() || complete;
+                if !bytes.is_empty() {
+                    received.extend_from_slice(&bytes);
+                    let total = offset + bytes.len() as u64;
+                    after = record(if total == terms.part.length {
+                        C::AllBlocksReceived { bytes: total }
+                    } else {
+                        C::BlocksReceived { bytes: total }
+                    })
+                    .await?;
+                }
+                match payment_due {
+                    // Asked again for what was already paid: the voucher was lost on the way.
+                    Some((owed, _)) if owed <= after.data.paid => {
+                        let voucher = after.data.last_voucher.clone().ok_or_else(|| {
+                            PushError::Refused("payment asked again, no voucher recorded".into())
+                        })?;
+                        let voucher = Box::new(voucher);
+                        if let Some(done) =
+                            pay(client, provider, provider_stream, voucher, &record).await?
+                        {
+                            after = done;
+                        }
+                    }
+                    Some((owed, last)) => {
+                        after = record(if last {
+                            C::LastPaymentRequested { owed }
+                        } else {
+                            C::PaymentRequested { owed }
+                        })
+                        .await?;
+                    }
+                    None if complete => after = record(C::ProviderCompleted).await?,
+                    None => {}
+                }
+                idle = if progressed { 0 } else { idle + 1 };
+                if idle > 3 {
+                    return Err(PushError::Refused("the provider sends nothing".into()));
+                }
+                after
+            }
+            _ => return Ok(outcome(&deal, received)),
+        };
+    }
+}
+
+/// Sends a voucher; when the provider says the part is complete, records it. Returns the
+/// deal after recording, if anything was recorded.
+async fn pay<F, Fut>(
+    client: &Client,
+    provider: PeerId,
+    provider_stream: Uuid,
+    voucher: Box<SignedVoucher>,
+    record: &F,
+) -> Result<Option<crate::fsm::Deal<RetrievalClient>>, PushError>
+where
+    F: Fn(C) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<crate::fsm::Deal<RetrievalClient>, crate::deals::DealsError>,
+        >,
+{
+    let paid = client
+        .request(provider, MarketRequest::RetrievalPay { deal_stream: provider_stream, voucher })
+        .await
+        .map_err(PushError::Interrupted)?;
+    match paid {
+        MarketResponse::PaymentAccepted { complete: true, .. } => {
+            Ok(Some(record(C::ProviderCompleted).await?))
         }
+        MarketResponse::PaymentAccepted { .. } => Ok(None),
+        other => Err(PushError::Refused(format!("{other:?}"))),
     }
 }
