@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use cid::Cid;
 use dealledger::adapters::chain::{
-    Chain, Devnet, DevnetConfig, DevnetSealer, MessageKey, OnChainDealState,
+    Chain, ChainError, ChannelState, DealObservation, Devnet, DevnetConfig, DevnetSealer,
+    MarketBalance, MessageKey, MessageStatus, OnChainDealState,
 };
 use dealledger::adapters::network::codec::MarketCodec;
 use dealledger::adapters::network::provider::{propose, propose_retrieval};
@@ -16,9 +18,12 @@ use dealledger::adapters::transfer::retrieval::pull;
 use dealledger::adapters::transfer::{TransferOptions, push};
 use dealledger::db::testing::fresh_database;
 use dealledger::deals::Deals;
+use dealledger::domain::retrieval::ChannelAddress;
 use dealledger::domain::retrieval::{
     ByteRange, PaymentVoucher, RetrievalDealProposal, SignedVoucher,
 };
+use dealledger::domain::storage::ClientDealProposal;
+use dealledger::domain::storage::StorageDeal;
 use dealledger::domain::{ChainEpoch, DealId, PartyKey, TokenAmount};
 use dealledger::events::outbox;
 use dealledger::fsm::fixtures::*;
@@ -45,9 +50,12 @@ struct Market {
 const WALLET: TokenAmount = TokenAmount(1_000_000_000_000_000_000_000);
 
 async fn market() -> Market {
+    market_with(DevnetConfig { genesis_epoch: NOW, ..DevnetConfig::default() }).await
+}
+
+async fn market_with(config: DevnetConfig) -> Market {
     let nodes = nodes(MarketCodec::default()).await;
     let (pool, _) = fresh_database(4).await.expect("a devnet database");
-    let config = DevnetConfig { genesis_epoch: NOW, ..DevnetConfig::default() };
     let devnet = Devnet::open(pool, config).await.expect("the devnet opens");
     for (party, key) in [(client_key(), "client"), (provider_key(), "provider")] {
         let party = PartyKey::of(&party);
@@ -107,6 +115,34 @@ impl Market {
         (c.state.name(), p.state.name())
     }
 
+    /// A storage deal of 64 KiB proposed and pushed: the client waits for the provider's
+    /// publish. Returns the proposal and the client's stream.
+    async fn pushed_deal(&self, seed: u8) -> (ClientDealProposal, Uuid) {
+        let bytes = data(64 * 1024, seed);
+        let proposal = proposal_for(&bytes);
+        let deals = &self.nodes.client_deals;
+        let stream = deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap().stream_id;
+        self.settle().await;
+        assert_eq!(
+            propose(&self.nodes.client, deals, stream, &ctx()).await.unwrap(),
+            "StartDataTransfer"
+        );
+        let cursor = std::io::Cursor::new(&bytes);
+        let pushed = push(
+            &self.nodes.client,
+            deals,
+            stream,
+            cursor,
+            bytes.len() as u64,
+            TransferOptions::default(),
+            &ctx(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(pushed, "CheckForAcceptance");
+        (proposal, stream)
+    }
+
     /// A storage deal of `bytes` proposed, pushed and brought to Active by the runners and
     /// the devnet. Returns the proposal and its on-chain deal id.
     async fn active_deal(
@@ -158,12 +194,16 @@ async fn a_storage_deal_runs_on_the_devnet_from_proposal_to_active_then_expired(
     assert_eq!(seen.state(), OnChainDealState::Active);
     assert_eq!(seen.proposal_cid, Some(proposal.cid()));
     // Both sides' status rows agree with the chain.
-    let rows: Vec<(String, String, Option<i64>)> =
-        sqlx::query_as("SELECT side, state, deal_id FROM storage_deals")
-            .fetch_all(m.nodes.client_deals.journal().pool())
-            .await
-            .unwrap();
-    assert_eq!(rows, vec![("storage_client".into(), "Active".into(), Some(deal_id.0 as i64))]);
+    for (deals, side) in
+        [(&m.nodes.client_deals, "storage_client"), (&m.nodes.provider_deals, "storage_provider")]
+    {
+        let rows: Vec<(String, String, Option<i64>)> =
+            sqlx::query_as("SELECT side, state, deal_id FROM storage_deals")
+                .fetch_all(deals.journal().pool())
+                .await
+                .unwrap();
+        assert_eq!(rows, vec![(side.into(), "Active".into(), Some(deal_id.0 as i64))]);
+    }
     // When the chain passes the deal's end epoch
     let head = m.devnet.head().await.unwrap();
     m.advance(p.end_epoch.0 - head.0 + 1).await;
@@ -350,4 +390,204 @@ async fn a_runner_that_dies_holding_effects_is_replaced_and_nothing_is_done_twic
     assert_eq!(m.states(&proposal).await.0, "FundsReserved");
     let balance = m.devnet.market_balance(wallet).await.unwrap();
     assert_eq!(balance.escrow, amount, "the deposit happened exactly once");
+}
+
+#[tokio::test]
+async fn observations_are_acted_on_only_once_final() {
+    // Given a chain whose observations are final 5 epochs deep
+    let m =
+        market_with(DevnetConfig { genesis_epoch: NOW, finality: 5, ..DevnetConfig::default() })
+            .await;
+    let (proposal, _) = m.pushed_deal(11).await;
+    m.settle().await;
+    // Then the publish message landed but is not final: both sides wait
+    assert_eq!(m.states(&proposal).await, ("CheckForAcceptance", "Publishing"));
+    m.advance(4).await;
+    assert_eq!(m.states(&proposal).await, ("CheckForAcceptance", "Publishing"));
+    m.advance(1).await;
+    assert_eq!(m.states(&proposal).await, ("AwaitingPreCommit", "AwaitingPreCommit"));
+    // When the sector is pre-committed (2 epochs after hand-off), nobody acts before it is final
+    m.advance(2).await;
+    assert_eq!(m.states(&proposal).await, ("AwaitingPreCommit", "AwaitingPreCommit"));
+    m.advance(5).await;
+    assert_eq!(m.states(&proposal).await.1, "Sealing");
+}
+
+#[tokio::test]
+async fn nodes_left_running_follow_the_chain_by_themselves() {
+    let m = market().await;
+    let (proposal, _) = m.pushed_deal(12).await;
+    // Given both nodes' runners running and the devnet's clock ticking in real time
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let client = tokio::spawn(m.client.clone().run(until_stopped(stopped.clone())));
+    let provider = tokio::spawn(m.provider.clone().run(until_stopped(stopped)));
+    let clock = m.devnet.clone().run_clock(Duration::from_millis(20));
+    // Then the deal becomes Active on both sides with no one driving it
+    let started = std::time::Instant::now();
+    while m.states(&proposal).await != ("Active", "Active") {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "stuck at {:?}",
+            m.states(&proposal).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    clock.abort();
+    stop.send(true).unwrap();
+    client.await.unwrap().unwrap();
+    provider.await.unwrap().unwrap();
+}
+
+/// The devnet, with publishing failing (as if the node were unreachable) a set number of times.
+#[derive(Clone)]
+struct FlakyPublish {
+    devnet: Devnet,
+    failures_left: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Chain for FlakyPublish {
+    async fn head(&self) -> Result<ChainEpoch, ChainError> {
+        self.devnet.head().await
+    }
+    fn finality(&self) -> i64 {
+        self.devnet.finality()
+    }
+    async fn market_balance(&self, party: PartyKey) -> Result<MarketBalance, ChainError> {
+        self.devnet.market_balance(party).await
+    }
+    async fn add_balance(
+        &self,
+        party: PartyKey,
+        amount: TokenAmount,
+        key: MessageKey,
+    ) -> Result<Cid, ChainError> {
+        self.devnet.add_balance(party, amount, key).await
+    }
+    async fn withdraw_balance(
+        &self,
+        party: PartyKey,
+        amount: TokenAmount,
+        key: MessageKey,
+    ) -> Result<Cid, ChainError> {
+        self.devnet.withdraw_balance(party, amount, key).await
+    }
+    async fn publish_storage_deal(&self, deal: &StorageDeal) -> Result<Cid, ChainError> {
+        use std::sync::atomic::Ordering;
+        let left = self.failures_left.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures_left.store(left - 1, Ordering::SeqCst);
+            return Err(ChainError::Unavailable("node restarting".into()));
+        }
+        self.devnet.publish_storage_deal(deal).await
+    }
+    async fn message_status(&self, message: Cid) -> Result<MessageStatus, ChainError> {
+        self.devnet.message_status(message).await
+    }
+    async fn deal(&self, deal_id: DealId) -> Result<Option<DealObservation>, ChainError> {
+        self.devnet.deal(deal_id).await
+    }
+    async fn get_or_create_channel(
+        &self,
+        from: PartyKey,
+        to: PartyKey,
+        amount: TokenAmount,
+        key: MessageKey,
+    ) -> Result<ChannelAddress, ChainError> {
+        self.devnet.get_or_create_channel(from, to, amount, key).await
+    }
+    async fn channel_between(
+        &self,
+        from: PartyKey,
+        to: PartyKey,
+    ) -> Result<Option<ChannelAddress>, ChainError> {
+        self.devnet.channel_between(from, to).await
+    }
+    async fn channel(&self, channel: &ChannelAddress) -> Result<Option<ChannelState>, ChainError> {
+        self.devnet.channel(channel).await
+    }
+    async fn allocate_lane(
+        &self,
+        channel: &ChannelAddress,
+        key: MessageKey,
+    ) -> Result<u64, ChainError> {
+        self.devnet.allocate_lane(channel, key).await
+    }
+    async fn check_voucher(&self, voucher: &SignedVoucher) -> Result<(), ChainError> {
+        self.devnet.check_voucher(voucher).await
+    }
+    async fn submit_voucher(&self, voucher: &SignedVoucher) -> Result<TokenAmount, ChainError> {
+        self.devnet.submit_voucher(voucher).await
+    }
+    async fn settle(&self, channel: &ChannelAddress) -> Result<ChainEpoch, ChainError> {
+        self.devnet.settle(channel).await
+    }
+    async fn collect(&self, channel: &ChannelAddress) -> Result<(), ChainError> {
+        self.devnet.collect(channel).await
+    }
+}
+
+/// The market's provider runner replaced by one publishing through a flaky chain.
+async fn flaky_provider(m: &Market, failures: u32) -> EffectRunner<FlakyPublish, DevnetSealer> {
+    let flaky = FlakyPublish {
+        devnet: m.devnet.clone(),
+        failures_left: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(failures)),
+    };
+    let config = RunnerConfig {
+        backoff: Duration::from_millis(5),
+        max_attempts: 3,
+        watch_poll: Duration::from_millis(20),
+        ..RunnerConfig::default()
+    };
+    EffectRunner::new(
+        m.nodes.provider_deals.clone(),
+        flaky,
+        DevnetSealer::new(m.devnet.clone(), 2, 3),
+        config,
+    )
+}
+
+/// Runs `runner` until its effects are done or waiting, sleeping through backoffs.
+async fn drain(runner: &EffectRunner<FlakyPublish, DevnetSealer>) {
+    for _ in 0..40 {
+        runner.run_until_idle().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_publish_that_fails_for_a_while_is_retried_with_backoff_and_succeeds() {
+    let m = market().await;
+    let (proposal, _) = m.pushed_deal(13).await;
+    // Given a chain that cannot take the publish twice (the limit is 3 attempts)
+    let provider = flaky_provider(&m, 2).await;
+    drain(&provider).await;
+    // Then the third attempt published the deal, once
+    assert_eq!(m.states(&proposal).await.1, "AwaitingPreCommit");
+    let publishes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM devnet.messages WHERE method = 'PublishStorageDeals'",
+    )
+    .fetch_one(m.devnet.pool())
+    .await
+    .unwrap();
+    assert_eq!(publishes, 1);
+}
+
+#[tokio::test]
+async fn a_publish_that_keeps_failing_becomes_publish_failed_past_the_attempt_limit() {
+    let m = market().await;
+    let (proposal, _) = m.pushed_deal(14).await;
+    // Given a chain that never takes the publish
+    let provider = flaky_provider(&m, u32::MAX).await;
+    drain(&provider).await;
+    // Then after 3 attempts the failure is the machine's input: the deal fails, cleans up
+    // (its collateral deposit withdrawn) and ends in Error with the reason.
+    assert_eq!(m.states(&proposal).await.1, "Error");
+    let stream = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
+    let status = m.nodes.provider_deals.get_storage_deal_status(stream).await.unwrap();
+    assert!(status.message.unwrap_or_default().contains("node restarting"));
+    let balance = m.devnet.market_balance(proposal.proposal.provider).await.unwrap();
+    assert_eq!(balance.escrow, TokenAmount::ZERO, "the collateral deposit went back to the wallet");
 }
