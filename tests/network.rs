@@ -81,7 +81,7 @@ async fn a_proposal_below_the_ask_is_rejected_on_both_sides() {
 }
 
 #[tokio::test]
-async fn a_forged_or_misdirected_proposal_is_refused_and_records_nothing() {
+async fn a_forged_or_misdirected_proposal_is_refused_logged_and_touches_no_deal() {
     let (provider_deals, _, client) = two_nodes(MarketCodec::default()).await;
     let provider = PartyKey::of(&provider_key()).peer_id().unwrap();
     let before = events(&provider_deals).await;
@@ -104,16 +104,44 @@ async fn a_forged_or_misdirected_proposal_is_refused_and_records_nothing() {
         "{answer:?}"
     );
     assert_eq!(events(&provider_deals).await, before);
+    // Both refusals are in the log, with the sending peer, the protocol and the reason.
+    let logged = refused(&provider_deals).await;
+    let client_peer = PartyKey::of(&client_key()).peer_id().unwrap().to_string();
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    assert!(
+        logged.iter().all(|(peer, protocol, _)| *peer == client_peer
+            && protocol == "/dealledger/storage/propose/1")
+    );
+    assert!(logged[0].2.contains("signature") && logged[1].2.contains("sending peer"));
+}
+
+/// The provider's log of refused requests: (peer, protocol, reason), oldest first.
+async fn refused(deals: &Deals) -> Vec<(String, String, String)> {
+    sqlx::query_as("SELECT peer, protocol, reason FROM refused_messages ORDER BY id")
+        .fetch_all(deals.journal().pool())
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn an_oversized_message_is_refused_by_the_provider_without_effect() {
-    let (provider_deals, _, client) = two_nodes(MarketCodec { max_message_bytes: 64 }).await;
+    let (provider_deals, _, client) = two_nodes(MarketCodec::with_max_message_bytes(64)).await;
     let provider = PartyKey::of(&provider_key()).peer_id().unwrap();
     let result =
         client.request(provider, MarketRequest::Propose(Box::new(signed_proposal()))).await;
     assert!(result.is_err(), "{result:?}");
     assert_eq!(events(&provider_deals).await, 0);
+    // The unreadable request is in the log (written as the provider's swarm reports it).
+    let mut logged = refused(&provider_deals).await;
+    for _ in 0..100 {
+        if !logged.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        logged = refused(&provider_deals).await;
+    }
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0].1, "/dealledger/storage/propose/1");
     // The node is still serving
     let answer = client.request(provider, MarketRequest::Ask).await.unwrap();
     assert!(matches!(answer, MarketResponse::Ask(_)));

@@ -77,16 +77,43 @@ async fn write_framed<W: AsyncWrite + Unpin + Send>(io: &mut W, framed: Vec<u8>)
     io.close().await
 }
 
+/// A request a peer sent that could not be read (malformed, oversized, on the wrong
+/// protocol). libp2p's request-response does not report these, so the codec does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadableRequest {
+    /// The protocol it arrived on.
+    pub protocol: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
 /// The request-response codec of the market protocols.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct MarketCodec {
     /// Largest message accepted or sent, in bytes.
     pub max_message_bytes: u32,
+    unreadable: Option<tokio::sync::mpsc::UnboundedSender<UnreadableRequest>>,
 }
 
 impl Default for MarketCodec {
     fn default() -> Self {
-        Self { max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES }
+        Self::with_max_message_bytes(DEFAULT_MAX_MESSAGE_BYTES)
+    }
+}
+
+impl MarketCodec {
+    /// A codec accepting and sending messages of at most `max` bytes.
+    pub fn with_max_message_bytes(max: u32) -> Self {
+        Self { max_message_bytes: max, unreadable: None }
+    }
+
+    /// The same codec, telling `sink` of every request it could not read.
+    pub fn reporting_to(
+        mut self,
+        sink: tokio::sync::mpsc::UnboundedSender<UnreadableRequest>,
+    ) -> Self {
+        self.unreadable = Some(sink);
+        self
     }
 }
 
@@ -103,15 +130,23 @@ impl libp2p::request_response::Codec for MarketCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let request: MarketRequest = read_framed(io, self.max_message_bytes).await?;
-        if request.protocol() != protocol.as_ref() {
-            return Err(WireError::WrongProtocol {
-                request: request.protocol(),
-                protocol: protocol.to_string(),
+        let read = read_framed::<MarketRequest, _>(io, self.max_message_bytes).await;
+        let checked = read.and_then(|request| {
+            if request.protocol() == protocol.as_ref() {
+                Ok(request)
+            } else {
+                Err(WireError::WrongProtocol {
+                    request: request.protocol(),
+                    protocol: protocol.to_string(),
+                }
+                .into())
             }
-            .into());
+        });
+        if let (Err(e), Some(sink)) = (&checked, &self.unreadable) {
+            let _ = sink
+                .send(UnreadableRequest { protocol: protocol.to_string(), reason: e.to_string() });
         }
-        Ok(request)
+        checked
     }
 
     async fn read_response<T>(

@@ -7,6 +7,7 @@
 pub mod codec;
 pub mod message;
 pub mod provider;
+pub mod refusals;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, noise, ping, tcp, yamux};
 use tokio::sync::{mpsc, oneshot};
 
-use codec::MarketCodec;
+use codec::{MarketCodec, UnreadableRequest};
 use message::{
     ASK_PROTOCOL, MarketRequest, MarketResponse, PROPOSE_PROTOCOL, RETRIEVAL_PROPOSE_PROTOCOL,
     RETRIEVAL_QUERY_PROTOCOL, STATUS_PROTOCOL, TRANSFER_PROTOCOL,
@@ -83,7 +84,9 @@ pub enum NetworkEvent {
     },
     /// A peer's request could not be read (malformed, oversized, wrong protocol): nothing was
     /// delivered.
-    InboundFailure { peer: PeerId, reason: String },
+    /// `peer` is unknown when the request could not even be read (libp2p does not say who
+    /// sent it).
+    InboundFailure { peer: Option<PeerId>, protocol: String, reason: String },
 }
 
 #[derive(Debug)]
@@ -171,6 +174,8 @@ pub struct EventLoop {
         (&'static str, OutboundRequestId),
         oneshot::Sender<Result<MarketResponse, NetworkError>>,
     >,
+    /// Requests the codec could not read.
+    unreadable: mpsc::UnboundedReceiver<UnreadableRequest>,
 }
 
 /// Builds a node whose identity is `key` (the same key signs its deals).
@@ -182,9 +187,11 @@ pub fn new(
     let setup = |e: &dyn std::fmt::Display| NetworkError::Setup(e.to_string());
     let keypair =
         libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes()).map_err(|e| setup(&e))?;
+    let (unreadable_tx, unreadable) = mpsc::unbounded_channel();
+    let codec = codec.reporting_to(unreadable_tx);
     let behaviour = |protocol: &'static str| {
         request_response::Behaviour::with_codec(
-            codec,
+            codec.clone(),
             [(StreamProtocol::new(protocol), ProtocolSupport::Full)],
             request_response::Config::default().with_request_timeout(request_timeout),
         )
@@ -218,6 +225,7 @@ pub fn new(
         events: event_tx,
         pending_listen: None,
         pending_requests: HashMap::new(),
+        unreadable,
     };
     Ok((Client { commands: command_tx, peer_id }, event_rx, event_loop))
 }
@@ -232,6 +240,14 @@ impl EventLoop {
                     Some(command) => self.on_command(command),
                     None => return,
                 },
+                Some(refused) = self.unreadable.recv() => {
+                    let event = NetworkEvent::InboundFailure {
+                        peer: None,
+                        protocol: refused.protocol,
+                        reason: refused.reason,
+                    };
+                    let _ = self.events.send(event).await;
+                }
             }
         }
     }
@@ -329,7 +345,14 @@ impl EventLoop {
             Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, protocol, "inbound request failed");
                 let reason = error.to_string();
-                let _ = self.events.send(NetworkEvent::InboundFailure { peer, reason }).await;
+                let _ = self
+                    .events
+                    .send(NetworkEvent::InboundFailure {
+                        peer: Some(peer),
+                        protocol: protocol.to_owned(),
+                        reason,
+                    })
+                    .await;
             }
             Event::ResponseSent { .. } => {}
         }

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::message::{MarketRequest, MarketResponse, RetrievalAsk, SignedStatusQuery, StorageAsk};
+use super::refusals;
 use super::{Client, NetworkError, NetworkEvent};
 use crate::adapters::transfer::ProviderTransfers;
 use crate::adapters::transfer::retrieval::ProviderRetrievals;
@@ -255,12 +256,19 @@ impl ProviderService {
             match event {
                 NetworkEvent::InboundRequest { peer, request, channel } => {
                     let response = self.answer(peer, request.clone(), &ctx).await;
+                    if let Some(reason) = refusals::refusal(&response) {
+                        let pool = self.deals.journal().pool();
+                        let protocol = request.protocol();
+                        refusals::record(pool, Some(peer), protocol, reason, Some(&request)).await;
+                    }
                     if client.respond(&request, channel, response).await.is_err() {
                         return;
                     }
                 }
-                NetworkEvent::InboundFailure { peer, reason } => {
-                    tracing::info!(%peer, %reason, "refused an unreadable request");
+                NetworkEvent::InboundFailure { peer, protocol, reason } => {
+                    tracing::info!(?peer, %reason, "refused an unreadable request");
+                    let pool = self.deals.journal().pool();
+                    refusals::record(pool, peer, &protocol, &reason, None).await;
                 }
             }
         }
