@@ -97,7 +97,8 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     };
     let transfers =
         ProviderTransfers::new(deals.clone(), pieces.clone(), TransferOptions::default());
-    let provider = ProviderService::new(deals.clone(), provider_key.clone(), ask, transfers);
+    let provider = ProviderService::new(deals.clone(), provider_key.clone(), ask, transfers)
+        .with_payment_channels(std::sync::Arc::new(devnet.clone()));
     tokio::spawn(provider.serve(provider_net.clone(), provider_events, ctx.clone()));
     let (client_net, _client_events, client_loop) =
         network::new(&client_key, MarketCodec::default(), Duration::from_secs(30))?;

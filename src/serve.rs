@@ -82,16 +82,17 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
     };
     let pieces = PieceStore::new(db.home().join("pieces"));
     let transfers = ProviderTransfers::new(deals.clone(), pieces, TransferOptions::default());
-    let deals_for_runner = deals.clone();
-    let timeout_deals = deals.clone();
-    let service = ProviderService::new(deals, key.clone(), ask, transfers);
-    let serving = tokio::spawn(service.serve(node.clone(), events, ctx));
     let devnet = if args.chain == "devnet" {
         Devnet::open(db.pool.clone(), DevnetConfig::default()).await?
     } else {
         let pool = dealledger::db::pool_options().max_connections(4).connect(&args.chain).await?;
         Devnet::open(pool, DevnetConfig::default()).await?
     };
+    let deals_for_runner = deals.clone();
+    let timeout_deals = deals.clone();
+    let service = ProviderService::new(deals, key.clone(), ask, transfers)
+        .with_payment_channels(std::sync::Arc::new(devnet.clone()));
+    let serving = tokio::spawn(service.serve(node.clone(), events, ctx));
     let clock = (args.devnet_epoch_ms > 0)
         .then(|| devnet.clone().run_clock(Duration::from_millis(args.devnet_epoch_ms)));
     let sealer = DevnetSealer::new(devnet.clone(), 2, 3);

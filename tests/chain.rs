@@ -54,9 +54,10 @@ async fn market() -> Market {
 }
 
 async fn market_with(config: DevnetConfig) -> Market {
-    let nodes = nodes(MarketCodec::default()).await;
     let (pool, _) = fresh_database(4).await.expect("a devnet database");
     let devnet = Devnet::open(pool, config).await.expect("the devnet opens");
+    let channels = std::sync::Arc::new(devnet.clone());
+    let nodes = nodes_checking(MarketCodec::default(), Some(channels)).await;
     for (party, key) in [(client_key(), "client"), (provider_key(), "provider")] {
         let party = PartyKey::of(&party);
         devnet.fund(party, WALLET, MessageKey::of("faucet", key.as_bytes())).await.unwrap();
@@ -590,4 +591,58 @@ async fn a_publish_that_keeps_failing_becomes_publish_failed_past_the_attempt_li
     assert!(status.message.unwrap_or_default().contains("node restarting"));
     let balance = m.devnet.market_balance(proposal.proposal.provider).await.unwrap();
     assert_eq!(balance.escrow, TokenAmount::ZERO, "the collateral deposit went back to the wallet");
+}
+
+#[tokio::test]
+async fn a_pull_without_a_funded_channel_or_with_a_foreign_voucher_is_refused() {
+    use dealledger::adapters::network::message::{MarketRequest, MarketResponse};
+    let m = market().await;
+    let original = data(64 * 1024, 15);
+    let (piece, size) = dealledger::adapters::piece::commp::commp_of(&original);
+    m.nodes.pieces.put(piece, size, original.as_slice()).await.unwrap();
+    let terms = RetrievalDealProposal {
+        payload_cid: dealledger::events::chain::cid_of_bytes(b"payload"),
+        piece_cid: Some(piece),
+        part: ByteRange { offset: 0, length: 64 * 1024 },
+        price_per_byte: TokenAmount(3),
+        payment_interval: 16 * 1024,
+        payment_interval_increase: 0,
+        unseal_price: TokenAmount(0),
+        client: PartyKey::of(&client_key()),
+        provider: PartyKey::of(&provider_key()),
+    };
+    let stream = Uuid::now_v7();
+    let deals = &m.nodes.client_deals;
+    let proposed = RC::DealProposed { proposal: Box::new(terms.clone()), part_of: None };
+    deals.handle::<RetrievalClient>(stream, proposed, &ctx(), None).await.unwrap();
+    let (_, provider_stream) =
+        propose_retrieval(&m.nodes.client, deals, stream, &ctx()).await.unwrap();
+    let provider_stream = provider_stream.unwrap();
+    // Given no payment channel on chain yet: the provider sends nothing
+    let pull = MarketRequest::RetrievalPull { deal_stream: provider_stream, offset: 0 };
+    let answer = m.nodes.client.request(m.nodes.provider_peer, pull.clone()).await.unwrap();
+    assert!(
+        matches!(&answer, MarketResponse::Rejected { reason } if reason.contains("no payment channel")),
+        "{answer:?}"
+    );
+    let provider = m.nodes.provider_deals.load::<RetrievalProvider>(provider_stream).await.unwrap();
+    assert_eq!((provider.state.name(), provider.data.bytes_sent), ("Unsealed", 0));
+    // When the client's runner funds the channel, bytes flow
+    m.settle().await;
+    let answer = m.nodes.client.request(m.nodes.provider_peer, pull).await.unwrap();
+    assert!(
+        matches!(answer, MarketResponse::RetrievalBlocks { ref bytes, .. } if !bytes.is_empty())
+    );
+    // A voucher signed by someone else than the channel's payer is refused, and not taken
+    let channel = deals.load::<RetrievalClient>(stream).await.unwrap().data.channel.unwrap();
+    let forged = SignedVoucher::sign(
+        PaymentVoucher { channel, lane: 0, nonce: 1, amount: TokenAmount(3 * 16 * 1024) },
+        &provider_key(),
+    );
+    let pay =
+        MarketRequest::RetrievalPay { deal_stream: provider_stream, voucher: Box::new(forged) };
+    let answer = m.nodes.client.request(m.nodes.provider_peer, pay).await.unwrap();
+    assert!(matches!(answer, MarketResponse::Rejected { .. }), "{answer:?}");
+    let provider = m.nodes.provider_deals.load::<RetrievalProvider>(provider_stream).await.unwrap();
+    assert_eq!((provider.state.name(), provider.data.paid), ("FundsNeeded", TokenAmount::ZERO));
 }

@@ -66,7 +66,8 @@ async fn node_process() {
     tokio::spawn(provider_loop.run());
     let address = provider.listen("/ip4/127.0.0.1/tcp/0".parse().unwrap()).await.unwrap();
     let transfers = ProviderTransfers::new(deals.clone(), pieces, TransferOptions::default());
-    let service = ProviderService::new(deals.clone(), provider_key(), ask(), transfers);
+    let service = ProviderService::new(deals.clone(), provider_key(), ask(), transfers)
+        .with_payment_channels(std::sync::Arc::new(devnet.clone()));
     tokio::spawn(service.serve(provider.clone(), provider_events, ctx.clone()));
     let (client, _events, client_loop) =
         network::new(&client_key(), MarketCodec::default(), Duration::from_secs(5)).unwrap();

@@ -56,6 +56,14 @@ pub struct Nodes {
 }
 
 pub async fn nodes(provider_codec: MarketCodec) -> Nodes {
+    nodes_checking(provider_codec, None).await
+}
+
+/// [`nodes`] whose provider checks retrieval payments against `channels` (a chain).
+pub async fn nodes_checking(
+    provider_codec: MarketCodec,
+    channels: Option<std::sync::Arc<dyn dealledger::adapters::chain::PaymentChannels>>,
+) -> Nodes {
     let (provider_deals, client_deals) = (deals().await, deals().await);
     let (provider, provider_events, provider_loop) =
         network::new(&provider_key(), provider_codec, Duration::from_secs(10)).unwrap();
@@ -66,7 +74,11 @@ pub async fn nodes(provider_codec: MarketCodec) -> Nodes {
         PieceStore::new(std::env::temp_dir().join(format!("dealledger-pieces-{}", Uuid::new_v4())));
     let transfers =
         ProviderTransfers::new(provider_deals.clone(), pieces.clone(), TransferOptions::default());
-    let service = ProviderService::new(provider_deals.clone(), provider_key(), ask(), transfers);
+    let mut service =
+        ProviderService::new(provider_deals.clone(), provider_key(), ask(), transfers);
+    if let Some(channels) = channels {
+        service = service.with_payment_channels(channels);
+    }
     tokio::spawn(service.serve(provider.clone(), provider_events, ctx()));
     let (client, client_loop) = client_node(provider.peer_id(), address.clone()).await;
     Nodes {

@@ -8,6 +8,7 @@
 
 pub mod devnet;
 pub mod lotus;
+pub mod payments;
 pub mod sealing;
 
 use std::future::Future;
@@ -25,6 +26,7 @@ use crate::events::chain::cid_of_bytes;
 
 pub use devnet::{Devnet, DevnetConfig};
 pub use lotus::Lotus;
+pub use payments::PaymentChannels;
 pub use sealing::{DevnetSealer, SealingPipeline, SealingStatus};
 
 /// Why a chain call did not go through.

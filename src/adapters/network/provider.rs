@@ -53,6 +53,16 @@ impl ProviderService {
         Self { deals, key, ask, retrieval_ask, transfers, retrievals }
     }
 
+    /// Checks retrieval payments against the chain's payment channels: a pull needs a funded
+    /// channel, a voucher must be one the channel would honour.
+    pub fn with_payment_channels(
+        mut self,
+        channels: std::sync::Arc<dyn crate::adapters::chain::PaymentChannels>,
+    ) -> Self {
+        self.retrievals = self.retrievals.with_payment_channels(channels);
+        self
+    }
+
     /// Sets the prices retrievals must meet (default: 1 attoFIL a byte, free unsealing,
     /// payment at least every MiB).
     pub fn with_retrieval_ask(mut self, ask: RetrievalAsk) -> Self {

@@ -8,6 +8,7 @@ use libp2p::PeerId;
 use uuid::Uuid;
 
 use super::{CHUNK_BYTES, PushError};
+use crate::adapters::chain::PaymentChannels;
 use crate::adapters::network::Client;
 use crate::adapters::network::message::{MarketRequest, MarketResponse};
 use crate::adapters::piece::store::PieceStore;
@@ -23,16 +24,33 @@ use crate::fsm::retrieval_provider::{
 use crate::fsm::{DecideContext, Label};
 
 /// The provider's side of retrieval pulls.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProviderRetrievals {
     deals: Deals,
     store: PieceStore,
+    channels: Option<std::sync::Arc<dyn PaymentChannels>>,
+}
+
+impl std::fmt::Debug for ProviderRetrievals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderRetrievals")
+            .field("store", &self.store)
+            .field("checks_payment_channels", &self.channels.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ProviderRetrievals {
     /// Serving parts of pieces in `store`, recording through `deals`.
     pub fn new(deals: Deals, store: PieceStore) -> Self {
-        Self { deals, store }
+        Self { deals, store, channels: None }
+    }
+
+    /// Checks payment channels on `channels` (the chain): no byte flows before the client has
+    /// a channel funded for the deal, and no voucher is taken that the channel would refuse.
+    pub fn with_payment_channels(mut self, channels: std::sync::Arc<dyn PaymentChannels>) -> Self {
+        self.channels = Some(channels);
+        self
     }
 
     /// Answers a pull or a payment from `peer` for the provider deal `deal_stream`.
@@ -96,6 +114,11 @@ impl ProviderRetrievals {
             MarketRequest::RetrievalPull { offset, .. } => {
                 let mut state = deal.state;
                 if state == ProviderState::Unsealed {
+                    // The pull validator: the client's channel must be funded for the deal.
+                    if let Some(channels) = &self.channels {
+                        let price = terms.total_price().ok_or("the deal's price overflows")?;
+                        channels.check_funded(terms.client, terms.provider, price).await?;
+                    }
                     state = record(P::DataTransferStarted).await?.deal.state;
                 }
                 let due = |d: &crate::fsm::Deal<RetrievalProvider>| match d.state {
@@ -154,6 +177,9 @@ impl ProviderRetrievals {
                 Ok(MarketResponse::PaymentAccepted { paid: deal.data.paid, complete })
             }
             MarketRequest::RetrievalPay { voucher, .. } => {
+                if let Some(channels) = &self.channels {
+                    channels.check_voucher(&voucher, terms.client, terms.provider).await?;
+                }
                 let after = record(P::PaymentReceived { voucher }).await?.deal;
                 let complete = after.state == ProviderState::Finalizing;
                 if complete {
