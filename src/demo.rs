@@ -5,9 +5,9 @@
 //! the provider checks each piece's commitment; a stored piece is then pulled back in paid
 //! parts. The chain is the devnet (in this database's `devnet` schema, its clock moved by the
 //! demo), and one effect runner performs what the machines decide: deposits, publish, sealing,
-//! activation, expiry, slashing, payment channels, lanes, voucher redemption. The request's
-//! part bookkeeping (start a part, tell the request) is still played by the library's
-//! [`Script`], checked step by step against replay.
+//! activation, expiry, slashing, payment channels, lanes, voucher redemption, telling a
+//! request its part is done. Starting each part's deal (choosing its terms) is still played by
+//! the library's [`Script`], checked step by step against replay.
 
 use clap::Args;
 use ed25519_dalek::SigningKey;
@@ -295,14 +295,8 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         .await?;
         anyhow::ensure!(outcome.state == "Completed", "part {index} ended in {}", outcome.state);
         vouchers += deals.load::<RetrievalClient>(stream).await?.data.payments;
-        // The completed deal's notify effect, performed.
-        let completed = RR::PartCompleted {
-            part_index,
-            deal_stream: stream,
-            bytes: part.length,
-            paid: outcome.paid,
-        };
-        script.step::<RetrievalRequestMachine>(request_id, completed).await?;
+        // The runner tells the request (the deal's notify effect).
+        settle().await?;
         retrieved.extend(outcome.bytes);
     }
     anyhow::ensure!(retrieved == original, "the retrieved bytes differ from the stored piece");
@@ -353,7 +347,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     );
     println!("(full timeline: cargo run -- audit {audited})");
     println!(
-        "{} scripted steps (the request's part bookkeeping) re-checked by replaying their \
+        "{} scripted steps (starting each part of the request) re-checked by replaying their \
          streams; whole demo {:.2} s",
         script.steps,
         started.elapsed().as_secs_f64()

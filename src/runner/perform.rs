@@ -11,7 +11,8 @@ use crate::adapters::chain::{Chain, MessageKey, MessageStatus, OnChainDealState,
 use crate::adapters::chain::{DealObservation, SealingStatus};
 use crate::domain::DealId;
 use crate::events::outbox::PendingEffect;
-use crate::fsm::effects::{Effect, OutboundMessage};
+use crate::fsm::effects::{Effect, Notice, OutboundMessage};
+use crate::fsm::retrieval_request::{RetrievalRequestEvent as RR, RetrievalRequestMachine};
 use crate::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent as RC};
 use crate::fsm::retrieval_provider::RetrievalProvider;
 use crate::fsm::storage_client::{StorageClient, StorageClientEvent as SC};
@@ -27,6 +28,8 @@ pub enum Feedback {
     StorageProvider(SP),
     /// For a retrieval client deal.
     RetrievalClient(RC),
+    /// For another stream: the retrieval request a deal belongs to.
+    RetrievalRequest(Uuid, RR),
 }
 
 /// What performing an effect came to.
@@ -62,6 +65,7 @@ pub const CHAIN_EFFECTS: &[&str] = &[
     "wait-for-payment-channel",
     "allocate-lane",
     "redeem-voucher",
+    "notify",
 ];
 
 /// Effects that wait on the chain: re-armed at every new head.
@@ -220,6 +224,20 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                 }
             }
             Effect::Send { .. } => Outcome::Skipped("sent by the network adapter"),
+            Effect::Notify { stream_id, stream_type, notice } => {
+                if stream_type != RetrievalRequestMachine::NAME {
+                    return Ok(Outcome::Skipped("no such notice target"));
+                }
+                let event = match notice.clone() {
+                    Notice::PartCompleted { part_index, deal_stream, bytes, paid } => {
+                        RR::PartCompleted { part_index, deal_stream, bytes, paid }
+                    }
+                    Notice::PartFailed { part_index, deal_stream, reason } => {
+                        RR::PartFailed { part_index, deal_stream, reason }
+                    }
+                };
+                Outcome::Feed(Feedback::RetrievalRequest(*stream_id, event))
+            }
             Effect::SetUpPaymentChannel { provider, amount } => {
                 let client = self.retrieval_client(stream).await?;
                 let existed = self.chain.channel_between(client, *provider).await?.is_some();
