@@ -17,8 +17,8 @@ use dealledger::adapters::chain::{Chain, Devnet, DevnetConfig, DevnetSealer, Mes
 use dealledger::adapters::network;
 use dealledger::adapters::network::codec::MarketCodec;
 use dealledger::adapters::network::message::{MarketRequest, MarketResponse, StorageAsk};
+use dealledger::adapters::network::provider::ProviderService;
 use dealledger::adapters::network::provider::propose_retrieval;
-use dealledger::adapters::network::provider::{ProviderService, propose};
 use dealledger::adapters::piece::commp::commp_of;
 use dealledger::adapters::piece::store::PieceStore;
 use dealledger::adapters::transfer::retrieval::pull;
@@ -105,8 +105,9 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     tokio::spawn(client_loop.run());
     let sealer = DevnetSealer::new(devnet.clone(), 2, 3);
     let config = RunnerConfig { watch_poll: Duration::from_millis(20), ..RunnerConfig::default() };
-    let runner = EffectRunner::new(deals.clone(), devnet.clone(), sealer, config)
-        .with_network(RunnerNetwork { client: client_net.clone(), key: client_key.clone() });
+    let runner = EffectRunner::new(deals.clone(), devnet.clone(), sealer, config).with_network(
+        RunnerNetwork { client: client_net.clone(), key: client_key.clone(), pieces: None },
+    );
     // Lets the runner perform everything due until the machines wait on the chain.
     let settle = || async {
         loop {
@@ -159,9 +160,9 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         let (deals, client_net, ctx) = (deals.clone(), client_net.clone(), ctx.clone());
         async move {
             let stream = deals.initiate_deal(signed, &ctx).await?.stream_id;
-            // The runner deposits the client's funds in the market.
+            // The runner deposits the client's funds in the market and proposes.
             settle().await?;
-            let state = propose(&client_net, &deals, stream, &ctx).await?;
+            let state = deals.get_storage_deal_status(stream).await?.state;
             anyhow::ensure!(state == "StartDataTransfer", "the provider did not accept: {state}");
             Ok::<_, anyhow::Error>(
                 push(

@@ -13,7 +13,7 @@ use dealledger::adapters::chain::{
     MarketBalance, MessageKey, MessageStatus, OnChainDealState,
 };
 use dealledger::adapters::network::codec::MarketCodec;
-use dealledger::adapters::network::provider::{propose, propose_retrieval};
+use dealledger::adapters::network::provider::propose_retrieval;
 use dealledger::adapters::transfer::retrieval::pull;
 use dealledger::adapters::transfer::{TransferOptions, push};
 use dealledger::db::testing::fresh_database;
@@ -70,7 +70,11 @@ async fn market_with(config: DevnetConfig) -> Market {
         sealer.clone(),
         config.clone(),
     )
-    .with_network(RunnerNetwork { client: nodes.client.clone(), key: client_key() });
+    .with_network(RunnerNetwork {
+        client: nodes.client.clone(),
+        key: client_key(),
+        pieces: None,
+    });
     let provider = EffectRunner::new(nodes.provider_deals.clone(), devnet.clone(), sealer, config);
     Market { nodes, devnet, client, provider }
 }
@@ -123,11 +127,9 @@ impl Market {
         let proposal = proposal_for(&bytes);
         let deals = &self.nodes.client_deals;
         let stream = deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap().stream_id;
+        // The client's runner deposits its funds and proposes.
         self.settle().await;
-        assert_eq!(
-            propose(&self.nodes.client, deals, stream, &ctx()).await.unwrap(),
-            "StartDataTransfer"
-        );
+        assert_eq!(self.states(&proposal).await.0, "StartDataTransfer");
         let cursor = std::io::Cursor::new(&bytes);
         let pushed = push(
             &self.nodes.client,
@@ -154,13 +156,9 @@ impl Market {
         let proposal = proposal_for(&bytes);
         let deals = &self.nodes.client_deals;
         let stream = deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap().stream_id;
-        // The client's runner deposits its funds on chain.
+        // The client's runner deposits its funds on chain and proposes.
         self.settle().await;
-        assert_eq!(self.states(&proposal).await.0, "FundsReserved");
-        assert_eq!(
-            propose(&self.nodes.client, deals, stream, &ctx()).await.unwrap(),
-            "StartDataTransfer"
-        );
+        assert_eq!(self.states(&proposal).await.0, "StartDataTransfer");
         let cursor = std::io::Cursor::new(&bytes);
         let pushed = push(
             &self.nodes.client,
@@ -260,7 +258,6 @@ async fn a_deal_whose_sealing_fails_fails_on_the_provider_and_times_out_on_chain
     let deals = &m.nodes.client_deals;
     let stream = deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap().stream_id;
     m.settle().await;
-    propose(&m.nodes.client, deals, stream, &ctx()).await.unwrap();
     let cursor = std::io::Cursor::new(&bytes);
     push(
         &m.nodes.client,
@@ -387,8 +384,8 @@ async fn a_runner_that_dies_holding_effects_is_replaced_and_nothing_is_done_twic
     // When its lease runs out and another runner starts
     tokio::time::sleep(Duration::from_millis(80)).await;
     m.settle().await;
-    // Then the deal moved on once, and the deposit was made once.
-    assert_eq!(m.states(&proposal).await.0, "FundsReserved");
+    // Then the deal moved on once (funded, then proposed), and the deposit was made once.
+    assert_eq!(m.states(&proposal).await.0, "StartDataTransfer");
     let balance = m.devnet.market_balance(wallet).await.unwrap();
     assert_eq!(balance.escrow, amount, "the deposit happened exactly once");
 }
@@ -645,4 +642,43 @@ async fn a_pull_without_a_funded_channel_or_with_a_foreign_voucher_is_refused() 
     assert!(matches!(answer, MarketResponse::Rejected { .. }), "{answer:?}");
     let provider = m.nodes.provider_deals.load::<RetrievalProvider>(provider_stream).await.unwrap();
     assert_eq!((provider.state.name(), provider.data.paid), ("FundsNeeded", TokenAmount::ZERO));
+}
+
+#[tokio::test]
+async fn a_client_node_drives_a_deal_from_staged_data_to_active_by_itself() {
+    let m = market().await;
+    // Given a client whose runner proposes and pushes staged pieces
+    let staged = dealledger::adapters::piece::store::PieceStore::new(
+        std::env::temp_dir().join(format!("dealledger-staged-{}", Uuid::new_v4())),
+    );
+    let bytes = data(200 * 1024, 16);
+    let (piece, size, _) = staged.stage(bytes.as_slice()).await.unwrap();
+    let network =
+        RunnerNetwork { client: m.nodes.client.clone(), key: client_key(), pieces: Some(staged) };
+    let config = RunnerConfig { watch_poll: Duration::from_millis(20), ..RunnerConfig::default() };
+    let client = EffectRunner::new(
+        m.nodes.client_deals.clone(),
+        m.devnet.clone(),
+        DevnetSealer::new(m.devnet.clone(), 2, 3),
+        config,
+    )
+    .with_network(network);
+    let mut terms = proposal_for(&bytes).proposal;
+    (terms.piece_cid, terms.piece_size) = (piece, size);
+    let proposal = ClientDealProposal::sign(terms, &client_key());
+    // When the only thing the client does is initiate the deal
+    m.nodes.client_deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap();
+    for _ in 0..20 {
+        client.recover().await.unwrap();
+        client.run_until_idle().await.unwrap();
+        m.settle().await;
+        if m.states(&proposal).await == ("Active", "Active") {
+            break;
+        }
+        m.devnet.advance(1).await.unwrap();
+    }
+    // Then funding, proposal, push, commP check, publish, sealing and activation all happened
+    assert_eq!(m.states(&proposal).await, ("Active", "Active"));
+    let stored = m.nodes.pieces.read_range(&piece, 0, bytes.len() as u64).await.unwrap();
+    assert!(stored == bytes, "the provider keeps exactly the staged bytes");
 }

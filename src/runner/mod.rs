@@ -102,13 +102,17 @@ impl Default for RunnerConfig {
     }
 }
 
-/// The network side of a runner: for effects that ask a counterparty (status queries).
+/// The network side of a runner: for effects that reach a counterparty — a storage client's
+/// proposal, its push (and restarts), its status queries.
 #[derive(Clone)]
 pub struct RunnerNetwork {
     /// The node's libp2p client.
     pub client: Client,
     /// The node's signing key (signs status queries).
     pub key: SigningKey,
+    /// Where a client's staged pieces are read from when pushed; without it, pushes are left
+    /// to the caller.
+    pub pieces: Option<crate::adapters::piece::store::PieceStore>,
 }
 
 /// Performs the outbox's chain effects for one node.
@@ -148,8 +152,11 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
 
     fn effect_types(&self) -> Vec<&'static str> {
         let mut types = CHAIN_EFFECTS.to_vec();
-        if self.network.is_some() {
+        if let Some(network) = &self.network {
             types.push("send");
+            if network.pieces.is_some() {
+                types.extend(["open-transfer", "restart-transfer"]);
+            }
         }
         types
     }
@@ -321,6 +328,12 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             }
             (_, Effect::HandOffToSealing { .. }) => {
                 Some(Feedback::StorageProvider(SP::HandOffFailed { reason: reason.clone() }))
+            }
+            (StorageClient::NAME, Effect::Send { .. }) => {
+                Some(Feedback::StorageClient(SC::DealTimedOut { reason: reason.clone() }))
+            }
+            (StorageClient::NAME, Effect::OpenTransfer { .. } | Effect::RestartTransfer { .. }) => {
+                Some(Feedback::StorageClient(SC::DataTransferFailed { reason: reason.clone() }))
             }
             (
                 _,

@@ -11,10 +11,10 @@ use crate::adapters::chain::{Chain, MessageKey, MessageStatus, OnChainDealState,
 use crate::adapters::chain::{DealObservation, SealingStatus};
 use crate::domain::DealId;
 use crate::events::outbox::PendingEffect;
-use crate::fsm::effects::{Effect, Notice, OutboundMessage};
-use crate::fsm::retrieval_request::{RetrievalRequestEvent as RR, RetrievalRequestMachine};
+use crate::fsm::effects::{Effect, Notice, OutboundMessage, TransferDirection};
 use crate::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent as RC};
 use crate::fsm::retrieval_provider::RetrievalProvider;
+use crate::fsm::retrieval_request::{RetrievalRequestEvent as RR, RetrievalRequestMachine};
 use crate::fsm::storage_client::{StorageClient, StorageClientEvent as SC};
 use crate::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
 use crate::fsm::{Machine, retrieval_client, storage_client, storage_provider};
@@ -223,7 +223,36 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                     Err(e) => return Err(RunnerError::Network(e.to_string())),
                 }
             }
+            Effect::Send { message: OutboundMessage::StorageProposal(_), .. }
+                if side == StorageClient::NAME =>
+            {
+                let Some(network) = &self.network else {
+                    return Ok(Outcome::Skipped("no network on this runner"));
+                };
+                let ctx = self.context().await?;
+                match crate::adapters::network::provider::propose(
+                    &network.client,
+                    &self.deals,
+                    stream,
+                    &ctx,
+                )
+                .await
+                {
+                    // The answer (accepted or rejected) is recorded by `propose`.
+                    Ok(_) => Outcome::Skipped("proposal answered"),
+                    Err(crate::adapters::network::provider::ProposeError::NotReady(_)) => {
+                        Outcome::Skipped("the deal moved on before the proposal was sent")
+                    }
+                    Err(e) => return Err(RunnerError::Network(e.to_string())),
+                }
+            }
             Effect::Send { .. } => Outcome::Skipped("sent by the network adapter"),
+            Effect::OpenTransfer { direction: TransferDirection::Push, .. }
+            | Effect::RestartTransfer { .. }
+                if side == StorageClient::NAME =>
+            {
+                self.push(stream).await?
+            }
             Effect::Notify { stream_id, stream_type, notice } => {
                 if stream_type != RetrievalRequestMachine::NAME {
                     return Ok(Outcome::Skipped("no such notice target"));
@@ -269,6 +298,53 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             }
             _ => Outcome::Skipped("not a chain effect"),
         })
+    }
+
+    /// Pushes a storage client deal's staged piece to its provider (or resumes the push).
+    /// The push records its own progress and outcome; an interruption is recorded as the
+    /// machine's input, whose restart effect pushes again.
+    async fn push(&self, stream: Uuid) -> Result<Outcome, RunnerError> {
+        let Some(network) = &self.network else {
+            return Ok(Outcome::Skipped("no network on this runner"));
+        };
+        let Some(pieces) = &network.pieces else {
+            return Ok(Outcome::Skipped("pushes are driven by the caller"));
+        };
+        let deal = self.deals.load::<StorageClient>(stream).await?;
+        let Some(proposal) = deal.data.proposal.as_ref() else {
+            return Err(RunnerError::Inconsistent(format!("deal {stream} has no proposal")));
+        };
+        let piece = proposal.proposal.piece_cid;
+        let file =
+            pieces.open(&piece).await.map_err(|e| RunnerError::Inconsistent(e.to_string()))?;
+        let total = file
+            .metadata()
+            .await
+            .map_err(|e| RunnerError::Inconsistent(format!("staged piece {piece}: {e}")))?
+            .len();
+        let ctx = self.context().await?;
+        let options = crate::adapters::transfer::TransferOptions::default();
+        match crate::adapters::transfer::push(
+            &network.client,
+            &self.deals,
+            stream,
+            file,
+            total,
+            options,
+            &ctx,
+        )
+        .await
+        {
+            Ok(_) => Ok(Outcome::Skipped("pushed")),
+            // Recorded as DataTransferInterrupted: the machine asks for a restart.
+            Err(crate::adapters::transfer::PushError::Interrupted(_)) => {
+                Ok(Outcome::Skipped("interrupted; the deal restarts it"))
+            }
+            Err(crate::adapters::transfer::PushError::NotReady { .. }) => {
+                Ok(Outcome::Skipped("the deal moved on before the push"))
+            }
+            Err(e) => Err(RunnerError::Network(e.to_string())),
+        }
     }
 
     /// Whether the storage deal that caused `pending` has been published on chain.

@@ -92,6 +92,46 @@ impl PieceStore {
         Ok(bytes)
     }
 
+    /// Stores data whose commitment is not known yet (a client staging what it will propose):
+    /// computes it while writing and keeps the data under it. Returns the piece, its padded
+    /// size and the bytes kept.
+    pub async fn stage(
+        &self,
+        mut data: impl tokio::io::AsyncRead + Unpin,
+    ) -> Result<(PieceCid, PaddedPieceSize, u64), PieceStoreError> {
+        tokio::fs::create_dir_all(&self.dir).await.map_err(Self::io(&self.dir))?;
+        let partial = self.dir.join(format!("staging-{}.partial", uuid::Uuid::new_v4()));
+        let mut file = tokio::fs::File::create(&partial).await.map_err(Self::io(&partial))?;
+        let mut hasher = CommP::new();
+        let mut buffer = vec![0u8; 1 << 16];
+        loop {
+            let read = data.read(&mut buffer).await.map_err(Self::io(&partial))?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+            file.write_all(&buffer[..read]).await.map_err(Self::io(&partial))?;
+        }
+        file.flush().await.map_err(Self::io(&partial))?;
+        let bytes = hasher.bytes();
+        let (piece, size) = hasher.finish();
+        let final_path = self.path(&piece);
+        tokio::fs::rename(&partial, &final_path).await.map_err(Self::io(&final_path))?;
+        Ok((piece, size, bytes))
+    }
+
+    /// The piece's file, to read from (a client pushing it).
+    pub async fn open(&self, piece: &PieceCid) -> Result<tokio::fs::File, PieceStoreError> {
+        let path = self.path(piece);
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => Ok(file),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(PieceStoreError::NotFound(*piece))
+            }
+            Err(e) => Err(Self::io(&path)(e)),
+        }
+    }
+
     /// Reads `length` bytes of the piece from `offset`.
     pub async fn read_range(
         &self,
