@@ -13,10 +13,12 @@
 //! - [`domain`]: deal documents, parties, amounts and piece CIDs shared by the machines.
 //! - [`audit`]: replay a deal's history, verify the journal's chains.
 //! - [`deals`]: the `Deals` service: the seed's verbs, and `handle` for adapters.
+//! - [`api`]: the node's HTTP JSON API (axum).
 //! - [`runner`]: the effect runner: performs the outbox's effects, feeds results back.
 //! - [`db`]: where the database comes from (a URL, or the embedded cluster).
 
 pub mod adapters;
+pub mod api;
 pub mod audit;
 pub mod db;
 pub mod deals;

@@ -2,6 +2,7 @@
 //! arrives into machine inputs and carry effects out; they never decide.
 
 pub mod chain;
+pub mod http;
 pub mod network;
 pub mod piece;
 pub mod transfer;

@@ -93,6 +93,17 @@ impl PartyKey {
         VerifyingKey::from_bytes(&self.0)
     }
 
+    /// The key a libp2p peer id was made from, when it is an ed25519 key inlined in the id
+    /// (every peer of this market).
+    pub fn from_peer_id(peer: &libp2p::PeerId) -> Option<Self> {
+        let multihash = peer.as_ref();
+        if multihash.code() != 0x00 {
+            return None;
+        }
+        let key = libp2p::identity::PublicKey::try_decode_protobuf(multihash.digest()).ok()?;
+        Some(Self(key.try_into_ed25519().ok()?.to_bytes()))
+    }
+
     /// The libp2p peer id of this key, or `None` when the bytes are not a valid key.
     pub fn peer_id(&self) -> Option<libp2p::PeerId> {
         let key = libp2p::identity::ed25519::PublicKey::try_from_bytes(&self.0).ok()?;
@@ -156,5 +167,6 @@ mod tests {
         let peer = key.peer_id().expect("a valid key");
         assert_eq!(key.to_string(), peer.to_string());
         assert!(key.to_string().starts_with("12D3KooW"));
+        assert_eq!(PartyKey::from_peer_id(&peer), Some(key));
     }
 }

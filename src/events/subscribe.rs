@@ -58,10 +58,8 @@ impl Journal {
     pub async fn subscribe(
         &self,
         after: Checkpoint,
-    ) -> Result<
-        impl Stream<Item = Result<RecordedEvent, JournalError>> + Send + 'static,
-        JournalError,
-    > {
+    ) -> Result<impl Stream<Item = Result<RecordedEvent, JournalError>> + Send + use<>, JournalError>
+    {
         let mut listener = PgListener::connect_with(self.pool()).await?;
         listener.listen(NOTIFY_CHANNEL).await?;
         let follower = Follower { journal: self.clone(), listener, after, buffer: VecDeque::new() };

@@ -43,7 +43,7 @@ pub async fn subscribe_deal_updates(
     journal: &Journal,
     after: Checkpoint,
     filter: UpdateFilter,
-) -> Result<impl Stream<Item = Result<DealUpdate, ProjectionError>> + Send + 'static, ProjectionError>
+) -> Result<impl Stream<Item = Result<DealUpdate, ProjectionError>> + Send + use<>, ProjectionError>
 {
     let events = journal.subscribe(after).await?;
     let tracker = StateTracker::new(journal.clone());

@@ -19,7 +19,6 @@ use std::str::FromStr;
 use cid::Cid;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
     Chain, ChainError, ChannelState, DealObservation, MarketBalance, MessageKey, MessageStatus,
@@ -93,43 +92,37 @@ impl Lotus {
     pub async fn call(&self, method: &str, params: Value) -> Result<Value, ChainError> {
         let body = json!({ "jsonrpc": "2.0", "method": format!("Filecoin.{method}"), "params": params, "id": 1 })
             .to_string();
-        let mut request = format!(
-            "POST {} HTTP/1.1\r\nHost: {}:{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-            self.path,
-            self.host,
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.as_deref().map(|a| ("Authorization", a)).into_iter().collect();
+        let response = crate::adapters::http::request(
+            &self.host,
             self.port,
-            body.len()
-        );
-        if let Some(token) = &self.token {
-            request.push_str(&format!("Authorization: Bearer {token}\r\n"));
-        }
-        request.push_str("\r\n");
-        request.push_str(&body);
-        let unavailable = |e: std::io::Error| {
-            ChainError::Unavailable(format!("{}:{}: {e}", self.host, self.port))
-        };
-        let mut stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(unavailable)?;
-        stream.write_all(request.as_bytes()).await.map_err(unavailable)?;
-        let mut response = Vec::new();
-        (&mut stream)
-            .take(MAX_RESPONSE as u64 + 1)
-            .read_to_end(&mut response)
-            .await
-            .map_err(unavailable)?;
-        if response.len() > MAX_RESPONSE {
-            return Err(ChainError::Malformed(format!(
-                "{method}: response over {MAX_RESPONSE} bytes"
-            )));
-        }
-        let body = http_body(&response).map_err(|e| {
-            if e.contains("token") {
-                ChainError::Refused { reason: format!("{method}: {e}") }
-            } else {
-                ChainError::Malformed(format!("{method}: {e}"))
+            "POST",
+            &self.path,
+            &headers,
+            Some(("application/json", body.as_bytes())),
+            MAX_RESPONSE,
+        )
+        .await
+        .map_err(|e| match e {
+            crate::adapters::http::HttpError::Io { .. } => ChainError::Unavailable(e.to_string()),
+            crate::adapters::http::HttpError::Malformed(m) => {
+                ChainError::Malformed(format!("{method}: {m}"))
             }
         })?;
+        let body = match response.status {
+            200 => response.body,
+            401 | 403 => {
+                return Err(ChainError::Refused {
+                    reason: format!(
+                        "{method}: HTTP {}: the token is missing or lacks permission",
+                        response.status
+                    ),
+                });
+            }
+            status => return Err(ChainError::Malformed(format!("{method}: HTTP {status}"))),
+        };
         parse_rpc(method, &body)
     }
 
@@ -144,52 +137,6 @@ impl Lotus {
 
     async fn final_height(&self) -> Result<i64, ChainError> {
         Ok(self.head().await?.0 - self.finality)
-    }
-}
-
-/// The body of an HTTP/1.1 response with status 200 (Content-Length, chunked, or until close).
-fn http_body(response: &[u8]) -> Result<Vec<u8>, String> {
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no HTTP header end")?;
-    let head = std::str::from_utf8(&response[..split]).map_err(|_| "HTTP header is not text")?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next().ok_or("no status line")?;
-    let code = status.split_whitespace().nth(1).ok_or("no status code")?;
-    let body = &response[split + 4..];
-    let header = |name: &str| {
-        head.split("\r\n")
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.trim().to_owned())
-    };
-    if code == "401" || code == "403" {
-        return Err(format!("HTTP {code}: the token is missing or lacks permission"));
-    }
-    if code != "200" {
-        return Err(format!("HTTP {code}"));
-    }
-    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        let mut out = Vec::new();
-        let mut rest = body;
-        loop {
-            let end = rest.windows(2).position(|w| w == b"\r\n").ok_or("bad chunk")?;
-            let size_text = std::str::from_utf8(&rest[..end]).map_err(|_| "bad chunk size")?;
-            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| "bad chunk size")?;
-            rest = &rest[end + 2..];
-            if size == 0 {
-                return Ok(out);
-            }
-            let chunk = rest.get(..size).ok_or("truncated chunk")?;
-            out.extend_from_slice(chunk);
-            rest = rest.get(size + 2..).ok_or("truncated chunk")?;
-        }
-    }
-    match header("content-length") {
-        Some(length) => {
-            let length: usize = length.parse().map_err(|_| "bad Content-Length")?;
-            body.get(..length).map(<[u8]>::to_vec).ok_or_else(|| "truncated body".into())
-        }
-        None => Ok(body.to_vec()),
     }
 }
 
