@@ -15,11 +15,13 @@
 //! - [`deals`]: the `Deals` service: the seed's verbs, and `handle` for adapters.
 //! - [`api`]: the node's HTTP JSON API (axum).
 //! - [`runner`]: the effect runner: performs the outbox's effects, feeds results back.
+//! - [`config`]: a node's TOML configuration, environment overrides and validation.
 //! - [`db`]: where the database comes from (a URL, or the embedded cluster).
 
 pub mod adapters;
 pub mod api;
 pub mod audit;
+pub mod config;
 pub mod db;
 pub mod deals;
 pub mod domain;

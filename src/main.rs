@@ -93,6 +93,11 @@ enum Command {
         #[command(subcommand)]
         command: projections_cli::ProjectionsCommand,
     },
+    /// The node's configuration file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// What the chain adapter observes (devnet or Lotus).
     Chain {
         #[command(subcommand)]
@@ -117,6 +122,16 @@ enum CheckpointCommand {
         /// The checkpoint id.
         #[arg(long)]
         id: Option<i64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Loads the file (defaults when absent), applies the environment and lists every problem.
+    Check {
+        /// The TOML file.
+        #[arg(long, env = "DEALLEDGER_CONFIG")]
+        file: Option<PathBuf>,
     },
 }
 
@@ -181,9 +196,18 @@ async fn run() -> anyhow::Result<()> {
     if let Command::VerifyBundle { bundle, json } = &cli.command {
         return audit_cli::verify_bundle(bundle, *json);
     }
-    let db = Database::open(cli.database_url.as_deref(), &cli.home)
-        .await
-        .context("opening the database")?;
+    if let Command::Config { command: ConfigCommand::Check { file } } = &cli.command {
+        return serve::check(file.clone());
+    }
+    // `serve` may name its database in its configuration.
+    let database_url = match &cli.command {
+        Command::Serve(args) if cli.database_url.is_none() => {
+            serve::node_config(args)?.node.database_url
+        }
+        _ => cli.database_url.clone(),
+    };
+    let db =
+        Database::open(database_url.as_deref(), &cli.home).await.context("opening the database")?;
     let journal = Journal::open(db.pool.clone()).await.context("migrating the journal")?;
     let result = match cli.command {
         Command::Demo(args) => demo::run(&db, &journal, args).await,
@@ -205,7 +229,9 @@ async fn run() -> anyhow::Result<()> {
         Command::Projections { command } => projections_cli::run(&journal, command).await,
         Command::Chain { command } => chain_cli::run(&db.pool, command).await,
         Command::Devnet { command } => chain_cli::devnet(&db.pool, command).await,
-        Command::Fsm { .. } => unreachable!("handled before the database is opened"),
+        Command::Fsm { .. } | Command::Config { .. } => {
+            unreachable!("handled before the database is opened")
+        }
     };
     db.close().await.context("closing the database")?;
     result

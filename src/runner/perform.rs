@@ -311,6 +311,13 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             return Ok(Outcome::Skipped("pushes are driven by the caller"));
         };
         let deal = self.deals.load::<StorageClient>(stream).await?;
+        use storage_client::State as S;
+        if !matches!(
+            deal.state,
+            S::StartDataTransfer | S::TransferQueued | S::Transferring | S::ClientTransferRestart
+        ) {
+            return Ok(Outcome::Skipped("the deal moved on before the push"));
+        }
         let Some(proposal) = deal.data.proposal.as_ref() else {
             return Err(RunnerError::Inconsistent(format!("deal {stream} has no proposal")));
         };
