@@ -8,7 +8,8 @@ use clap::Subcommand;
 use dealledger::adapters::chain::{
     Chain, DealObservation, Devnet, DevnetConfig, Lotus, OnChainDealState,
 };
-use dealledger::domain::{ChainEpoch, DealId};
+use dealledger::adapters::chain::MessageKey;
+use dealledger::domain::{ChainEpoch, DealId, PartyKey, TokenAmount};
 use sqlx::PgPool;
 
 #[derive(Subcommand)]
@@ -51,6 +52,13 @@ pub enum DevnetCommand {
         /// Milliseconds per epoch.
         #[arg(long, default_value_t = 1000)]
         epoch_ms: u64,
+    },
+    /// Credits a party's wallet (the devnet's faucet), so it can deposit and open channels.
+    Fund {
+        /// The party's peer id.
+        party: String,
+        /// attoFIL.
+        amount: u128,
     },
     /// Slashes an active deal (the provider failed to prove it).
     Slash {
@@ -152,6 +160,14 @@ pub async fn devnet(pool: &PgPool, command: DevnetCommand) -> anyhow::Result<()>
             tokio::signal::ctrl_c().await?;
             clock.abort();
             println!("stopped at head {}", devnet.head().await?.0);
+        }
+        DevnetCommand::Fund { party, amount } => {
+            let peer: libp2p::PeerId =
+                party.parse().with_context(|| format!("{party:?} is not a peer id"))?;
+            let key = PartyKey::from_peer_id(&peer).context("the peer id holds no ed25519 key")?;
+            let message = MessageKey::of("faucet", uuid::Uuid::new_v4().as_bytes());
+            devnet.fund(key, TokenAmount(amount), message).await?;
+            println!("{party}: wallet {}", devnet.wallet_balance(key).await?);
         }
         DevnetCommand::Slash { deal_id } => {
             println!("slashed at epoch {}", devnet.slash(DealId(deal_id)).await?.0);

@@ -93,6 +93,21 @@ enum Command {
         #[command(subcommand)]
         command: projections_cli::ProjectionsCommand,
     },
+    /// Deals on a running node (through its HTTP API).
+    Deals {
+        #[command(subcommand)]
+        command: node_cli::DealsCommand,
+    },
+    /// One deal on a running node (through its HTTP API).
+    Deal {
+        #[command(subcommand)]
+        command: node_cli::DealCommand,
+    },
+    /// Storage deals on a running node (through its HTTP API).
+    Storage {
+        #[command(subcommand)]
+        command: node_cli::StorageCommand,
+    },
     /// The node's configuration file.
     Config {
         #[command(subcommand)]
@@ -161,6 +176,7 @@ mod audit_cli;
 mod chain_cli;
 mod demo;
 mod fsm_cli;
+mod node_cli;
 mod projections_cli;
 mod serve;
 
@@ -196,8 +212,13 @@ async fn run() -> anyhow::Result<()> {
     if let Command::VerifyBundle { bundle, json } = &cli.command {
         return audit_cli::verify_bundle(bundle, *json);
     }
-    if let Command::Config { command: ConfigCommand::Check { file } } = &cli.command {
-        return serve::check(file.clone());
+    // Verbs against a running node need no database here.
+    match cli.command {
+        Command::Config { command: ConfigCommand::Check { file } } => return serve::check(file),
+        Command::Deals { command } => return node_cli::deals(command).await,
+        Command::Deal { command } => return node_cli::deal(command).await,
+        Command::Storage { command } => return node_cli::storage(command).await,
+        _ => {}
     }
     // `serve` may name its database in its configuration.
     let database_url = match &cli.command {
@@ -229,7 +250,11 @@ async fn run() -> anyhow::Result<()> {
         Command::Projections { command } => projections_cli::run(&journal, command).await,
         Command::Chain { command } => chain_cli::run(&db.pool, command).await,
         Command::Devnet { command } => chain_cli::devnet(&db.pool, command).await,
-        Command::Fsm { .. } | Command::Config { .. } => {
+        Command::Fsm { .. }
+        | Command::Config { .. }
+        | Command::Deals { .. }
+        | Command::Deal { .. }
+        | Command::Storage { .. } => {
             unreachable!("handled before the database is opened")
         }
     };

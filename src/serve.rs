@@ -90,7 +90,11 @@ pub fn check(path: Option<PathBuf>) -> anyhow::Result<()> {
         Some(listen) => println!(
             "  api        http://{listen} (writes {}, reads {})",
             if config.api.token.is_some() { "with the token" } else { "disabled" },
-            if config.api.open_reads || config.api.token.is_none() { "open" } else { "with the token" }
+            if config.api.open_reads || config.api.token.is_none() {
+                "open"
+            } else {
+                "with the token"
+            }
         ),
         None => println!("  api        off"),
     }
