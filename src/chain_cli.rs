@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
+use dealledger::adapters::chain::MessageKey;
 use dealledger::adapters::chain::{
     Chain, DealObservation, Devnet, DevnetConfig, Lotus, OnChainDealState,
 };
-use dealledger::adapters::chain::MessageKey;
 use dealledger::domain::{ChainEpoch, DealId, PartyKey, TokenAmount};
 use sqlx::PgPool;
 

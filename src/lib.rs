@@ -27,5 +27,6 @@ pub mod deals;
 pub mod domain;
 pub mod events;
 pub mod fsm;
+pub mod ledger;
 pub mod projections;
 pub mod runner;
