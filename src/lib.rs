@@ -1,9 +1,4 @@
-//! dealledger: an event-sourced ledger for storage and retrieval deals in Filecoin-style
-//! markets. Every deal is a declared state machine; every transition is an event appended to an
-//! append-only PostgreSQL journal; projections fold the journal into SQL tables; adapters carry
-//! the outside world in and the machines' effects out.
-//!
-//! The FSM decides, the journal records, projections show, adapters translate.
+#![doc = include_str!("../docs/model.md")]
 //!
 //! # Layout
 //! - [`fsm`]: the deal state machines, pure and synchronous.
@@ -17,6 +12,7 @@
 //! - [`runner`]: the effect runner: performs the outbox's effects, feeds results back.
 //! - [`config`]: a node's TOML configuration, environment overrides and validation.
 //! - [`db`]: where the database comes from (a URL, or the embedded cluster).
+//! - [`ledger`]: the embedding front door.
 
 pub mod adapters;
 pub mod api;

@@ -143,7 +143,7 @@ impl Journal {
     /// Like [`Journal::append`], inside a transaction the caller owns, so that projection rows
     /// and outbox entries commit or roll back together with the events. On error the caller
     /// must roll the transaction back (a conflict aborts it). After a successful commit the
-    /// caller may pass the result to [`Journal::remember`] to save the next append a read.
+    /// caller may pass the result to [`Journal::committed`] to save the next append a read.
     pub async fn append_in_tx(
         &self,
         tx: &mut Transaction<'_, Postgres>,
