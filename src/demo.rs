@@ -58,7 +58,11 @@ pub struct DemoArgs {
 
 /// Runs the demo.
 pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Result<()> {
+    // The provider writes to the node's database, the client to a database of its own on
+    // the same server: two ledgers, as two machines would have.
     let deals = Deals::new(journal.clone());
+    let client_pool = client_database(db).await?;
+    let client_deals = Deals::new(Journal::open(client_pool).await?);
     let client_key = SigningKey::generate(&mut rand::rng());
     let provider_key = SigningKey::generate(&mut rand::rng());
     // The devnet lives on between runs like a real chain: deals start after its head.
@@ -70,10 +74,11 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         tracing::debug!(party = name, "funded on the devnet");
     }
     let ctx = DecideContext { epoch: genesis, ..DecideContext::default() };
-    let mut script = Script::new(&deals, ctx.clone(), true);
+    let mut script = Script::new(&client_deals, ctx.clone(), true);
     script.data_bytes = Some(args.size);
     let started = std::time::Instant::now();
-    println!("dealledger demo on {}\n", db.display_url);
+    println!("dealledger demo: provider on {}", db.display_url);
+    println!("                 client on the same server, database {CLIENT_DATABASE}\n");
 
     let pieces = PieceStore::new(db.home().join("pieces"));
     let data = |n: u32| -> Vec<u8> {
@@ -85,7 +90,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         bytes
     };
     // Two libp2p nodes on 127.0.0.1: the provider serves the market protocols, the client
-    // knows where it listens. Both write to this database, each to its own streams.
+    // knows where it listens.
     let (provider_net, provider_events, provider_loop) =
         network::new(&provider_key, MarketCodec::default(), Duration::from_secs(30))?;
     tokio::spawn(provider_loop.run());
@@ -105,14 +110,23 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     tokio::spawn(client_loop.run());
     let sealer = DevnetSealer::new(devnet.clone(), 2, 3);
     let config = RunnerConfig { watch_poll: Duration::from_millis(20), ..RunnerConfig::default() };
-    let runner = EffectRunner::new(deals.clone(), devnet.clone(), sealer, config).with_network(
-        RunnerNetwork { client: client_net.clone(), key: client_key.clone(), pieces: None },
-    );
-    // Lets the runner perform everything due until the machines wait on the chain.
+    let client_runner =
+        EffectRunner::new(client_deals.clone(), devnet.clone(), sealer.clone(), config.clone())
+            .with_network(RunnerNetwork {
+                client: client_net.clone(),
+                key: client_key.clone(),
+                pieces: None,
+            });
+    let provider_runner = EffectRunner::new(deals.clone(), devnet.clone(), sealer, config);
+    // Lets both nodes' runners perform everything due until the machines wait on the chain.
     let settle = || async {
         loop {
-            runner.recover().await?;
-            if runner.run_until_idle().await?.fed == 0 {
+            let mut fed = 0;
+            for runner in [&client_runner, &provider_runner] {
+                runner.recover().await?;
+                fed += runner.run_until_idle().await?.fed;
+            }
+            if fed == 0 {
                 return Ok::<_, anyhow::Error>(());
             }
         }
@@ -157,7 +171,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     };
     // Proposes and pushes a deal's data over the network; returns the client's state.
     let over_network = |signed: ClientDealProposal, bytes: Vec<u8>| {
-        let (deals, client_net, ctx) = (deals.clone(), client_net.clone(), ctx.clone());
+        let (deals, client_net, ctx) = (client_deals.clone(), client_net.clone(), ctx.clone());
         async move {
             let stream = deals.initiate_deal(signed, &ctx).await?.stream_id;
             // The runner deposits the client's funds in the market and proposes.
@@ -221,8 +235,8 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     advance(2).await?;
     advance(3).await?;
     for (client, provider) in streams.iter().chain([&slashed]) {
-        for stream in [client, provider] {
-            let state = deals.get_storage_deal_status(*stream).await?.state;
+        for (side, stream) in [(&client_deals, client), (&deals, provider)] {
+            let state = side.get_storage_deal_status(*stream).await?.state;
             anyhow::ensure!(state == "Active", "deal {stream} is {state}, not Active");
         }
     }
@@ -246,7 +260,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         client: PartyKey::of(&client_key),
         max_price_per_byte: TokenAmount(2),
     };
-    let request_id = deals.initiate_retrieval(request.clone(), 3, &ctx).await?;
+    let request_id = client_deals.initiate_retrieval(request.clone(), 3, &ctx).await?;
     let mut retrieved = Vec::with_capacity(original.len());
     let mut vouchers = 0;
     for (index, part) in request.parts().into_iter().enumerate() {
@@ -264,7 +278,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         };
         let stream = Uuid::now_v7();
         let part_of = Some(RequestPart { request_id, part_index });
-        deals
+        client_deals
             .handle::<RetrievalClient>(
                 stream,
                 RC::DealProposed { proposal: Box::new(terms), part_of },
@@ -279,14 +293,15 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
                 RR::PartStarted { part_index, deal_stream: stream },
             )
             .await?;
-        let (state, provider_stream) = propose_retrieval(&client_net, &deals, stream, &ctx).await?;
+        let (state, provider_stream) =
+            propose_retrieval(&client_net, &client_deals, stream, &ctx).await?;
         let provider_stream =
             provider_stream.with_context(|| format!("part {index} was not accepted: {state}"))?;
         // The runner creates (then tops up) the payment channel and allocates a lane.
         settle().await?;
         let outcome = pull(
             &client_net,
-            &deals,
+            &client_deals,
             stream,
             provider_stream,
             &client_key,
@@ -295,7 +310,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         )
         .await?;
         anyhow::ensure!(outcome.state == "Completed", "part {index} ended in {}", outcome.state);
-        vouchers += deals.load::<RetrievalClient>(stream).await?.data.payments;
+        vouchers += client_deals.load::<RetrievalClient>(stream).await?.data.payments;
         // The runner tells the request (the deal's notify effect).
         settle().await?;
         retrieved.extend(outcome.bytes);
@@ -310,14 +325,14 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     println!("\n{:<38} {:<18} {:<14} {:>4}  note", "stream", "side", "state", "code");
     let shown = streams.iter().chain([&slashed, &failing]);
     for (client, provider) in shown {
-        for stream in [client, provider] {
-            let s = deals.get_storage_deal_status(*stream).await?;
+        for (side, stream) in [(&client_deals, client), (&deals, provider)] {
+            let s = side.get_storage_deal_status(*stream).await?;
             let note =
                 s.message.clone().unwrap_or_else(|| format!("{} bytes", s.bytes_transferred));
             println!("{:<38} {:<18} {:<14} {:>4}  {}", s.stream_id, s.side, s.state, s.code, note);
         }
     }
-    let status = deals.get_retrieval_status(request_id).await?;
+    let status = client_deals.get_retrieval_status(request_id).await?;
     println!(
         "\nretrieval request {}: {} ({} of {} parts, {} of {} bytes verified byte for byte, {} vouchers, paid {})",
         status.request_id,
@@ -365,4 +380,22 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     println!("  cargo run -- verify && cargo run -- checkpoint");
     println!("  cargo run -- fsm show storage_provider");
     Ok(())
+}
+
+/// The client's database in the demo, next to the provider's on the same server.
+const CLIENT_DATABASE: &str = "dealledger_demo_client";
+
+/// Creates (on first use) and opens the demo client's database.
+async fn client_database(db: &Database) -> anyhow::Result<sqlx::PgPool> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(CLIENT_DATABASE)
+            .fetch_one(&db.pool)
+            .await?;
+    if !exists {
+        let create = format!("CREATE DATABASE {CLIENT_DATABASE}");
+        sqlx::query(sqlx::AssertSqlSafe(create)).execute(&db.pool).await?;
+    }
+    let options = db.pool.connect_options().as_ref().clone().database(CLIENT_DATABASE);
+    Ok(dealledger::db::pool_options().max_connections(8).connect_with(options).await?)
 }
