@@ -116,6 +116,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
                 client: client_net.clone(),
                 key: client_key.clone(),
                 pieces: None,
+                retrieved: None,
             });
     let provider_runner = EffectRunner::new(deals.clone(), devnet.clone(), sealer, config);
     // Lets both nodes' runners perform everything due until the machines wait on the chain.

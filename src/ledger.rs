@@ -231,6 +231,7 @@ impl LedgerBuilder {
                 client: client.clone(),
                 key: key.clone(),
                 pieces: Some(pieces.clone()),
+                retrieved: Some(db.home().join("retrieved")),
             });
         }
         let (stop_runner, runner_stopped) = oneshot::channel::<()>();

@@ -108,6 +108,11 @@ enum Command {
         #[command(subcommand)]
         command: node_cli::StorageCommand,
     },
+    /// Retrievals on a running node (through its HTTP API).
+    Retrieval {
+        #[command(subcommand)]
+        command: node_cli::RetrievalCommand,
+    },
     /// The node's configuration file.
     Config {
         #[command(subcommand)]
@@ -218,6 +223,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Deals { command } => return node_cli::deals(command).await,
         Command::Deal { command } => return node_cli::deal(command).await,
         Command::Storage { command } => return node_cli::storage(command).await,
+        Command::Retrieval { command } => return node_cli::retrieval(command).await,
         _ => {}
     }
     // `serve` may name its database in its configuration.
@@ -254,7 +260,8 @@ async fn run() -> anyhow::Result<()> {
         | Command::Config { .. }
         | Command::Deals { .. }
         | Command::Deal { .. }
-        | Command::Storage { .. } => {
+        | Command::Storage { .. }
+        | Command::Retrieval { .. } => {
             unreachable!("handled before the database is opened")
         }
     };

@@ -76,6 +76,30 @@ pub enum StorageCommand {
     },
 }
 
+#[derive(Subcommand)]
+pub enum RetrievalCommand {
+    /// Retrieves a whole piece from a provider, part by part, paid through a channel; the
+    /// node writes it to the file it prints.
+    Start {
+        /// The piece CID.
+        piece_cid: String,
+        /// The provider's peer id.
+        #[arg(long)]
+        provider: String,
+        /// Where the provider listens (multiaddr).
+        #[arg(long)]
+        provider_address: String,
+        /// The most to pay per byte, attoFIL.
+        #[arg(long)]
+        max_price_per_byte: u128,
+        /// Bytes per retrieval deal (default: one deal for the whole piece).
+        #[arg(long)]
+        part_size: Option<u64>,
+        #[command(flatten)]
+        api: NodeApi,
+    },
+}
+
 async fn call(
     api: &NodeApi,
     method: &str,
@@ -193,6 +217,38 @@ pub async fn storage(command: StorageCommand) -> anyhow::Result<()> {
             text(&started["piece_size"])
         );
         println!("follow it: dealledger deal show {}", text(&started["stream_id"]));
+    }
+    Ok(())
+}
+
+/// `dealledger retrieval start`
+pub async fn retrieval(command: RetrievalCommand) -> anyhow::Result<()> {
+    let RetrievalCommand::Start {
+        piece_cid,
+        provider,
+        provider_address,
+        max_price_per_byte,
+        part_size,
+        api,
+    } = command;
+    let body = json!({
+        "piece_cid": piece_cid,
+        "provider": provider,
+        "provider_address": provider_address,
+        "max_price_per_byte": max_price_per_byte.to_string(),
+        "part_size": part_size,
+    });
+    let started = call(&api, "POST", "/v1/retrievals", Some(body)).await?;
+    if api.json {
+        println!("{}", serde_json::to_string_pretty(&started)?);
+    } else {
+        println!("started retrieval {}", text(&started["request_id"]));
+        println!(
+            "  {} bytes, written to {}",
+            text(&started["total_bytes"]),
+            text(&started["output"])
+        );
+        println!("follow it: dealledger deal show {}", text(&started["request_id"]));
     }
     Ok(())
 }

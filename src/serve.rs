@@ -189,6 +189,7 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
         client: node.clone(),
         key: key.clone(),
         pieces: client_role.then(|| pieces.clone()),
+        retrieved: client_role.then(|| db.home().join("retrieved")),
     };
     let runner = EffectRunner::new(
         deals.clone(),
@@ -213,6 +214,7 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
                     network: node.clone(),
                     key: key.clone(),
                     pieces: pieces.clone(),
+                    retrieved: db.home().join("retrieved"),
                 });
             }
             let listener = tokio::net::TcpListener::bind(listen)

@@ -32,6 +32,7 @@ struct Api {
     nodes: Nodes,
     devnet: Devnet,
     staged: PieceStore,
+    retrieved: std::path::PathBuf,
 }
 
 async fn api(access: Access) -> Api {
@@ -43,10 +44,14 @@ async fn api(access: Access) -> Api {
         devnet.fund(PartyKey::of(&key), TokenAmount(10u128.pow(24)), faucet).await.unwrap();
     }
     let nodes = nodes_checking(MarketCodec::default(), Some(Arc::new(devnet.clone()))).await;
-    let staged =
-        PieceStore::new(std::env::temp_dir().join(format!("dealledger-api-{}", Uuid::new_v4())));
-    let role =
-        ClientRole { network: nodes.client.clone(), key: client_key(), pieces: staged.clone() };
+    let staged_dir = std::env::temp_dir().join(format!("dealledger-api-{}", Uuid::new_v4()));
+    let staged = PieceStore::new(staged_dir.clone());
+    let role = ClientRole {
+        network: nodes.client.clone(),
+        key: client_key(),
+        pieces: staged.clone(),
+        retrieved: staged_dir.join("retrieved"),
+    };
     let state = ApiState::new(nodes.client_deals.clone(), access)
         .with_client(role)
         .with_chain(Arc::new(devnet.clone()));
@@ -57,7 +62,7 @@ async fn api(access: Access) -> Api {
         dealledger::api::router(state),
         std::future::pending(),
     ));
-    Api { port, nodes, devnet, staged }
+    Api { port, nodes, devnet, staged, retrieved: staged_dir.join("retrieved") }
 }
 
 fn locked() -> Access {
@@ -95,6 +100,7 @@ impl Api {
             client: self.nodes.client.clone(),
             key: client_key(),
             pieces: Some(self.staged.clone()),
+            retrieved: Some(self.retrieved.clone()),
         };
         let client = EffectRunner::new(
             self.nodes.client_deals.clone(),
@@ -343,4 +349,46 @@ async fn metrics_and_the_openapi_document_are_served() {
     }
     let document = api.call("GET", "/openapi.json", None, None).await;
     assert_eq!(String::from_utf8(document.body).unwrap(), OPENAPI);
+}
+
+#[tokio::test]
+async fn a_retrieval_started_over_http_writes_the_whole_piece_to_the_node() {
+    let api = api(locked()).await;
+    let original = data(200 * 1024, 41);
+    let (piece, size) = dealledger::adapters::piece::commp::commp_of(&original);
+    api.nodes.pieces.put(piece, size, original.as_slice()).await.unwrap();
+    let provider = PartyKey::of(&provider_key()).peer_id().unwrap().to_string();
+    let body = json!({
+        "piece_cid": piece.to_string(),
+        "provider": provider,
+        "provider_address": api.nodes.provider_address.to_string(),
+        "part_size": 80 * 1024,
+        "max_price_per_byte": "3",
+    });
+    let (status, started) = api.json("POST", "/v1/retrievals", Some(&body)).await;
+    assert_eq!(status, 201, "{started}");
+    assert_eq!(started["total_bytes"], json!(original.len()));
+    let request = started["request_id"].as_str().unwrap().to_owned();
+    let (client, provider) = api.runners();
+    for _ in 0..40 {
+        for runner in [&client, &provider] {
+            runner.recover().await.unwrap();
+            runner.run_until_idle().await.unwrap();
+        }
+        let (_, found) = api.json("GET", &format!("/v1/deals/{request}"), None).await;
+        if found["deal"]["state"] == "Completed" {
+            break;
+        }
+    }
+    let (_, found) = api.json("GET", &format!("/v1/deals/{request}"), None).await;
+    assert_eq!(found["kind"], "retrieval-request");
+    assert_eq!(found["deal"]["state"], "Completed", "{found}");
+    let written = tokio::fs::read(started["output"].as_str().unwrap()).await.unwrap();
+    assert!(written == original, "the node's file differs from the piece");
+    // An unknown piece is a 404 with a reason.
+    let mut unknown = body;
+    unknown["piece_cid"] =
+        json!(dealledger::domain::PieceCid::from_commitment([9; 32]).to_string());
+    let (status, refused) = api.json("POST", "/v1/retrievals", Some(&unknown)).await;
+    assert_eq!(status, 404, "{refused}");
 }

@@ -74,6 +74,7 @@ async fn market_with(config: DevnetConfig) -> Market {
         client: nodes.client.clone(),
         key: client_key(),
         pieces: None,
+        retrieved: None,
     });
     let provider = EffectRunner::new(nodes.provider_deals.clone(), devnet.clone(), sealer, config);
     Market { nodes, devnet, client, provider }
@@ -653,8 +654,12 @@ async fn a_client_node_drives_a_deal_from_staged_data_to_active_by_itself() {
     );
     let bytes = data(200 * 1024, 16);
     let (piece, size, _) = staged.stage(bytes.as_slice()).await.unwrap();
-    let network =
-        RunnerNetwork { client: m.nodes.client.clone(), key: client_key(), pieces: Some(staged) };
+    let network = RunnerNetwork {
+        client: m.nodes.client.clone(),
+        key: client_key(),
+        pieces: Some(staged),
+        retrieved: None,
+    };
     let config = RunnerConfig { watch_poll: Duration::from_millis(20), ..RunnerConfig::default() };
     let client = EffectRunner::new(
         m.nodes.client_deals.clone(),
@@ -681,4 +686,60 @@ async fn a_client_node_drives_a_deal_from_staged_data_to_active_by_itself() {
     assert_eq!(m.states(&proposal).await, ("Active", "Active"));
     let stored = m.nodes.pieces.read_range(&piece, 0, bytes.len() as u64).await.unwrap();
     assert!(stored == bytes, "the provider keeps exactly the staged bytes");
+}
+
+#[tokio::test]
+async fn a_client_node_retrieves_a_whole_piece_part_by_part_by_itself() {
+    use dealledger::domain::retrieval::RetrievalRequest;
+    use dealledger::fsm::retrieval_request::RetrievalRequestMachine;
+    let m = market().await;
+    // Given a piece the provider stores
+    let original = data(300 * 1024, 17);
+    let (piece, size) = dealledger::adapters::piece::commp::commp_of(&original);
+    m.nodes.pieces.put(piece, size, original.as_slice()).await.unwrap();
+    // and a client whose runner drives retrievals into a directory
+    let retrieved = std::env::temp_dir().join(format!("dealledger-retrieved-{}", Uuid::new_v4()));
+    let network = RunnerNetwork {
+        client: m.nodes.client.clone(),
+        key: client_key(),
+        pieces: None,
+        retrieved: Some(retrieved.clone()),
+    };
+    let config = RunnerConfig { watch_poll: Duration::from_millis(20), ..RunnerConfig::default() };
+    let client = EffectRunner::new(
+        m.nodes.client_deals.clone(),
+        m.devnet.clone(),
+        DevnetSealer::new(m.devnet.clone(), 2, 3),
+        config,
+    )
+    .with_network(network);
+    // When the only thing the client does is ask for the piece, in three parts
+    let request = RetrievalRequest {
+        payload_cid: piece.cid(),
+        piece_cid: Some(piece),
+        total_bytes: original.len() as u64,
+        part_size: 100 * 1024,
+        provider: PartyKey::of(&provider_key()),
+        client: PartyKey::of(&client_key()),
+        max_price_per_byte: TokenAmount(5),
+    };
+    let request_id = m.nodes.client_deals.initiate_retrieval(request, 3, &ctx()).await.unwrap();
+    for _ in 0..40 {
+        client.recover().await.unwrap();
+        client.run_until_idle().await.unwrap();
+        m.settle().await;
+        let state = m.nodes.client_deals.load::<RetrievalRequestMachine>(request_id).await.unwrap();
+        if state.state.name() == "Completed" {
+            break;
+        }
+    }
+    // Then every part was fetched and paid through a channel, and the file holds the piece
+    let status = m.nodes.client_deals.get_retrieval_status(request_id).await.unwrap();
+    assert_eq!(
+        (status.state, status.parts_completed, status.bytes_done),
+        ("Completed", 3, original.len() as u64)
+    );
+    assert!(status.total_paid.0 > 0);
+    let file = tokio::fs::read(retrieved.join(format!("{request_id}.bin"))).await.unwrap();
+    assert!(file == original, "the retrieved file differs from the piece");
 }

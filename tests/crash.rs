@@ -84,7 +84,12 @@ async fn node_process() {
         DevnetSealer::new(devnet.clone(), 4, 6),
         config,
     )
-    .with_network(RunnerNetwork { client: client.clone(), key: client_key(), pieces: None });
+    .with_network(RunnerNetwork {
+        client: client.clone(),
+        key: client_key(),
+        pieces: None,
+        retrieved: None,
+    });
     runner.recover().await.unwrap();
 
     let bytes = data(DATA_LEN, DATA_SEED);

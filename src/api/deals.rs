@@ -237,3 +237,82 @@ pub async fn start_storage_deal(
         })),
     ))
 }
+
+/// A retrieval to start: a whole piece from a provider, fetched part by part.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRetrieval {
+    /// The piece (`baga6ea4sea…`).
+    piece_cid: String,
+    /// The provider's peer id.
+    provider: String,
+    /// Where the provider listens (multiaddr).
+    provider_address: String,
+    /// Bytes per retrieval deal (default: the whole piece in one deal).
+    part_size: Option<u64>,
+    /// The most to pay per byte, attoFIL as a decimal string.
+    max_price_per_byte: String,
+}
+
+/// Starts a retrieval as this node's client: asks the provider how large the piece is, then
+/// records the request; the node's runner fetches each part through a paid deal into
+/// `<retrieved>/<request id>.bin`.
+pub async fn start_retrieval(
+    State(state): State<ApiState>,
+    body: Result<Json<StartRetrieval>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    use crate::adapters::network::message::{MarketRequest, MarketResponse};
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let client = state
+        .client
+        .clone()
+        .ok_or_else(|| ApiError::Forbidden("this node has no client role".into()))?;
+    let piece: crate::domain::PieceCid =
+        body.piece_cid.parse().map_err(|e| ApiError::BadRequest(format!("piece_cid: {e}")))?;
+    let provider_peer: libp2p::PeerId = body
+        .provider
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("{:?} is not a peer id", body.provider)))?;
+    let provider = PartyKey::from_peer_id(&provider_peer).ok_or_else(|| {
+        ApiError::BadRequest("the provider's peer id does not hold an ed25519 key".into())
+    })?;
+    let address: libp2p::Multiaddr = body.provider_address.parse().map_err(|_| {
+        ApiError::BadRequest(format!("{:?} is not a multiaddr", body.provider_address))
+    })?;
+    let max_price = amount("max_price_per_byte", Some(&body.max_price_per_byte))?;
+    client
+        .network
+        .add_address(provider_peer, address)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let quote = client
+        .network
+        .request(provider_peer, MarketRequest::RetrievalQuery { piece_cid: piece })
+        .await
+        .map_err(|e| ApiError::Internal(format!("the provider did not answer: {e}")))?;
+    let total_bytes = match quote {
+        MarketResponse::RetrievalQuote { available: true, bytes, .. } => bytes,
+        _ => return Err(ApiError::NotFound(format!("the provider does not have {piece}"))),
+    };
+    let request = crate::domain::retrieval::RetrievalRequest {
+        payload_cid: piece.cid(),
+        piece_cid: Some(piece),
+        total_bytes,
+        part_size: body.part_size.unwrap_or(total_bytes).max(1),
+        provider,
+        client: PartyKey::of(&client.key),
+        max_price_per_byte: max_price,
+    };
+    let ctx =
+        DecideContext { epoch: state.head().await.unwrap_or_default(), ..DecideContext::default() };
+    let request_id = state.deals.initiate_retrieval(request, 3, &ctx).await?;
+    let output = client.retrieved.join(format!("{request_id}.bin"));
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "request_id": request_id,
+            "total_bytes": total_bytes,
+            "output": output.to_string_lossy(),
+        })),
+    ))
+}

@@ -51,6 +51,8 @@ pub struct ClientRole {
     pub key: SigningKey,
     /// Where data to store is staged before it is pushed.
     pub pieces: PieceStore,
+    /// Where retrieved data is written (`<request id>.bin`), by the node's effect runner.
+    pub retrieved: std::path::PathBuf,
 }
 
 /// A boxed future of the chain head, for a chain behind `dyn`.
@@ -151,6 +153,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/deals/{id}/audit", get(deals::audit))
         .route("/v1/events", get(stream::events))
         .route("/v1/storage-deals", post(deals::start_storage_deal))
+        .route("/v1/retrievals", post(deals::start_retrieval))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }

@@ -19,6 +19,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/deals/{id}/audit"),
     ("get", "/v1/events"),
     ("post", "/v1/storage-deals"),
+    ("post", "/v1/retrievals"),
 ];
 
 /// Serves the document.

@@ -113,6 +113,9 @@ pub struct RunnerNetwork {
     /// Where a client's staged pieces are read from when pushed; without it, pushes are left
     /// to the caller.
     pub pieces: Option<crate::adapters::piece::store::PieceStore>,
+    /// Where retrieved data is written (`<request id>.bin`, or `<deal id>.bin` for a deal
+    /// outside a request); without it, retrievals are driven by the caller.
+    pub retrieved: Option<std::path::PathBuf>,
 }
 
 /// Performs the outbox's chain effects for one node.
@@ -154,8 +157,11 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
         let mut types = CHAIN_EFFECTS.to_vec();
         if let Some(network) = &self.network {
             types.push("send");
-            if network.pieces.is_some() {
+            if network.pieces.is_some() || network.retrieved.is_some() {
                 types.extend(["open-transfer", "restart-transfer"]);
+            }
+            if network.retrieved.is_some() {
+                types.push("start-retrieval-deal");
             }
         }
         types
@@ -328,6 +334,12 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             }
             (_, Effect::HandOffToSealing { .. }) => {
                 Some(Feedback::StorageProvider(SP::HandOffFailed { reason: reason.clone() }))
+            }
+            (RetrievalClient::NAME, Effect::Send { .. }) => {
+                Some(Feedback::RetrievalClient(RC::DealTimedOut { reason: reason.clone() }))
+            }
+            (RetrievalClient::NAME, Effect::OpenTransfer { .. }) => {
+                Some(Feedback::RetrievalClient(RC::DataTransferFailed { reason: reason.clone() }))
             }
             (StorageClient::NAME, Effect::Send { .. }) => {
                 Some(Feedback::StorageClient(SC::DealTimedOut { reason: reason.clone() }))

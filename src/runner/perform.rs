@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::{EffectRunner, RunnerError};
 use crate::adapters::chain::{Chain, MessageKey, MessageStatus, OnChainDealState, SealingPipeline};
 use crate::adapters::chain::{DealObservation, SealingStatus};
-use crate::domain::DealId;
+use crate::domain::{DealId, TokenAmount};
 use crate::events::outbox::PendingEffect;
 use crate::fsm::effects::{Effect, Notice, OutboundMessage, TransferDirection};
 use crate::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent as RC};
@@ -246,7 +246,37 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                     Err(e) => return Err(RunnerError::Network(e.to_string())),
                 }
             }
+            Effect::Send { message: OutboundMessage::RetrievalProposal(_), .. }
+                if side == RetrievalClient::NAME =>
+            {
+                let Some(network) = &self.network else {
+                    return Ok(Outcome::Skipped("no network on this runner"));
+                };
+                let ctx = self.context().await?;
+                match crate::adapters::network::provider::propose_retrieval(
+                    &network.client,
+                    &self.deals,
+                    stream,
+                    &ctx,
+                )
+                .await
+                {
+                    Ok(_) => Outcome::Skipped("terms answered"),
+                    Err(crate::adapters::network::provider::ProposeError::NotReady(_)) => {
+                        Outcome::Skipped("the deal moved on before the terms were sent")
+                    }
+                    Err(e) => return Err(RunnerError::Network(e.to_string())),
+                }
+            }
             Effect::Send { .. } => Outcome::Skipped("sent by the network adapter"),
+            Effect::OpenTransfer { direction: TransferDirection::Pull, .. }
+                if side == RetrievalClient::NAME =>
+            {
+                self.pull(stream).await?
+            }
+            Effect::StartRetrievalDeal { request_id, part_index, range } => {
+                self.start_retrieval_deal(*request_id, *part_index, *range).await?
+            }
             Effect::OpenTransfer { direction: TransferDirection::Push, .. }
             | Effect::RestartTransfer { .. }
                 if side == StorageClient::NAME =>
@@ -352,6 +382,137 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             }
             Err(e) => Err(RunnerError::Network(e.to_string())),
         }
+    }
+
+    /// Pulls a retrieval client deal's part from its provider into the retrieved file,
+    /// paying as it goes (or resumes the pull). The pull records its own progress.
+    async fn pull(&self, stream: Uuid) -> Result<Outcome, RunnerError> {
+        let Some(network) = &self.network else {
+            return Ok(Outcome::Skipped("no network on this runner"));
+        };
+        let Some(dir) = &network.retrieved else {
+            return Ok(Outcome::Skipped("pulls are driven by the caller"));
+        };
+        let deal = self.deals.load::<RetrievalClient>(stream).await?;
+        if deal.state != retrieval_client::State::Ongoing {
+            return Ok(Outcome::Skipped("the deal moved on before the pull"));
+        }
+        let Some(terms) = deal.data.proposal.clone() else {
+            return Err(RunnerError::Inconsistent(format!("retrieval {stream} has no terms")));
+        };
+        let provider_stream = crate::adapters::network::message::provider_retrieval_stream(
+            &network.client.peer_id(),
+            stream,
+        );
+        let (name, base) = match deal.data.part_of {
+            Some(part) => (part.request_id, terms.part.offset),
+            None => (stream, 0),
+        };
+        let io = |e: std::io::Error| RunnerError::Inconsistent(format!("retrieved data: {e}"));
+        tokio::fs::create_dir_all(dir).await.map_err(io)?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{name}.bin")))
+            .await
+            .map_err(io)?;
+        let limit = terms.total_price().unwrap_or(TokenAmount(u128::MAX));
+        let ctx = self.context().await?;
+        let sink = crate::adapters::transfer::retrieval::PullSink { file: &mut file, base };
+        match crate::adapters::transfer::retrieval::pull_into(
+            &network.client,
+            &self.deals,
+            stream,
+            provider_stream,
+            &network.key,
+            limit,
+            &ctx,
+            Some(sink),
+        )
+        .await
+        {
+            Ok(_) => Ok(Outcome::Skipped("pulled")),
+            Err(crate::adapters::transfer::PushError::NotReady { .. }) => {
+                Ok(Outcome::Skipped("the deal moved on before the pull"))
+            }
+            Err(e) => Err(RunnerError::Network(e.to_string())),
+        }
+    }
+
+    /// The request's next part: terms from the provider's retrieval ask (refused above the
+    /// request's price), a client deal proposing them, and the request told which deal
+    /// fetches the part. The deal's id follows from the request, the part and the attempt, so
+    /// starting it again after a crash finds the same deal.
+    async fn start_retrieval_deal(
+        &self,
+        request_id: Uuid,
+        part_index: u32,
+        range: crate::domain::retrieval::ByteRange,
+    ) -> Result<Outcome, RunnerError> {
+        use crate::adapters::network::message::{MarketRequest, MarketResponse};
+        let Some(network) = &self.network else {
+            return Ok(Outcome::Skipped("no network on this runner"));
+        };
+        let request = self.deals.load::<RetrievalRequestMachine>(request_id).await?;
+        let Some(wanted) = request.data.request.clone() else {
+            return Err(RunnerError::Inconsistent(format!("request {request_id} has no terms")));
+        };
+        let attempt = request.data.parts.get(part_index as usize).map_or(0, |p| p.failures);
+        let deal_stream = {
+            use sha2::{Digest, Sha256};
+            let digest = Sha256::new()
+                .chain_update(request_id.as_bytes())
+                .chain_update(part_index.to_be_bytes())
+                .chain_update(attempt.to_be_bytes())
+                .finalize();
+            let mut bytes = [0u8; 16];
+            bytes.copy_from_slice(&digest[..16]);
+            uuid::Builder::from_custom_bytes(bytes).into_uuid()
+        };
+        if self.deals.journal().head(deal_stream).await?.version == 0 {
+            let provider = wanted.provider.peer_id().ok_or_else(|| {
+                RunnerError::Inconsistent("the provider key is not a peer".into())
+            })?;
+            let Some(piece_cid) = wanted.piece_cid else {
+                return Err(RunnerError::Inconsistent("the request names no piece".into()));
+            };
+            let quote = network
+                .client
+                .request(provider, MarketRequest::RetrievalQuery { piece_cid })
+                .await
+                .map_err(|e| RunnerError::Network(e.to_string()))?;
+            let MarketResponse::RetrievalQuote { available: true, ask, .. } = quote else {
+                return Ok(Outcome::Feed(Feedback::RetrievalRequest(
+                    request_id,
+                    RR::PartFailed {
+                        part_index,
+                        deal_stream,
+                        reason: "the provider does not have the piece".into(),
+                    },
+                )));
+            };
+            let terms = crate::domain::retrieval::RetrievalDealProposal {
+                payload_cid: wanted.payload_cid,
+                piece_cid: Some(piece_cid),
+                part: range,
+                price_per_byte: ask.price_per_byte.min(wanted.max_price_per_byte),
+                payment_interval: ask.max_payment_interval.max(1),
+                payment_interval_increase: ask.max_payment_interval / 2,
+                unseal_price: ask.unseal_price,
+                client: wanted.client,
+                provider: wanted.provider,
+            };
+            let part_of =
+                Some(crate::fsm::retrieval_client::RequestPart { request_id, part_index });
+            let ctx = self.context().await?;
+            let proposed = RC::DealProposed { proposal: Box::new(terms), part_of };
+            self.deals.handle::<RetrievalClient>(deal_stream, proposed, &ctx, None).await?;
+        }
+        Ok(Outcome::Feed(Feedback::RetrievalRequest(
+            request_id,
+            RR::PartStarted { part_index, deal_stream },
+        )))
     }
 
     /// Whether the storage deal that caused `pending` has been published on chain.

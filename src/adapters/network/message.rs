@@ -158,6 +158,27 @@ pub enum MarketRequest {
     RetrievalPull { deal_stream: uuid::Uuid, offset: u64 },
     /// A voucher for the bytes received so far.
     RetrievalPay { deal_stream: uuid::Uuid, voucher: Box<crate::domain::retrieval::SignedVoucher> },
+    /// Retrieval terms for the client's deal `client_deal`: the provider's deal stream is
+    /// [`provider_retrieval_stream`] of the sender and that id, so both sides know it, and
+    /// proposing again (after a crash) answers the same deal.
+    RetrievalProposeFor {
+        terms: Box<crate::domain::retrieval::RetrievalDealProposal>,
+        client_deal: uuid::Uuid,
+    },
+}
+
+/// The provider's stream for a client's retrieval deal: derived from the client (its peer id,
+/// which the transport authenticates) and the client's own deal id.
+pub fn provider_retrieval_stream(client: &libp2p::PeerId, client_deal: uuid::Uuid) -> uuid::Uuid {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"dealledger retrieval provider stream")
+        .chain_update(client.to_bytes())
+        .chain_update(client_deal.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 impl MarketRequest {
@@ -171,7 +192,9 @@ impl MarketRequest {
             | MarketRequest::TransferChunk { .. }
             | MarketRequest::TransferFinish { .. } => TRANSFER_PROTOCOL,
             MarketRequest::RetrievalQuery { .. } => RETRIEVAL_QUERY_PROTOCOL,
-            MarketRequest::RetrievalPropose(_) => RETRIEVAL_PROPOSE_PROTOCOL,
+            MarketRequest::RetrievalPropose(_) | MarketRequest::RetrievalProposeFor { .. } => {
+                RETRIEVAL_PROPOSE_PROTOCOL
+            }
             MarketRequest::RetrievalPull { .. } | MarketRequest::RetrievalPay { .. } => {
                 TRANSFER_PROTOCOL
             }

@@ -8,6 +8,7 @@ use libp2p::PeerId;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::message::provider_retrieval_stream;
 use super::message::{MarketRequest, MarketResponse, RetrievalAsk, SignedStatusQuery, StorageAsk};
 use super::refusals;
 use super::{Client, NetworkError, NetworkEvent};
@@ -97,7 +98,13 @@ impl ProviderService {
                     ask: self.retrieval_ask.clone(),
                 }
             }
-            MarketRequest::RetrievalPropose(terms) => self.on_retrieval(peer, *terms, ctx).await,
+            MarketRequest::RetrievalPropose(terms) => {
+                self.on_retrieval(peer, *terms, Uuid::now_v7(), ctx).await
+            }
+            MarketRequest::RetrievalProposeFor { terms, client_deal } => {
+                let deal_stream = provider_retrieval_stream(&peer, client_deal);
+                self.on_retrieval(peer, *terms, deal_stream, ctx).await
+            }
             request
             @ (MarketRequest::RetrievalPull { .. } | MarketRequest::RetrievalPay { .. }) => {
                 self.retrievals.answer(peer, request, ctx).await
@@ -109,6 +116,7 @@ impl ProviderService {
         &self,
         peer: PeerId,
         terms: RetrievalDealProposal,
+        deal_stream: Uuid,
         ctx: &DecideContext,
     ) -> MarketResponse {
         use RetrievalProviderEvent as R;
@@ -126,7 +134,19 @@ impl ProviderService {
             Some(piece) => self.transfers.pieces().size(&piece).await,
             None => None,
         };
-        let deal_stream = Uuid::now_v7();
+        // The same terms proposed again for the same client deal (a client that restarted
+        // before it saw the answer): the same answer, nothing recorded twice.
+        if let Ok(existing) = self.deals.load::<RetrievalProvider>(deal_stream).await
+            && existing.version > 0
+        {
+            use crate::fsm::retrieval_provider::State;
+            return match (existing.data.proposal == Some(terms), existing.state) {
+                (false, _) => rejected("another deal already has this id".into()),
+                (true, State::Rejected) => rejected("the terms were rejected".into()),
+                (true, State::DealNotFound) => MarketResponse::RetrievalDealNotFound,
+                (true, _) => MarketResponse::RetrievalAccepted { deal_stream },
+            };
+        }
         let proposal = Box::new(terms.clone());
         let (command, response) = match stored {
             None => (R::PieceNotFound { proposal }, MarketResponse::RetrievalDealNotFound),
@@ -380,8 +400,9 @@ pub async fn propose_retrieval(
         return Err(ProposeError::NotReady(stream_id));
     }
     let provider = terms.provider.peer_id().ok_or(ProposeError::NotReady(stream_id))?;
-    let response =
-        client.request(provider, MarketRequest::RetrievalPropose(Box::new(terms))).await?;
+    let request =
+        MarketRequest::RetrievalProposeFor { terms: Box::new(terms), client_deal: stream_id };
+    let response = client.request(provider, request).await?;
     let (command, provider_stream) = match response {
         MarketResponse::RetrievalAccepted { deal_stream } => {
             (RetrievalClientEvent::DealAccepted, Some(deal_stream))

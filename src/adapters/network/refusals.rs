@@ -15,7 +15,10 @@ fn subject(request: &MarketRequest) -> Option<String> {
         | MarketRequest::TransferChunk { proposal_cid, .. }
         | MarketRequest::TransferFinish { proposal_cid } => Some(proposal_cid.to_string()),
         MarketRequest::RetrievalQuery { piece_cid } => Some(piece_cid.to_string()),
-        MarketRequest::RetrievalPropose(terms) => terms.piece_cid.map(|p| p.to_string()),
+        MarketRequest::RetrievalPropose(terms)
+        | MarketRequest::RetrievalProposeFor { terms, .. } => {
+            terms.piece_cid.map(|p| p.to_string())
+        }
         MarketRequest::RetrievalPull { deal_stream, .. }
         | MarketRequest::RetrievalPay { deal_stream, .. } => Some(deal_stream.to_string()),
         MarketRequest::Ask => None,

@@ -220,6 +220,31 @@ pub async fn pull(
     funds_limit: TokenAmount,
     ctx: &DecideContext,
 ) -> Result<PullOutcome, PushError> {
+    pull_into(client, deals, stream_id, provider_stream, key, funds_limit, ctx, None).await
+}
+
+/// A file retrieved bytes are written to, each at `base` + its offset in the part, before
+/// they are recorded as received — so what the journal says arrived is on disk, and a
+/// resumed pull continues the same file.
+pub struct PullSink<'a> {
+    /// The file.
+    pub file: &'a mut tokio::fs::File,
+    /// Where the part's first byte goes.
+    pub base: u64,
+}
+
+/// [`pull`], writing the bytes into `sink` as they arrive.
+#[allow(clippy::too_many_arguments)]
+pub async fn pull_into(
+    client: &Client,
+    deals: &Deals,
+    stream_id: Uuid,
+    provider_stream: Uuid,
+    key: &SigningKey,
+    funds_limit: TokenAmount,
+    ctx: &DecideContext,
+    mut sink: Option<PullSink<'_>>,
+) -> Result<PullOutcome, PushError> {
     let deal = deals.load::<RetrievalClient>(stream_id).await?;
     let (Some(terms), Some(channel), Some(lane)) =
         (deal.data.proposal.clone(), deal.data.channel.clone(), deal.data.lane)
@@ -296,6 +321,13 @@ pub async fn pull(
                 let mut after = deal;
                 let progressed = !bytes.is_empty() || payment_due.is_some() || complete;
                 if !bytes.is_empty() {
+                    if let Some(sink) = sink.as_mut() {
+                        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+                        let at = std::io::SeekFrom::Start(sink.base + offset);
+                        sink.file.seek(at).await.map_err(PushError::Source)?;
+                        sink.file.write_all(&bytes).await.map_err(PushError::Source)?;
+                        sink.file.flush().await.map_err(PushError::Source)?;
+                    }
                     received.extend_from_slice(&bytes);
                     let total = offset + bytes.len() as u64;
                     after = record(if total == terms.part.length {
