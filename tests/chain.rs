@@ -153,26 +153,7 @@ impl Market {
         &self,
         seed: u8,
     ) -> (dealledger::domain::storage::ClientDealProposal, DealId) {
-        let bytes = data(64 * 1024, seed);
-        let proposal = proposal_for(&bytes);
-        let deals = &self.nodes.client_deals;
-        let stream = deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap().stream_id;
-        // The client's runner deposits its funds on chain and proposes.
-        self.settle().await;
-        assert_eq!(self.states(&proposal).await.0, "StartDataTransfer");
-        let cursor = std::io::Cursor::new(&bytes);
-        let pushed = push(
-            &self.nodes.client,
-            deals,
-            stream,
-            cursor,
-            bytes.len() as u64,
-            TransferOptions::default(),
-            &ctx(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(pushed, "CheckForAcceptance");
+        let (proposal, stream) = self.pushed_deal(seed).await;
         // Provider: collateral, publish, hand-off; client: status query, on-chain check.
         self.settle().await;
         assert_eq!(self.states(&proposal).await, ("AwaitingPreCommit", "AwaitingPreCommit"));
@@ -180,7 +161,8 @@ impl Market {
         assert_eq!(self.states(&proposal).await, ("Sealing", "Sealing"));
         self.advance(3).await;
         assert_eq!(self.states(&proposal).await, ("Active", "Active"));
-        let deal_id = deals.get_storage_deal_status(stream).await.unwrap().deal_id.unwrap();
+        let status = self.nodes.client_deals.get_storage_deal_status(stream).await.unwrap();
+        let deal_id = status.deal_id.unwrap();
         (proposal, deal_id)
     }
 }

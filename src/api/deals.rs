@@ -164,6 +164,22 @@ pub struct StartStorageDeal {
     label: Option<String>,
 }
 
+/// The provider a request names: its peer id, its key and where it listens.
+fn provider_of(
+    peer: &str,
+    address: &str,
+) -> Result<(libp2p::PeerId, PartyKey, libp2p::Multiaddr), ApiError> {
+    let peer_id: libp2p::PeerId =
+        peer.parse().map_err(|_| ApiError::BadRequest(format!("{peer:?} is not a peer id")))?;
+    let key = PartyKey::from_peer_id(&peer_id).ok_or_else(|| {
+        ApiError::BadRequest("the provider's peer id does not hold an ed25519 key".into())
+    })?;
+    let address = address
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("{address:?} is not a multiaddr")))?;
+    Ok((peer_id, key, address))
+}
+
 fn amount(field: &str, text: Option<&str>) -> Result<TokenAmount, ApiError> {
     match text {
         None => Ok(TokenAmount::ZERO),
@@ -185,16 +201,7 @@ pub async fn start_storage_deal(
         .client
         .clone()
         .ok_or_else(|| ApiError::Forbidden("this node has no client role".into()))?;
-    let provider_peer: libp2p::PeerId = body
-        .provider
-        .parse()
-        .map_err(|_| ApiError::BadRequest(format!("{:?} is not a peer id", body.provider)))?;
-    let provider = PartyKey::from_peer_id(&provider_peer).ok_or_else(|| {
-        ApiError::BadRequest("the provider's peer id does not hold an ed25519 key".into())
-    })?;
-    let address: libp2p::Multiaddr = body.provider_address.parse().map_err(|_| {
-        ApiError::BadRequest(format!("{:?} is not a multiaddr", body.provider_address))
-    })?;
+    let (provider_peer, provider, address) = provider_of(&body.provider, &body.provider_address)?;
     let price = amount("price_per_epoch", Some(&body.price_per_epoch))?;
     let provider_collateral = amount("provider_collateral", body.provider_collateral.as_deref())?;
     let client_collateral = amount("client_collateral", body.client_collateral.as_deref())?;
@@ -269,16 +276,7 @@ pub async fn start_retrieval(
         .ok_or_else(|| ApiError::Forbidden("this node has no client role".into()))?;
     let piece: crate::domain::PieceCid =
         body.piece_cid.parse().map_err(|e| ApiError::BadRequest(format!("piece_cid: {e}")))?;
-    let provider_peer: libp2p::PeerId = body
-        .provider
-        .parse()
-        .map_err(|_| ApiError::BadRequest(format!("{:?} is not a peer id", body.provider)))?;
-    let provider = PartyKey::from_peer_id(&provider_peer).ok_or_else(|| {
-        ApiError::BadRequest("the provider's peer id does not hold an ed25519 key".into())
-    })?;
-    let address: libp2p::Multiaddr = body.provider_address.parse().map_err(|_| {
-        ApiError::BadRequest(format!("{:?} is not a multiaddr", body.provider_address))
-    })?;
+    let (provider_peer, provider, address) = provider_of(&body.provider, &body.provider_address)?;
     let max_price = amount("max_price_per_byte", Some(&body.max_price_per_byte))?;
     client
         .network

@@ -8,7 +8,6 @@ pub mod script;
 mod status;
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::domain::retrieval::RetrievalRequest;
@@ -113,13 +112,7 @@ impl Deals {
     /// The stream id of a storage deal, derived from its side and proposal CID, so that the
     /// same proposal can never start two deals on one side.
     pub fn storage_stream_id(side: &str, proposal: &ClientDealProposal) -> Uuid {
-        let mut hash = Sha256::new();
-        hash.update(side.as_bytes());
-        hash.update(proposal.cid().to_bytes());
-        let digest = hash.finalize();
-        let mut bytes = [0u8; 16];
-        bytes.copy_from_slice(&digest[..16]);
-        uuid::Builder::from_custom_bytes(bytes).into_uuid()
+        crate::domain::derived_id(&[side.as_bytes(), &proposal.cid().to_bytes()])
     }
 
     /// Storage flow step 1, client side: reserves funds and proposes.

@@ -38,3 +38,18 @@ fn signing_bytes<T: Serialize>(context: &str, value: &T) -> Vec<u8> {
     bytes.extend(postcard::to_stdvec(value).unwrap_or_default());
     bytes
 }
+
+/// A stable id derived from its parts (sha2-256 of them, in order, cut to 128 bits): the same
+/// parts always name the same stream, so a command repeated after a crash finds the stream the
+/// first one made instead of starting another.
+pub fn derived_id(parts: &[&[u8]]) -> uuid::Uuid {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update(part);
+    }
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}

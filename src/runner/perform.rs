@@ -459,17 +459,11 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             return Err(RunnerError::Inconsistent(format!("request {request_id} has no terms")));
         };
         let attempt = request.data.parts.get(part_index as usize).map_or(0, |p| p.failures);
-        let deal_stream = {
-            use sha2::{Digest, Sha256};
-            let digest = Sha256::new()
-                .chain_update(request_id.as_bytes())
-                .chain_update(part_index.to_be_bytes())
-                .chain_update(attempt.to_be_bytes())
-                .finalize();
-            let mut bytes = [0u8; 16];
-            bytes.copy_from_slice(&digest[..16]);
-            uuid::Builder::from_custom_bytes(bytes).into_uuid()
-        };
+        let deal_stream = crate::domain::derived_id(&[
+            request_id.as_bytes(),
+            &part_index.to_be_bytes(),
+            &attempt.to_be_bytes(),
+        ]);
         if self.deals.journal().head(deal_stream).await?.version == 0 {
             let provider = wanted.provider.peer_id().ok_or_else(|| {
                 RunnerError::Inconsistent("the provider key is not a peer".into())

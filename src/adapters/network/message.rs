@@ -170,15 +170,11 @@ pub enum MarketRequest {
 /// The provider's stream for a client's retrieval deal: derived from the client (its peer id,
 /// which the transport authenticates) and the client's own deal id.
 pub fn provider_retrieval_stream(client: &libp2p::PeerId, client_deal: uuid::Uuid) -> uuid::Uuid {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::new()
-        .chain_update(b"dealledger retrieval provider stream")
-        .chain_update(client.to_bytes())
-        .chain_update(client_deal.as_bytes())
-        .finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+    crate::domain::derived_id(&[
+        b"dealledger retrieval provider stream",
+        &client.to_bytes(),
+        client_deal.as_bytes(),
+    ])
 }
 
 impl MarketRequest {

@@ -64,18 +64,7 @@ impl PieceStore {
         tokio::fs::create_dir_all(&self.dir).await.map_err(Self::io(&self.dir))?;
         let final_path = self.path(&expected);
         let partial = self.dir.join(format!("{expected}.partial"));
-        let mut file = tokio::fs::File::create(&partial).await.map_err(Self::io(&partial))?;
-        let mut hasher = CommP::new();
-        let mut buffer = vec![0u8; 1 << 16];
-        loop {
-            let read = data.read(&mut buffer).await.map_err(Self::io(&partial))?;
-            if read == 0 {
-                break;
-            }
-            hasher.update(&buffer[..read]);
-            file.write_all(&buffer[..read]).await.map_err(Self::io(&partial))?;
-        }
-        file.flush().await.map_err(Self::io(&partial))?;
+        let hasher = Self::write_hashing(&partial, &mut data).await?;
         let bytes = hasher.bytes();
         let actual = match hasher.finish_at(size) {
             Ok(actual) => actual,
@@ -92,6 +81,26 @@ impl PieceStore {
         Ok(bytes)
     }
 
+    /// Copies `data` into a new file at `path`, computing its piece commitment on the way.
+    async fn write_hashing(
+        path: &Path,
+        data: &mut (impl tokio::io::AsyncRead + Unpin),
+    ) -> Result<CommP, PieceStoreError> {
+        let mut file = tokio::fs::File::create(path).await.map_err(Self::io(path))?;
+        let mut hasher = CommP::new();
+        let mut buffer = vec![0u8; 1 << 16];
+        loop {
+            let read = data.read(&mut buffer).await.map_err(Self::io(path))?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+            file.write_all(&buffer[..read]).await.map_err(Self::io(path))?;
+        }
+        file.flush().await.map_err(Self::io(path))?;
+        Ok(hasher)
+    }
+
     /// Stores data whose commitment is not known yet (a client staging what it will propose):
     /// computes it while writing and keeps the data under it. Returns the piece, its padded
     /// size and the bytes kept.
@@ -101,18 +110,7 @@ impl PieceStore {
     ) -> Result<(PieceCid, PaddedPieceSize, u64), PieceStoreError> {
         tokio::fs::create_dir_all(&self.dir).await.map_err(Self::io(&self.dir))?;
         let partial = self.dir.join(format!("staging-{}.partial", uuid::Uuid::new_v4()));
-        let mut file = tokio::fs::File::create(&partial).await.map_err(Self::io(&partial))?;
-        let mut hasher = CommP::new();
-        let mut buffer = vec![0u8; 1 << 16];
-        loop {
-            let read = data.read(&mut buffer).await.map_err(Self::io(&partial))?;
-            if read == 0 {
-                break;
-            }
-            hasher.update(&buffer[..read]);
-            file.write_all(&buffer[..read]).await.map_err(Self::io(&partial))?;
-        }
-        file.flush().await.map_err(Self::io(&partial))?;
+        let hasher = Self::write_hashing(&partial, &mut data).await?;
         let bytes = hasher.bytes();
         let (piece, size) = hasher.finish();
         let final_path = self.path(&piece);
