@@ -455,3 +455,20 @@ async fn a_client_at_its_funds_limit_stops_with_only_what_the_provider_sent() {
     assert_eq!(provider.data.bytes_sent, (512 + 768) * 1024);
     assert!(outcome.bytes == original[..outcome.bytes.len()]);
 }
+
+#[tokio::test]
+async fn the_same_proposal_sent_again_gets_the_same_answer_and_records_nothing() {
+    let (provider_deals, _, client) = two_nodes(MarketCodec::default()).await;
+    let provider = PartyKey::of(&provider_key()).peer_id().unwrap();
+    // Given a proposal the provider accepted
+    let proposal = signed_proposal();
+    let first =
+        client.request(provider, MarketRequest::Propose(Box::new(proposal.clone()))).await.unwrap();
+    assert!(matches!(first, MarketResponse::Accepted(_)), "{first:?}");
+    let recorded = events(&provider_deals).await;
+    // When a client that restarted before it saw the answer sends it again
+    let again = client.request(provider, MarketRequest::Propose(Box::new(proposal))).await.unwrap();
+    // Then it gets the same signed deal, and the provider records nothing more
+    assert_eq!(again, first);
+    assert_eq!(events(&provider_deals).await, recorded);
+}

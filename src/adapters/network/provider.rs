@@ -199,17 +199,34 @@ impl ProviderService {
         let cause = Cause { correlation_id: Uuid::now_v7(), causation_id: Uuid::now_v7() };
         // The decision already holds the deal after validation: no need to replay it again.
         let stream_id = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
-        let received =
-            StorageProviderEvent::ProposalReceived { proposal: Box::new(proposal.clone()) };
-        let validated =
+        let existing = match self.deals.load::<StorageProvider>(stream_id).await {
+            Ok(deal) => deal,
+            Err(e) => return MarketResponse::Error { reason: e.to_string() },
+        };
+        let validated = if existing.version > 0 {
+            // The same proposal again (a client that restarted before it saw the answer):
+            // the answer it was given, or the decision it is still waiting for.
+            existing
+        } else {
+            let received =
+                StorageProviderEvent::ProposalReceived { proposal: Box::new(proposal.clone()) };
             match self.deals.handle::<StorageProvider>(stream_id, received, ctx, Some(cause)).await
             {
                 Ok(decision) => decision.deal,
                 Err(DealsError::Rejected(rejection)) => return rejected(rejection.to_string()),
                 Err(e) => return MarketResponse::Error { reason: e.to_string() },
+            }
+        };
+        if validated.state != State::AcceptWait {
+            return match validated.data.signed_deal {
+                Some(signed) => MarketResponse::Accepted(Box::new(signed)),
+                None => rejected(
+                    validated
+                        .data
+                        .message
+                        .unwrap_or_else(|| format!("the deal is {}", validated.state.name())),
+                ),
             };
-        if validated.state == State::Rejecting {
-            return rejected(validated.data.message.unwrap_or_else(|| "rejected".into()));
         }
         // AcceptWait: the provider's policy decides, the machine records it.
         let command = match self.ask.refuses(&proposal.proposal) {
