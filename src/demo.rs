@@ -77,6 +77,18 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     let mut script = Script::new(&client_deals, ctx.clone(), true);
     script.data_bytes = Some(args.size);
     let started = std::time::Instant::now();
+    // Live progress on a terminal (hidden when the output is not one): every deal pushed,
+    // every chain phase, every retrieval part.
+    let steps = u64::from(args.deals) + 2 + 4 + 3 + 1;
+    let progress = indicatif::ProgressBar::new(steps).with_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {wide_msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    progress.enable_steady_tick(Duration::from_millis(100));
+    let step = |message: String| {
+        progress.set_message(message);
+        progress.inc(1);
+    };
     println!("dealledger demo: provider on {}", db.display_url);
     println!("                 client on the same server, database {CLIENT_DATABASE}\n");
 
@@ -213,6 +225,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         if first_piece.is_none() {
             first_piece = Some((signed.proposal.piece_cid, bytes.clone()));
         }
+        step(format!("storage deal {n}: proposed, pushed, commP verified"));
         let state = over_network(signed.clone(), bytes).await?;
         anyhow::ensure!(state == "CheckForAcceptance", "deal {n} ended the transfer in {state}");
         streams.push(storage_pair(&signed));
@@ -220,6 +233,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     }
     let bytes = data(args.deals);
     let signed = proposal(&bytes, args.deals);
+    step("the deal to be slashed: proposed and pushed".into());
     over_network(signed.clone(), bytes).await?;
     let slashed = storage_pair(&signed);
     // One byte damaged on the way: the provider's commitment check fails the deal.
@@ -227,13 +241,17 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     let failing_signed = proposal(&bytes, args.deals + 1);
     let mut damaged = bytes;
     damaged[0] ^= 0xff;
+    step("a damaged piece: pushed, refused by its commitment".into());
     let state = over_network(failing_signed.clone(), damaged).await?;
     anyhow::ensure!(state == "Failing", "a damaged piece was not refused ({state})");
     let failing = storage_pair(&failing_signed);
 
     println!("chain: devnet from epoch {}: collateral, publish, sealing and activation", genesis.0);
+    step("chain: collateral and publish".into());
     settle().await?;
+    step("chain: sectors pre-committed".into());
     advance(2).await?;
+    step("chain: sectors proven, deals active".into());
     advance(3).await?;
     for (client, provider) in streams.iter().chain([&slashed]) {
         for (side, stream) in [(&client_deals, client), (&deals, provider)] {
@@ -249,6 +267,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     advance(signed.proposal.start_epoch.0 - devnet.head().await?.0 + 30).await?;
     devnet.slash(slashed_id).await?;
     println!("chain: deal {} slashed at epoch {}", slashed_id.0, devnet.head().await?.0);
+    step(format!("chain: deal {} slashed", slashed_id.0));
     advance(1).await?;
     let (piece_cid, original) = first_piece.context("--deals must be at least 1")?;
     println!("retrieval: deal 0's piece, pulled back over libp2p in three paid deals");
@@ -265,6 +284,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     let mut retrieved = Vec::with_capacity(original.len());
     let mut vouchers = 0;
     for (index, part) in request.parts().into_iter().enumerate() {
+        step(format!("retrieval part {index}: channel, pull, vouchers"));
         let part_index = index as u32;
         let terms = RetrievalDealProposal {
             payload_cid: request.payload_cid,
@@ -321,7 +341,9 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     settle().await?;
     let end = signed_deals.iter().map(|s| s.proposal.end_epoch.0).max().unwrap_or_default();
     println!("chain: advancing past the end epoch {end}: the deals expire");
+    step("chain: end epoch passed, deals expired".into());
     advance(end - devnet.head().await?.0 + 1).await?;
+    progress.finish_and_clear();
 
     println!("\n{:<38} {:<18} {:<14} {:>4}  note", "stream", "side", "state", "code");
     let shown = streams.iter().chain([&slashed, &failing]);
