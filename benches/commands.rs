@@ -1,0 +1,118 @@
+//! `cargo bench --bench commands`: the full command round trip — load the deal by replaying
+//! its stream, decide, append with the expected version, write the inline status row and the
+//! outbox, in one transaction — for storage provider deals played from proposal to Active
+//! (13 commands each, 15 transitions with the derived ones), with 1, 8 and 32 deals moving at
+//! once. Prints commands/s and per-command latency (p50/p99) and writes
+//! `target/bench/commands.json`. `BENCH_SCALE` (default 1.0 = 1,000 deals per level) scales it.
+//!
+//! The throwaway cluster has fsync off, so this measures the ledger's CPU and round trips,
+//! not the disk.
+
+use std::time::{Duration, Instant};
+
+use dealledger::db::testing::fresh_database;
+use dealledger::deals::Deals;
+use dealledger::deals::script::storage_deal_commands;
+use dealledger::domain::ChainEpoch;
+use dealledger::domain::storage::ClientDealProposal;
+use dealledger::events::Journal;
+use dealledger::fsm::fixtures::{NOW, client_key, proposal, provider_key};
+use dealledger::fsm::storage_provider::StorageProvider;
+use dealledger::fsm::{DecideContext, Machine};
+
+struct Level {
+    concurrency: usize,
+    commands: usize,
+    seconds: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn run_level(deals: &Deals, concurrency: usize, per_level: usize, level: usize) -> Level {
+    let ctx = DecideContext { epoch: ChainEpoch(NOW), ..DecideContext::default() };
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|worker| {
+            let (deals, ctx) = (deals.clone(), ctx.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                for n in (worker..per_level).step_by(concurrency) {
+                    let mut terms = proposal();
+                    terms.label = format!("bench {level} {n}");
+                    let signed = ClientDealProposal::sign(terms, &client_key());
+                    let stream = Deals::storage_stream_id(StorageProvider::NAME, &signed);
+                    let (_, commands) = storage_deal_commands(signed, &provider_key());
+                    for command in commands {
+                        let at = Instant::now();
+                        deals
+                            .handle::<StorageProvider>(stream, command, &ctx, None)
+                            .await
+                            .expect("the command is accepted");
+                        latencies.push(at.elapsed());
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await.expect("worker"));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort();
+    Level {
+        concurrency,
+        commands: latencies.len(),
+        seconds,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let scale: f64 = std::env::var("BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let per_level = ((1_000.0 * scale) as usize).max(32);
+    let mut levels = Vec::new();
+    for (level, concurrency) in [1usize, 8, 32].into_iter().enumerate() {
+        let (pool, _) = fresh_database(40).await.expect("benchmark database");
+        let deals = Deals::new(Journal::new(pool));
+        levels.push(run_level(&deals, concurrency, per_level, level).await);
+    }
+    println!(
+        "\ncommands benchmark: {per_level} storage provider deals per level, 13 commands each"
+    );
+    println!(
+        "{:>11} {:>9} {:>9} {:>12} {:>10} {:>10}",
+        "concurrency", "commands", "seconds", "commands/s", "p50 ms", "p99 ms"
+    );
+    for l in &levels {
+        println!(
+            "{:>11} {:>9} {:>9.2} {:>12.0} {:>10.2} {:>10.2}",
+            l.concurrency,
+            l.commands,
+            l.seconds,
+            l.commands as f64 / l.seconds,
+            l.p50.as_secs_f64() * 1e3,
+            l.p99.as_secs_f64() * 1e3
+        );
+    }
+    let json: Vec<_> = levels
+        .iter()
+        .map(|l| {
+            serde_json::json!({"concurrency": l.concurrency, "commands": l.commands,
+                "seconds": l.seconds, "commands_per_s": l.commands as f64 / l.seconds,
+                "p50_ms": l.p50.as_secs_f64() * 1e3, "p99_ms": l.p99.as_secs_f64() * 1e3})
+        })
+        .collect();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).expect("target/bench");
+    std::fs::write(dir.join("commands.json"), serde_json::to_string_pretty(&json).expect("json"))
+        .expect("write commands.json");
+    println!("written to target/bench/commands.json");
+}
