@@ -194,12 +194,14 @@ pub async fn rebuild_inline(
     let (caught_up, _) =
         lock_and_catch_up(&mut tx, tables, &mut deals, &snapshot, "EXCLUSIVE", progress).await?;
     let rows = rows_for(deals.values(), tables);
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "rebuild: rows built");
     let mut counts = Vec::new();
     for table in tables {
         sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {}", table.name)))
             .execute(&mut *tx)
             .await?;
         let written = table.copy_into(&mut tx, table.name, rows[table.name].iter()).await?;
+        tracing::info!(table = table.name, seconds = started.elapsed().as_secs_f64(), "rebuild: copied");
         counts.push((table.name, written));
     }
     tx.commit().await?;
