@@ -95,6 +95,10 @@ pub struct ChainSection {
     pub epoch_ms: u64,
     /// Epochs an observation must be buried under before it is acted on (Lotus: 900).
     pub finality: Option<i64>,
+    /// Devnet sealing: epochs from hand-off to pre-commit (default 2).
+    pub precommit_epochs: Option<i64>,
+    /// Devnet sealing: epochs from pre-commit to proof (default 3).
+    pub prove_epochs: Option<i64>,
 }
 
 /// `[provider]`

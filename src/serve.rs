@@ -194,7 +194,11 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
     let runner = EffectRunner::new(
         deals.clone(),
         devnet.clone(),
-        DevnetSealer::new(devnet.clone(), 2, 3),
+        DevnetSealer::new(
+            devnet.clone(),
+            config.chain.precommit_epochs.unwrap_or(2),
+            config.chain.prove_epochs.unwrap_or(3),
+        ),
         runner_config,
     )
     .with_network(network_effects);

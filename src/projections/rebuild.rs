@@ -201,7 +201,11 @@ pub async fn rebuild_inline(
             .execute(&mut *tx)
             .await?;
         let written = table.copy_into(&mut tx, table.name, rows[table.name].iter()).await?;
-        tracing::info!(table = table.name, seconds = started.elapsed().as_secs_f64(), "rebuild: copied");
+        tracing::info!(
+            table = table.name,
+            seconds = started.elapsed().as_secs_f64(),
+            "rebuild: copied"
+        );
         counts.push((table.name, written));
     }
     tx.commit().await?;

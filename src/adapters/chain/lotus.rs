@@ -30,6 +30,9 @@ use crate::domain::{ChainEpoch, DealId, PaddedPieceSize, PartyKey, SectorNumber,
 /// Mainnet's finality: observations are acted on only this many epochs deep.
 pub const LOTUS_FINALITY: i64 = 900;
 
+/// Epochs between `PaychSettle` and the moment a channel can be collected on Filecoin.
+const PAYCH_SETTLE_DELAY: i64 = 12 * 120;
+
 /// The largest response body read (a deal or a head is a few KiB).
 const MAX_RESPONSE: usize = 8 << 20;
 
@@ -413,7 +416,8 @@ impl Chain for Lotus {
 
     async fn settle(&self, channel: &ChannelAddress) -> Result<ChainEpoch, ChainError> {
         self.call("PaychSettle", json!([channel.0])).await?;
-        self.head().await
+        // The payment channel actor's settle delay: 12 hours of 30-second epochs.
+        Ok(ChainEpoch(self.head().await?.0 + PAYCH_SETTLE_DELAY))
     }
 
     async fn collect(&self, channel: &ChannelAddress) -> Result<(), ChainError> {

@@ -291,7 +291,7 @@ pub trait Chain: Send + Sync + 'static {
         voucher: &SignedVoucher,
     ) -> impl Future<Output = Result<TokenAmount, ChainError>> + Send;
 
-    /// Starts the channel's settling period.
+    /// Starts the channel's settling period; returns the epoch from which it can be collected.
     fn settle(
         &self,
         channel: &ChannelAddress,
