@@ -95,6 +95,24 @@ impl Market {
         panic!("the runners never settled");
     }
 
+    /// The invariants every test ends on, on both nodes: a deal that ended holds no reserved
+    /// funds, and every stream's chain and transitions verify.
+    async fn assert_invariants(&self) {
+        for deals in [&self.nodes.client_deals, &self.nodes.provider_deals] {
+            let holding: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM storage_deals WHERE terminal AND funds_reserved <> 0",
+            )
+            .fetch_one(deals.journal().pool())
+            .await
+            .unwrap();
+            assert_eq!(holding, 0, "a terminal deal still holds reserved funds");
+            let report = dealledger::audit::verify::verify_all(deals.journal(), None, &mut |_| {})
+                .await
+                .unwrap();
+            assert!(report.broken.is_empty(), "{:?}", report.broken);
+        }
+    }
+
     /// Moves the devnet's clock and lets both nodes react.
     async fn advance(&self, epochs: i64) -> ChainEpoch {
         let head = self.devnet.advance(epochs).await.unwrap();
@@ -209,6 +227,7 @@ async fn a_storage_deal_runs_on_the_devnet_from_proposal_to_active_then_expired(
             .collect();
         assert!(chain_open.is_empty(), "effects left: {chain_open:?}");
     }
+    m.assert_invariants().await;
 }
 
 #[tokio::test]
@@ -231,6 +250,7 @@ async fn a_slashed_deal_ends_slashed_on_both_sides_and_burns_the_provider_collat
     assert_eq!(earned, 25 * price, "the provider is paid for the epochs it stored, no more");
     let client = m.devnet.market_balance(proposal.proposal.client).await.unwrap();
     assert_eq!(client.locked, TokenAmount::ZERO, "the rest of the fee went back to the client");
+    m.assert_invariants().await;
 }
 
 #[tokio::test]
@@ -267,6 +287,7 @@ async fn a_deal_whose_sealing_fails_fails_on_the_provider_and_times_out_on_chain
     assert_eq!(m.devnet.deal(deal_id).await.unwrap().unwrap().state(), OnChainDealState::TimedOut);
     let client = m.devnet.market_balance(proposal.proposal.client).await.unwrap();
     assert_eq!(client.locked, TokenAmount::ZERO, "the client's funds were unlocked");
+    m.assert_invariants().await;
 }
 
 #[tokio::test]
@@ -342,6 +363,7 @@ async fn a_retrieval_is_paid_through_a_devnet_channel_and_the_provider_collects_
         total.0,
         "the provider collects exactly the vouchers"
     );
+    m.assert_invariants().await;
 }
 
 #[tokio::test]
@@ -571,6 +593,7 @@ async fn a_publish_that_keeps_failing_becomes_publish_failed_past_the_attempt_li
     assert!(status.message.unwrap_or_default().contains("node restarting"));
     let balance = m.devnet.market_balance(proposal.proposal.provider).await.unwrap();
     assert_eq!(balance.escrow, TokenAmount::ZERO, "the collateral deposit went back to the wallet");
+    m.assert_invariants().await;
 }
 
 #[tokio::test]

@@ -176,6 +176,21 @@ fn random_walk<M: Sample>(choices: &[u8]) -> (Deal<M>, Vec<M::Event>) {
     (deal, events)
 }
 
+/// Whatever the path, a deal that ended holds no reserved funds.
+pub fn terminal_states_hold_no_funds<M: Sample>(choices: &[u8]) -> Result<(), TestCaseError> {
+    let (deal, _) = random_walk::<M>(choices);
+    if M::is_terminal(deal.state) {
+        prop_assert_eq!(
+            M::reserved(&deal.data),
+            crate::domain::TokenAmount::ZERO,
+            "{} ended in {} holding funds",
+            M::NAME,
+            deal.state.name()
+        );
+    }
+    Ok(())
+}
+
 /// Replaying the encoded and decoded events of any legal walk gives the live deal.
 pub fn replay_equals_live<M: Sample>(choices: &[u8]) -> Result<(), TestCaseError> {
     let (live, events) = random_walk::<M>(choices);
@@ -233,6 +248,11 @@ macro_rules! conformance_tests {
                 #[test]
                 fn replay_equals_live(choices in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..60)) {
                     c::replay_equals_live::<$machine>(&choices)?;
+                }
+
+                #[test]
+                fn terminal_states_hold_no_funds(choices in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..60)) {
+                    c::terminal_states_hold_no_funds::<$machine>(&choices)?;
                 }
             }
         }

@@ -77,6 +77,11 @@ pub trait Machine: Sized + Copy + Debug + PartialEq + Send + Sync + 'static {
     fn is_terminal(state: Self::State) -> bool {
         Self::TERMINAL.contains(&state)
     }
+    /// Funds the deal holds reserved: deposited for it and neither locked by the chain nor
+    /// given back. Invariant (checked for every machine): zero in every terminal state.
+    fn reserved(_data: &Self::Data) -> crate::domain::TokenAmount {
+        crate::domain::TokenAmount::ZERO
+    }
 }
 
 /// What the machines need to know about the world to decide: passed in, never read.

@@ -469,6 +469,10 @@ impl Machine for RetrievalClient {
         Ok(vec![command])
     }
 
+    fn reserved(data: &Self::Data) -> TokenAmount {
+        data.funds_reserved
+    }
+
     fn effects(output: Output, deal: &Deal<Self>) -> Vec<Effect> {
         let data = &deal.data;
         let Some(terms) = data.proposal.as_ref() else { return Vec::new() };

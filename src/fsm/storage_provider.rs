@@ -455,6 +455,10 @@ impl Machine for StorageProvider {
         Ok(vec![command])
     }
 
+    fn reserved(data: &Self::Data) -> TokenAmount {
+        data.funds_reserved
+    }
+
     fn effects(output: Output, deal: &Deal<Self>) -> Vec<Effect> {
         let data = &deal.data;
         let Some(client_proposal) = data.proposal.as_ref() else { return Vec::new() };
