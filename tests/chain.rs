@@ -748,3 +748,20 @@ async fn a_client_node_retrieves_a_whole_piece_part_by_part_by_itself() {
     let file = tokio::fs::read(retrieved.join(format!("{request_id}.bin"))).await.unwrap();
     assert!(file == original, "the retrieved file differs from the piece");
 }
+
+#[tokio::test]
+async fn a_rejected_proposal_ends_in_error_on_both_sides_with_the_deposit_returned() {
+    let m = market().await;
+    // Given a proposal priced below the provider's ask
+    let mut terms = proposal_for(&data(16 * 1024, 18)).proposal;
+    terms.storage_price_per_epoch = TokenAmount(0);
+    let proposal = ClientDealProposal::sign(terms, &client_key());
+    m.nodes.client_deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap();
+    // When the runners deposit, propose and clean up after the rejection
+    m.settle().await;
+    // Then both deals end in Error, and the client's deposit went back to its wallet
+    assert_eq!(m.states(&proposal).await, ("Error", "Error"));
+    let escrow = m.devnet.market_balance(proposal.proposal.client).await.unwrap().escrow;
+    assert_eq!(escrow, TokenAmount::ZERO);
+    m.assert_invariants().await;
+}

@@ -176,6 +176,27 @@ fn random_walk<M: Sample>(choices: &[u8]) -> (Deal<M>, Vec<M::Event>) {
     (deal, events)
 }
 
+/// An input is derived by the machine exactly when its producer says so; the inputs nothing
+/// sends yet are exactly `not_yet` (so a new dead input fails here until it is wired or
+/// listed).
+pub fn every_input_has_its_producer<M: Sample>(not_yet: &[&str]) {
+    let mut dead = Vec::new();
+    for &input in M::Input::ALL {
+        let producer = M::producer(input);
+        assert_eq!(
+            producer == super::Producer::Derived,
+            M::derived(input),
+            "{}: {} derived or not?",
+            M::NAME,
+            input.name()
+        );
+        if matches!(producer, super::Producer::NotYet(_)) {
+            dead.push(input.name());
+        }
+    }
+    assert_eq!(dead, not_yet, "{}: inputs nothing sends", M::NAME);
+}
+
 /// Whatever the path, a deal that ended holds no reserved funds.
 pub fn terminal_states_hold_no_funds<M: Sample>(choices: &[u8]) -> Result<(), TestCaseError> {
     let (deal, _) = random_walk::<M>(choices);

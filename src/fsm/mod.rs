@@ -77,10 +77,53 @@ pub trait Machine: Sized + Copy + Debug + PartialEq + Send + Sync + 'static {
     fn is_terminal(state: Self::State) -> bool {
         Self::TERMINAL.contains(&state)
     }
+    /// Who sends the machine `input` (listed in `docs/fsm/<machine>.md`). An exhaustive
+    /// `match` in every machine, so a new input cannot be declared without saying who sends
+    /// it.
+    fn producer(input: Self::Input) -> Producer;
     /// Funds the deal holds reserved: deposited for it and neither locked by the chain nor
     /// given back. Invariant (checked for every machine): zero in every terminal state.
     fn reserved(_data: &Self::Data) -> crate::domain::TokenAmount {
         crate::domain::TokenAmount::ZERO
+    }
+}
+
+/// Who sends a machine one of its inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Producer {
+    /// A user's command: the library API (`Deals`, `Ledger`), the node's HTTP API or CLI.
+    Command(&'static str),
+    /// The machine itself: the event follows from another without outside help.
+    Derived,
+    /// The network adapter, translating a counterparty's request or answer.
+    Network(&'static str),
+    /// The data-transfer adapter.
+    Transfer(&'static str),
+    /// The effect runner, from what the chain or the sealing pipeline reports.
+    Chain(&'static str),
+    /// The effect runner, performing one of the deal's own effects.
+    Runner(&'static str),
+    /// The timeout sweep (`runner::time_out_stuck_deals`, every minute in `serve`).
+    Timer,
+    /// Another stream of this ledger, through a notify effect.
+    Notice(&'static str),
+    /// Declared for a flow that is not wired yet: nothing sends it today.
+    NotYet(&'static str),
+}
+
+impl std::fmt::Display for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Producer::Command(what) => write!(f, "command: {what}"),
+            Producer::Derived => f.write_str("derived by the machine"),
+            Producer::Network(what) => write!(f, "network adapter: {what}"),
+            Producer::Transfer(what) => write!(f, "transfer adapter: {what}"),
+            Producer::Chain(what) => write!(f, "chain (effect runner): {what}"),
+            Producer::Runner(what) => write!(f, "effect runner: {what}"),
+            Producer::Timer => f.write_str("timeout sweep"),
+            Producer::Notice(what) => write!(f, "notice: {what}"),
+            Producer::NotYet(what) => write!(f, "NOT WIRED YET: {what}"),
+        }
     }
 }
 

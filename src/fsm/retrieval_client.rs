@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::effects::{Effect, Notice, OutboundMessage, TransferDirection};
-use super::{Deal, DecideContext, Label, Machine, Rejection, check_bytes, inconsistent};
+use super::{Deal, DecideContext, Label, Machine, Producer, Rejection, check_bytes, inconsistent};
 use crate::alphabet;
 use crate::domain::TokenAmount;
 use crate::domain::retrieval::{
@@ -473,6 +473,38 @@ impl Machine for RetrievalClient {
         data.funds_reserved
     }
 
+    fn producer(input: Input) -> Producer {
+        use Producer::*;
+        match input {
+            Input::DealProposed => Runner("start-retrieval-deal of the request; or Deals::handle"),
+            Input::DealAccepted => Network("the provider's answer to the terms"),
+            Input::DealRejected => Network("the provider's answer to the terms"),
+            Input::DealNotFound => Network("the provider's answer to the terms"),
+            Input::PaymentChannelCreateInitiated => Chain("set-up-payment-channel"),
+            Input::PaymentChannelAddFundsInitiated => Chain("set-up-payment-channel"),
+            Input::PaymentChannelReady => Chain("wait-for-payment-channel"),
+            Input::LaneAllocated => Chain("allocate-lane"),
+            Input::PaymentChannelFailed => Chain("a channel effect past its attempts"),
+            Input::BlocksReceived => Transfer("pull"),
+            Input::PaymentRequested => Transfer("pull: the provider asks for payment"),
+            Input::LastPaymentRequested => Transfer("pull: the provider asks for the last payment"),
+            Input::AllBlocksReceived => Transfer("pull"),
+            Input::FundsAvailable => Transfer("pull: within the funds limit"),
+            Input::FundsInsufficient => Transfer("pull: over the funds limit"),
+            Input::FundsAdded => NotYet("topping up a channel mid-deal"),
+            Input::FundsAddedForLastPayment => Derived,
+            Input::PaymentSent => Transfer("pull: voucher signed and sent"),
+            Input::PaymentFailed => NotYet("a voucher the provider refuses"),
+            Input::ProviderCompleted => Transfer("pull: the provider says complete"),
+            Input::CompletionVerified => Transfer("pull: every byte arrived"),
+            Input::CompletionVerificationFailed => Transfer("pull: bytes missing"),
+            Input::DataTransferFailed => Runner("open-transfer past its attempts"),
+            Input::DealTimedOut => Timer,
+            Input::DealCancelled => NotYet("operator cancel (issue 9)"),
+            Input::CleanupCompleted => Runner("after release-funds and close-transfer"),
+        }
+    }
+
     fn effects(output: Output, deal: &Deal<Self>) -> Vec<Effect> {
         let data = &deal.data;
         let Some(terms) = data.proposal.as_ref() else { return Vec::new() };
@@ -624,6 +656,16 @@ mod tests {
     }
 
     crate::conformance_tests!(RetrievalClient);
+
+    /// Who sends each input; the ones nothing sends yet, named (issue 9 wires them).
+    #[test]
+    fn every_input_has_its_producer() {
+        crate::fsm::conformance::every_input_has_its_producer::<RetrievalClient>(&[
+            "FundsAdded",
+            "PaymentFailed",
+            "DealCancelled",
+        ]);
+    }
 
     fn ongoing(part_of: Option<RequestPart>) -> Vec<E> {
         vec![

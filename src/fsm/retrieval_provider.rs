@@ -6,7 +6,7 @@ use rust_fsm::{StateMachineImpl, state_machine};
 use serde::{Deserialize, Serialize};
 
 use super::effects::{Effect, OutboundMessage};
-use super::{Deal, DecideContext, Label, Machine, Rejection, check_bytes, inconsistent};
+use super::{Deal, DecideContext, Label, Machine, Producer, Rejection, check_bytes, inconsistent};
 use crate::alphabet;
 use crate::domain::TokenAmount;
 use crate::domain::retrieval::{RetrievalDealProposal, RetrievalTermsError, SignedVoucher};
@@ -342,6 +342,29 @@ impl Machine for RetrievalProvider {
         Ok(vec![command])
     }
 
+    fn producer(input: Input) -> Producer {
+        use Producer::*;
+        match input {
+            Input::DealAccepted => Network("a client's terms, accepted"),
+            Input::DealRejected => Network("a client's terms, refused"),
+            Input::PieceNotFound => Network("a client's terms for a piece not here"),
+            Input::PieceUnsealed => Network("the piece store keeps unsealed copies"),
+            Input::UnsealFailed => NotYet("sealed-only pieces"),
+            Input::DataTransferStarted => Transfer("the client's first pull"),
+            Input::BlocksSent => Transfer("a pull answered"),
+            Input::PaymentDue => Derived,
+            Input::PaymentReceived => Transfer("a voucher the channel would honour"),
+            Input::AllBlocksSent => Transfer("the last pull answered"),
+            Input::LastPaymentDue => Derived,
+            Input::NoPaymentDue => Derived,
+            Input::CompletionSent => Transfer("completion answered"),
+            Input::DataTransferFailed => NotYet("the provider never gives up a pull by itself"),
+            Input::DealTimedOut => Timer,
+            Input::DealCancelled => NotYet("operator cancel (issue 9)"),
+            Input::CleanupCompleted => NotYet("the provider's clean-up effects are not run"),
+        }
+    }
+
     fn effects(output: Output, deal: &Deal<Self>) -> Vec<Effect> {
         let data = &deal.data;
         let Some(terms) = data.proposal.as_ref() else { return Vec::new() };
@@ -433,6 +456,17 @@ mod tests {
     }
 
     crate::conformance_tests!(RetrievalProvider);
+
+    /// Who sends each input; the ones nothing sends yet, named (issue 9 wires them).
+    #[test]
+    fn every_input_has_its_producer() {
+        crate::fsm::conformance::every_input_has_its_producer::<RetrievalProvider>(&[
+            "UnsealFailed",
+            "DataTransferFailed",
+            "DealCancelled",
+            "CleanupCompleted",
+        ]);
+    }
 
     fn sending() -> Vec<E> {
         vec![E::DealAccepted { proposal: terms() }, E::PieceUnsealed, E::DataTransferStarted]

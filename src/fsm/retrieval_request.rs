@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::effects::Effect;
-use super::{Deal, DecideContext, Label, Machine, Rejection, inconsistent};
+use super::{Deal, DecideContext, Label, Machine, Producer, Rejection, inconsistent};
 use crate::alphabet;
 use crate::domain::TokenAmount;
 use crate::domain::retrieval::RetrievalRequest;
@@ -286,6 +286,20 @@ impl Machine for RetrievalRequestMachine {
         }
     }
 
+    fn producer(input: Input) -> Producer {
+        use Producer::*;
+        match input {
+            Input::RequestCreated => Command("Deals::initiate_retrieval, POST /v1/retrievals"),
+            Input::PartStarted => Runner("start-retrieval-deal"),
+            Input::PartCompleted => Notice("the part's retrieval deal completed"),
+            Input::PartFailed => Notice("the part's retrieval deal failed"),
+            Input::AllPartsCompleted => Derived,
+            Input::RetriesExhausted => Derived,
+            Input::RequestCancelled => NotYet("operator cancel (issue 9)"),
+            Input::CleanupCompleted => NotYet("cancel-retrieval-deals is not run"),
+        }
+    }
+
     fn effects(output: Output, deal: &Deal<Self>) -> Vec<Effect> {
         let data = &deal.data;
         let Some(request) = data.request.as_ref() else { return Vec::new() };
@@ -385,6 +399,15 @@ mod tests {
     }
 
     crate::conformance_tests!(RetrievalRequestMachine);
+
+    /// Who sends each input; the ones nothing sends yet, named (issue 9 wires them).
+    #[test]
+    fn every_input_has_its_producer() {
+        crate::fsm::conformance::every_input_has_its_producer::<RetrievalRequestMachine>(&[
+            "RequestCancelled",
+            "CleanupCompleted",
+        ]);
+    }
 
     #[test]
     fn a_request_starts_with_its_first_part_only() {

@@ -7,7 +7,7 @@ use rust_fsm::{StateMachineImpl, state_machine};
 use serde::{Deserialize, Serialize};
 
 use super::effects::{Effect, OutboundMessage, TransferDirection};
-use super::{Deal, DecideContext, Label, Machine, Rejection, check_bytes, inconsistent};
+use super::{Deal, DecideContext, Label, Machine, Producer, Rejection, check_bytes, inconsistent};
 use crate::alphabet;
 use crate::domain::storage::{ClientDealProposal, ProposalError, StorageDeal};
 use crate::domain::{ChainEpoch, DealId, SectorNumber, TokenAmount};
@@ -395,6 +395,36 @@ impl Machine for StorageClient {
         data.funds_reserved
     }
 
+    fn producer(input: Input) -> Producer {
+        use Producer::*;
+        match input {
+            Input::DealInitiated => Command("Deals::initiate_deal, POST /v1/storage-deals"),
+            Input::FundingInitiated => NotYet("deposits land at once on the devnet"),
+            Input::FundsReserved => Chain("reserve-funds: the deposit"),
+            Input::FundsReservationFailed => Chain("reserve-funds refused, or past its attempts"),
+            Input::DealAccepted => Network("the provider's answer to the proposal"),
+            Input::DealRejected => Network("the provider's answer to the proposal"),
+            Input::DataTransferQueued => NotYet("pushes start at once"),
+            Input::DataTransferStarted => Transfer("push opened"),
+            Input::DataTransferProgressed => Transfer("push progress, every 4 MiB"),
+            Input::DataTransferInterrupted => Transfer("push connection lost"),
+            Input::DataTransferRestarted => Transfer("push resumed"),
+            Input::DataTransferCompleted => Transfer("every byte acknowledged"),
+            Input::DataTransferFailed => Runner("open-transfer past its attempts"),
+            Input::DealPublished => Network("the provider's status answer"),
+            Input::ProviderFailedDeal => Network("the provider's status answer"),
+            Input::PublishConfirmed => Chain("verify-deal-on-chain"),
+            Input::PublishVerificationFailed => Chain("verify-deal-on-chain"),
+            Input::DealPreCommitted => Chain("watch-pre-commit"),
+            Input::DealActivated => Chain("watch-pre-commit, watch-activation"),
+            Input::DealExpired => Chain("watch-expiry"),
+            Input::DealSlashed => Chain("watch-* on a slashed deal"),
+            Input::DealTimedOut => Timer,
+            Input::DealCancelled => NotYet("operator cancel (issue 9)"),
+            Input::CleanupCompleted => Runner("after release-funds and close-transfer"),
+        }
+    }
+
     fn effects(output: Output, deal: &Deal<Self>) -> Vec<Effect> {
         let data = &deal.data;
         let Some(client_proposal) = data.proposal.as_ref() else { return Vec::new() };
@@ -513,6 +543,16 @@ mod tests {
     }
 
     crate::conformance_tests!(StorageClient);
+
+    /// Who sends each input; the ones nothing sends yet, named (issue 9 wires them).
+    #[test]
+    fn every_input_has_its_producer() {
+        crate::fsm::conformance::every_input_has_its_producer::<StorageClient>(&[
+            "FundingInitiated",
+            "DataTransferQueued",
+            "DealCancelled",
+        ]);
+    }
 
     fn initiated() -> E {
         E::DealInitiated { proposal: Box::new(signed_proposal()) }

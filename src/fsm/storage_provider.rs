@@ -7,7 +7,7 @@ use rust_fsm::{StateMachineImpl, state_machine};
 use serde::{Deserialize, Serialize};
 
 use super::effects::{Effect, OutboundMessage};
-use super::{Deal, DecideContext, Label, Machine, Rejection, check_bytes, inconsistent};
+use super::{Deal, DecideContext, Label, Machine, Producer, Rejection, check_bytes, inconsistent};
 use crate::alphabet;
 use crate::domain::storage::{ClientDealProposal, StorageDeal};
 use crate::domain::{ChainEpoch, DealId, PieceCid, SectorNumber, TokenAmount};
@@ -459,6 +459,45 @@ impl Machine for StorageProvider {
         data.funds_reserved
     }
 
+    fn producer(input: Input) -> Producer {
+        use Producer::*;
+        match input {
+            Input::ProposalReceived => Network("a client's proposal"),
+            Input::ProposalValidated => Derived,
+            Input::ProposalInvalid => Derived,
+            Input::DealAccepted => Network("the provider's ask accepts the proposal"),
+            Input::DealRejected => Network("the provider's ask refuses the proposal"),
+            Input::RejectionSent => {
+                Runner("send(StorageRejected), answered by the network adapter")
+            }
+            Input::DataTransferStarted => Transfer("push opened by the client"),
+            Input::DataTransferProgressed => Transfer("bytes kept, every 4 MiB"),
+            Input::DataTransferInterrupted => NotYet("the provider waits for the client's restart"),
+            Input::DataTransferRestarted => Transfer("push reopened by the client"),
+            Input::DataTransferCompleted => Transfer("the client finished the push"),
+            Input::DataTransferFailed => NotYet("the provider never gives up a push by itself"),
+            Input::DataVerified => Transfer("the piece commitment matches"),
+            Input::DataVerificationFailed => Transfer("the piece commitment differs"),
+            Input::FundingInitiated => NotYet("deposits land at once on the devnet"),
+            Input::FundsReserved => Chain("reserve-funds: the collateral deposit"),
+            Input::FundsReservationFailed => Chain("reserve-funds refused, or past its attempts"),
+            Input::PublishSent => Chain("publish-deal"),
+            Input::PublishFailed => Chain("publish-deal or wait-for-message"),
+            Input::DealPublished => Chain("wait-for-message"),
+            Input::DealHandedOff => Chain("hand-off-to-sealing"),
+            Input::HandOffFailed => Chain("hand-off-to-sealing refused"),
+            Input::DealPreCommitted => Chain("watch-pre-commit"),
+            Input::DealActivated => Chain("watch-pre-commit, watch-activation"),
+            Input::DealFinalized => Runner("clean-up-staged-data"),
+            Input::DealExpired => Chain("watch-expiry"),
+            Input::DealSlashed => Chain("watch-* on a slashed deal"),
+            Input::SealingFailed => Chain("the sealing pipeline failed the sector"),
+            Input::DealTimedOut => Timer,
+            Input::DealCancelled => NotYet("operator cancel (issue 9)"),
+            Input::CleanupCompleted => Runner("after release-funds and close-transfer"),
+        }
+    }
+
     fn effects(output: Output, deal: &Deal<Self>) -> Vec<Effect> {
         let data = &deal.data;
         let Some(client_proposal) = data.proposal.as_ref() else { return Vec::new() };
@@ -604,6 +643,17 @@ mod tests {
     }
 
     crate::conformance_tests!(StorageProvider);
+
+    /// Who sends each input; the ones nothing sends yet, named (issue 9 wires them).
+    #[test]
+    fn every_input_has_its_producer() {
+        crate::fsm::conformance::every_input_has_its_producer::<StorageProvider>(&[
+            "DataTransferInterrupted",
+            "DataTransferFailed",
+            "FundingInitiated",
+            "DealCancelled",
+        ]);
+    }
 
     fn received(proposal: ClientDealProposal) -> E {
         E::ProposalReceived { proposal: Box::new(proposal) }

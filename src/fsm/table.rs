@@ -45,6 +45,8 @@ pub struct MachineTable {
     pub states: Vec<StateRow>,
     /// Every transition, ordered by state then input.
     pub transitions: Vec<TransitionRow>,
+    /// Every input with who sends it, in declaration order.
+    pub producers: Vec<(&'static str, String)>,
 }
 
 /// Reads a machine's table back from its declaration.
@@ -71,7 +73,8 @@ pub fn table<M: Machine>() -> MachineTable {
             }
         }
     }
-    MachineTable { machine: M::NAME, initial: M::INITIAL.name(), states, transitions }
+    let producers = M::Input::ALL.iter().map(|&i| (i.name(), M::producer(i).to_string())).collect();
+    MachineTable { machine: M::NAME, initial: M::INITIAL.name(), states, transitions, producers }
 }
 
 /// The tables of every machine of the ledger.
@@ -181,6 +184,10 @@ impl MachineTable {
                 t.to,
                 t.effects.iter().map(|e| format!("`{e}`")).collect::<Vec<_>>().join(", ")
             ));
+        }
+        out.push_str("\n## Inputs and who sends them\n\n| input | producer |\n|---|---|\n");
+        for (input, producer) in &self.producers {
+            out.push_str(&format!("| `{input}` | {producer} |\n"));
         }
         out
     }

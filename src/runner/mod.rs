@@ -154,9 +154,11 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
     }
 
     fn effect_types(&self) -> Vec<&'static str> {
+        // Sends are claimed even without a network: a provider's answers went out as
+        // responses, and a send that needs the network waits for a runner that has one.
         let mut types = CHAIN_EFFECTS.to_vec();
+        types.push("send");
         if let Some(network) = &self.network {
-            types.push("send");
             if network.pieces.is_some() || network.retrieved.is_some() {
                 types.extend(["open-transfer", "restart-transfer"]);
             }

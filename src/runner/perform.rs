@@ -202,7 +202,7 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             }
             Effect::Send { message: OutboundMessage::StorageStatusQuery { .. }, .. } => {
                 let Some(network) = &self.network else {
-                    return Ok(Outcome::Skipped("no network on this runner"));
+                    return Ok(Outcome::Wait(self.config.watch_poll));
                 };
                 let ctx = self.context().await?;
                 match crate::adapters::network::provider::query_status(
@@ -227,7 +227,7 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                 if side == StorageClient::NAME =>
             {
                 let Some(network) = &self.network else {
-                    return Ok(Outcome::Skipped("no network on this runner"));
+                    return Ok(Outcome::Wait(self.config.watch_poll));
                 };
                 let ctx = self.context().await?;
                 match crate::adapters::network::provider::propose(
@@ -250,7 +250,7 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                 if side == RetrievalClient::NAME =>
             {
                 let Some(network) = &self.network else {
-                    return Ok(Outcome::Skipped("no network on this runner"));
+                    return Ok(Outcome::Wait(self.config.watch_poll));
                 };
                 let ctx = self.context().await?;
                 match crate::adapters::network::provider::propose_retrieval(
@@ -267,6 +267,13 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                     }
                     Err(e) => return Err(RunnerError::Network(e.to_string())),
                 }
+            }
+            // The rejection went back as the answer to the client's request; the deal may
+            // now clean up.
+            Effect::Send { message: OutboundMessage::StorageRejected { .. }, .. }
+                if side == StorageProvider::NAME =>
+            {
+                Outcome::Feed(Feedback::StorageProvider(SP::RejectionSent))
             }
             Effect::Send { .. } => Outcome::Skipped("sent by the network adapter"),
             Effect::OpenTransfer { direction: TransferDirection::Pull, .. }
