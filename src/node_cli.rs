@@ -44,6 +44,16 @@ pub enum DealsCommand {
 
 #[derive(Subcommand)]
 pub enum DealCommand {
+    /// Cancels a deal or a retrieval request, recorded with who and why.
+    Cancel {
+        /// The deal (stream) or request id.
+        id: String,
+        /// Why (recorded in the deal's journal).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        api: NodeApi,
+    },
     /// One deal's status row.
     Show {
         /// The deal (stream) id.
@@ -173,7 +183,20 @@ pub async fn deals(command: DealsCommand) -> anyhow::Result<()> {
 
 /// `dealledger deal show`
 pub async fn deal(command: DealCommand) -> anyhow::Result<()> {
-    let DealCommand::Show { id, api } = command;
+    let (id, api) = match command {
+        DealCommand::Show { id, api } => (id, api),
+        DealCommand::Cancel { id, reason, api } => {
+            let operator = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+            let body = json!({ "reason": reason, "operator": operator });
+            let now = call(&api, "POST", &format!("/v1/deals/{id}/cancel"), Some(body)).await?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&now)?);
+            } else {
+                println!("{id}: {}", text(&now["state"]));
+            }
+            return Ok(());
+        }
+    };
     let found = call(&api, "GET", &format!("/v1/deals/{id}"), None).await?;
     if api.json {
         println!("{}", serde_json::to_string_pretty(&found)?);

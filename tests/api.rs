@@ -392,3 +392,30 @@ async fn a_retrieval_started_over_http_writes_the_whole_piece_to_the_node() {
     let (status, refused) = api.json("POST", "/v1/retrievals", Some(&unknown)).await;
     assert_eq!(status, 404, "{refused}");
 }
+
+#[tokio::test]
+async fn an_operator_cancels_over_http_with_a_reason() {
+    let api = api(locked()).await;
+    let stream = recorded_deal(&api, 7).await;
+    let body = json!({ "reason": "duplicate order", "operator": "carol" });
+    // Without the token: refused
+    let response = api.call("POST", &format!("/v1/deals/{stream}/cancel"), None, Some(&body)).await;
+    assert_eq!(response.status, 401);
+    // Unknown deal, empty reason: 404, 400
+    let (status, _) =
+        api.json("POST", &format!("/v1/deals/{}/cancel", Uuid::new_v4()), Some(&body)).await;
+    assert_eq!(status, 404);
+    let (status, _) = api
+        .json("POST", &format!("/v1/deals/{stream}/cancel"), Some(&json!({ "reason": " " })))
+        .await;
+    assert_eq!(status, 400);
+    // With both: the deal moves to Failing, and its row says who and why
+    let (status, now) = api.json("POST", &format!("/v1/deals/{stream}/cancel"), Some(&body)).await;
+    assert_eq!((status, now["state"].as_str()), (200, Some("Failing")), "{now}");
+    let (_, found) = api.json("GET", &format!("/v1/deals/{stream}"), None).await;
+    assert_eq!(found["deal"]["message"], "cancelled by carol: duplicate order");
+    // Cancelling again is a conflict: the machine refuses it, nothing is recorded
+    let (status, refused) =
+        api.json("POST", &format!("/v1/deals/{stream}/cancel"), Some(&body)).await;
+    assert_eq!(status, 409, "{refused}");
+}

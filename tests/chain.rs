@@ -765,3 +765,89 @@ async fn a_rejected_proposal_ends_in_error_on_both_sides_with_the_deposit_return
     assert_eq!(escrow, TokenAmount::ZERO);
     m.assert_invariants().await;
 }
+
+#[tokio::test]
+async fn an_operator_cancels_a_deal_and_its_funds_come_back() {
+    let m = market().await;
+    // Given a deal the provider accepted, before any data moved
+    let proposal = proposal_for(&data(16 * 1024, 19));
+    let deal = m.nodes.client_deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap();
+    m.settle().await;
+    assert_eq!(m.states(&proposal).await.0, "StartDataTransfer");
+    // When an operator cancels it
+    let state =
+        m.nodes.client_deals.cancel(deal.stream_id, "alice", "wrong file", &ctx()).await.unwrap();
+    assert_eq!(state, "Failing");
+    m.settle().await;
+    // Then it ends in Error with who and why, and the deposit went back to the wallet
+    let status = m.nodes.client_deals.get_storage_deal_status(deal.stream_id).await.unwrap();
+    assert_eq!(status.state, "Error");
+    assert_eq!(status.message.as_deref(), Some("cancelled by alice: wrong file"));
+    let escrow = m.devnet.market_balance(proposal.proposal.client).await.unwrap().escrow;
+    assert_eq!(escrow, TokenAmount::ZERO);
+    // An active deal cannot be cancelled: it ends on chain
+    let (active, _) = m.active_deal(20).await;
+    let stream = Deals::storage_stream_id(StorageClient::NAME, &active);
+    let refused = m.nodes.client_deals.cancel(stream, "alice", "changed my mind", &ctx()).await;
+    assert!(matches!(refused, Err(dealledger::deals::DealsError::Rejected(_))), "{refused:?}");
+    m.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_retrieval_request_cancels_its_deal_and_ends_cancelled() {
+    use dealledger::domain::retrieval::RetrievalRequest;
+    use dealledger::fsm::retrieval_request::RetrievalRequestMachine;
+    let m = market().await;
+    let original = data(64 * 1024, 21);
+    let (piece, size) = dealledger::adapters::piece::commp::commp_of(&original);
+    m.nodes.pieces.put(piece, size, original.as_slice()).await.unwrap();
+    let request = RetrievalRequest {
+        payload_cid: piece.cid(),
+        piece_cid: Some(piece),
+        total_bytes: original.len() as u64,
+        part_size: 32 * 1024,
+        provider: PartyKey::of(&provider_key()),
+        client: PartyKey::of(&client_key()),
+        max_price_per_byte: TokenAmount(5),
+    };
+    let deals = &m.nodes.client_deals;
+    let request_id = deals.initiate_retrieval(request, 3, &ctx()).await.unwrap();
+    // Given its first part's deal was started (no data pulled: this runner does not pull)
+    let retrieved = std::env::temp_dir().join(format!("dealledger-cancel-{}", Uuid::new_v4()));
+    let network = RunnerNetwork {
+        client: m.nodes.client.clone(),
+        key: client_key(),
+        pieces: None,
+        retrieved: Some(retrieved),
+    };
+    let config = RunnerConfig { watch_poll: Duration::from_millis(20), ..RunnerConfig::default() };
+    let starter = EffectRunner::new(
+        deals.clone(),
+        m.devnet.clone(),
+        DevnetSealer::new(m.devnet.clone(), 2, 3),
+        config,
+    )
+    .with_network(network);
+    let claimed = dealledger::events::outbox::claim(
+        deals.journal().pool(),
+        &["start-retrieval-deal"],
+        Duration::from_millis(1),
+        10,
+    )
+    .await
+    .unwrap();
+    assert_eq!(claimed.len(), 1);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    starter.run_once().await.unwrap();
+    let part =
+        deals.load::<RetrievalRequestMachine>(request_id).await.unwrap().data.parts[0].deal_stream;
+    let part = part.expect("the first part has a deal");
+    // When an operator cancels the request
+    assert_eq!(deals.cancel(request_id, "bob", "not needed", &ctx()).await.unwrap(), "Cancelling");
+    m.settle().await;
+    // Then its deal was cancelled too, and the request ended Cancelled
+    let request = deals.load::<RetrievalRequestMachine>(request_id).await.unwrap();
+    assert_eq!(request.state.name(), "Cancelled");
+    let deal = deals.load::<RetrievalClient>(part).await.unwrap();
+    assert!(matches!(deal.state.name(), "Cancelled" | "Cancelling"), "{}", deal.state.name());
+}

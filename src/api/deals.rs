@@ -314,3 +314,33 @@ pub async fn start_retrieval(
         })),
     ))
 }
+
+/// Why an operator cancels.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cancel {
+    /// Recorded in the deal's event, with the operator.
+    reason: String,
+    /// Who asks (default: `api`).
+    operator: Option<String>,
+}
+
+/// An operator cancels a deal or a retrieval request: recorded with who and why; the node's
+/// runner then closes its transfer and releases its funds. 409 when its state cannot be
+/// cancelled (an active storage deal ends on chain, not by cancelling).
+pub async fn cancel(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    body: Result<Json<Cancel>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    if body.reason.trim().is_empty() {
+        return Err(ApiError::BadRequest("say why: reason is empty".into()));
+    }
+    let operator = body.operator.unwrap_or_else(|| "api".into());
+    let ctx =
+        DecideContext { epoch: state.head().await.unwrap_or_default(), ..DecideContext::default() };
+    let now = state.deals.cancel(id, &operator, &body.reason, &ctx).await?;
+    Ok(Json(json!({ "id": id, "state": now })))
+}

@@ -17,6 +17,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/deals"),
     ("get", "/v1/deals/{id}"),
     ("get", "/v1/deals/{id}/audit"),
+    ("post", "/v1/deals/{id}/cancel"),
     ("get", "/v1/events"),
     ("post", "/v1/storage-deals"),
     ("post", "/v1/retrievals"),

@@ -156,6 +156,64 @@ impl Deals {
         Ok(request_id)
     }
 
+    /// An operator cancels a deal or a retrieval request, saying who and why (recorded in the
+    /// event, shown by `audit`). The machine decides whether its state can be cancelled; the
+    /// effect runner then closes its transfer and releases its funds. Returns the new state.
+    pub async fn cancel(
+        &self,
+        stream_id: Uuid,
+        operator: &str,
+        reason: &str,
+        ctx: &DecideContext,
+    ) -> Result<&'static str, DealsError> {
+        use crate::fsm::Label;
+        use crate::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent};
+        use crate::fsm::retrieval_provider::{RetrievalProvider, RetrievalProviderEvent};
+        let head = self.journal.head(stream_id).await?;
+        if head.version == 0 {
+            return Err(DealsError::NotFound { stream_id });
+        }
+        let reason = format!("cancelled by {operator}: {reason}");
+        Ok(match head.stream_type.as_str() {
+            StorageClient::NAME => {
+                let command = StorageClientEvent::DealCancelled { reason };
+                self.handle::<StorageClient>(stream_id, command, ctx, None).await?.deal.state.name()
+            }
+            StorageProvider::NAME => {
+                let command = StorageProviderEvent::DealCancelled { reason };
+                self.handle::<StorageProvider>(stream_id, command, ctx, None)
+                    .await?
+                    .deal
+                    .state
+                    .name()
+            }
+            RetrievalClient::NAME => {
+                let command = RetrievalClientEvent::DealCancelled { reason };
+                self.handle::<RetrievalClient>(stream_id, command, ctx, None)
+                    .await?
+                    .deal
+                    .state
+                    .name()
+            }
+            RetrievalProvider::NAME => {
+                let command = RetrievalProviderEvent::DealCancelled { reason };
+                self.handle::<RetrievalProvider>(stream_id, command, ctx, None)
+                    .await?
+                    .deal
+                    .state
+                    .name()
+            }
+            _ => {
+                let command = RetrievalRequestEvent::RequestCancelled { reason };
+                self.handle::<RetrievalRequestMachine>(stream_id, command, ctx, None)
+                    .await?
+                    .deal
+                    .state
+                    .name()
+            }
+        })
+    }
+
     /// Loads a deal by replaying its stream through machine `M`. A stream with no events is a
     /// deal in the initial state at version 0.
     pub async fn load<M: Projected>(&self, stream_id: Uuid) -> Result<Deal<M>, DealsError> {

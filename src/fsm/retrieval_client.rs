@@ -500,7 +500,9 @@ impl Machine for RetrievalClient {
             Input::CompletionVerificationFailed => Transfer("pull: bytes missing"),
             Input::DataTransferFailed => Runner("open-transfer past its attempts"),
             Input::DealTimedOut => Timer,
-            Input::DealCancelled => NotYet("operator cancel (issue 9)"),
+            Input::DealCancelled => Command(
+                "operator cancel: Deals::cancel, POST /v1/deals/{id}/cancel, dealledger deal cancel",
+            ),
             Input::CleanupCompleted => Runner("after release-funds and close-transfer"),
         }
     }
@@ -663,7 +665,6 @@ mod tests {
         crate::fsm::conformance::every_input_has_its_producer::<RetrievalClient>(&[
             "FundsAdded",
             "PaymentFailed",
-            "DealCancelled",
         ]);
     }
 

@@ -360,8 +360,10 @@ impl Machine for RetrievalProvider {
             Input::CompletionSent => Transfer("completion answered"),
             Input::DataTransferFailed => NotYet("the provider never gives up a pull by itself"),
             Input::DealTimedOut => Timer,
-            Input::DealCancelled => NotYet("operator cancel (issue 9)"),
-            Input::CleanupCompleted => NotYet("the provider's clean-up effects are not run"),
+            Input::DealCancelled => Command(
+                "operator cancel: Deals::cancel, POST /v1/deals/{id}/cancel, dealledger deal cancel",
+            ),
+            Input::CleanupCompleted => Runner("after close-transfer and redeem-voucher"),
         }
     }
 
@@ -463,8 +465,6 @@ mod tests {
         crate::fsm::conformance::every_input_has_its_producer::<RetrievalProvider>(&[
             "UnsealFailed",
             "DataTransferFailed",
-            "DealCancelled",
-            "CleanupCompleted",
         ]);
     }
 

@@ -295,8 +295,10 @@ impl Machine for RetrievalRequestMachine {
             Input::PartFailed => Notice("the part's retrieval deal failed"),
             Input::AllPartsCompleted => Derived,
             Input::RetriesExhausted => Derived,
-            Input::RequestCancelled => NotYet("operator cancel (issue 9)"),
-            Input::CleanupCompleted => NotYet("cancel-retrieval-deals is not run"),
+            Input::RequestCancelled => Command(
+                "operator cancel: Deals::cancel, POST /v1/deals/{id}/cancel, dealledger deal cancel",
+            ),
+            Input::CleanupCompleted => Runner("cancel-retrieval-deals"),
         }
     }
 
@@ -403,10 +405,7 @@ mod tests {
     /// Who sends each input; the ones nothing sends yet, named (issue 9 wires them).
     #[test]
     fn every_input_has_its_producer() {
-        crate::fsm::conformance::every_input_has_its_producer::<RetrievalRequestMachine>(&[
-            "RequestCancelled",
-            "CleanupCompleted",
-        ]);
+        crate::fsm::conformance::every_input_has_its_producer::<RetrievalRequestMachine>(&[]);
     }
 
     #[test]

@@ -420,7 +420,9 @@ impl Machine for StorageClient {
             Input::DealExpired => Chain("watch-expiry"),
             Input::DealSlashed => Chain("watch-* on a slashed deal"),
             Input::DealTimedOut => Timer,
-            Input::DealCancelled => NotYet("operator cancel (issue 9)"),
+            Input::DealCancelled => Command(
+                "operator cancel: Deals::cancel, POST /v1/deals/{id}/cancel, dealledger deal cancel",
+            ),
             Input::CleanupCompleted => Runner("after release-funds and close-transfer"),
         }
     }
@@ -550,7 +552,6 @@ mod tests {
         crate::fsm::conformance::every_input_has_its_producer::<StorageClient>(&[
             "FundingInitiated",
             "DataTransferQueued",
-            "DealCancelled",
         ]);
     }
 

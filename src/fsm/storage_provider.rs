@@ -493,7 +493,9 @@ impl Machine for StorageProvider {
             Input::DealSlashed => Chain("watch-* on a slashed deal"),
             Input::SealingFailed => Chain("the sealing pipeline failed the sector"),
             Input::DealTimedOut => Timer,
-            Input::DealCancelled => NotYet("operator cancel (issue 9)"),
+            Input::DealCancelled => Command(
+                "operator cancel: Deals::cancel, POST /v1/deals/{id}/cancel, dealledger deal cancel",
+            ),
             Input::CleanupCompleted => Runner("after release-funds and close-transfer"),
         }
     }
@@ -651,7 +653,6 @@ mod tests {
             "DataTransferInterrupted",
             "DataTransferFailed",
             "FundingInitiated",
-            "DealCancelled",
         ]);
     }
 

@@ -29,6 +29,7 @@ use crate::events::outbox::{self, PendingEffect};
 use crate::fsm::effects::Effect;
 use crate::fsm::retrieval_client::RetrievalClient;
 use crate::fsm::retrieval_client::RetrievalClientEvent as RC;
+use crate::fsm::retrieval_provider::RetrievalProvider;
 use crate::fsm::retrieval_request::RetrievalRequestMachine;
 use crate::fsm::storage_client::{StorageClient, StorageClientEvent as SC};
 use crate::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
@@ -296,6 +297,9 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             }
             Feedback::RetrievalClient(r) => {
                 d.handle_effect_result::<RetrievalClient>(id, stream, r, &ctx, None).await?;
+            }
+            Feedback::RetrievalProvider(r) => {
+                d.handle_effect_result::<RetrievalProvider>(id, stream, r, &ctx, None).await?;
             }
             Feedback::RetrievalRequest(request, r) => {
                 d.handle_effect_result::<RetrievalRequestMachine>(id, request, r, &ctx, None)

@@ -9,15 +9,16 @@ use uuid::Uuid;
 use super::{EffectRunner, RunnerError};
 use crate::adapters::chain::{Chain, MessageKey, MessageStatus, OnChainDealState, SealingPipeline};
 use crate::adapters::chain::{DealObservation, SealingStatus};
+use crate::deals::DealsError;
 use crate::domain::{DealId, TokenAmount};
 use crate::events::outbox::PendingEffect;
 use crate::fsm::effects::{Effect, Notice, OutboundMessage, TransferDirection};
 use crate::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent as RC};
-use crate::fsm::retrieval_provider::RetrievalProvider;
+use crate::fsm::retrieval_provider::{RetrievalProvider, RetrievalProviderEvent as RP};
 use crate::fsm::retrieval_request::{RetrievalRequestEvent as RR, RetrievalRequestMachine};
 use crate::fsm::storage_client::{StorageClient, StorageClientEvent as SC};
 use crate::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
-use crate::fsm::{Machine, retrieval_client, storage_client, storage_provider};
+use crate::fsm::{Machine, retrieval_client, retrieval_provider, storage_client, storage_provider};
 
 /// A machine input an effect's result became, for the stream that caused the effect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +29,8 @@ pub enum Feedback {
     StorageProvider(SP),
     /// For a retrieval client deal.
     RetrievalClient(RC),
+    /// For a retrieval provider deal.
+    RetrievalProvider(RP),
     /// For another stream: the retrieval request a deal belongs to.
     RetrievalRequest(Uuid, RR),
 }
@@ -66,6 +69,7 @@ pub const CHAIN_EFFECTS: &[&str] = &[
     "allocate-lane",
     "redeem-voucher",
     "notify",
+    "cancel-retrieval-deals",
 ];
 
 /// Effects that wait on the chain: re-armed at every new head.
@@ -281,6 +285,9 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             {
                 self.pull(stream).await?
             }
+            Effect::CancelRetrievalDeals { request_id } => {
+                self.cancel_request_deals(*request_id).await?
+            }
             Effect::StartRetrievalDeal { request_id, part_index, range } => {
                 self.start_retrieval_deal(*request_id, *part_index, *range).await?
             }
@@ -331,7 +338,8 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             }
             Effect::RedeemVoucher { voucher } => {
                 self.chain.submit_voucher(voucher).await?;
-                Outcome::Done
+                // Part of a failed or cancelled deal's clean-up, it may be the last step.
+                self.after_cleanup_step(pending).await?
             }
             _ => Outcome::Skipped("not a chain effect"),
         })
@@ -516,6 +524,31 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
         )))
     }
 
+    /// A cancelled or failed request: the deal fetching its current part is cancelled too,
+    /// and the request's clean-up is done.
+    async fn cancel_request_deals(&self, request_id: Uuid) -> Result<Outcome, RunnerError> {
+        let request = self.deals.load::<RetrievalRequestMachine>(request_id).await?;
+        let ctx = self.context().await?;
+        for part in &request.data.parts {
+            let Some(deal_stream) = part.deal_stream else { continue };
+            let deal = self.deals.load::<RetrievalClient>(deal_stream).await?;
+            if deal.is_terminal() {
+                continue;
+            }
+            let reason = format!("its request {request_id} ended");
+            match self
+                .deals
+                .handle::<RetrievalClient>(deal_stream, RC::DealCancelled { reason }, &ctx, None)
+                .await
+            {
+                // Not cancellable where it is (completing): it finishes on its own.
+                Ok(_) | Err(DealsError::Rejected(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Outcome::Feed(Feedback::RetrievalRequest(request_id, RR::CleanupCompleted)))
+    }
+
     /// Whether the storage deal that caused `pending` has been published on chain.
     async fn published(&self, pending: &PendingEffect) -> Result<bool, RunnerError> {
         Ok(match pending.stream_type.as_str() {
@@ -568,7 +601,17 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                     Outcome::Done
                 }
             }
-            RetrievalProvider::NAME => Outcome::Done,
+            RetrievalProvider::NAME => {
+                let state = self.deals.load::<RetrievalProvider>(id).await?.state;
+                if matches!(
+                    state,
+                    retrieval_provider::State::Failing | retrieval_provider::State::Cancelling
+                ) {
+                    Outcome::Feed(Feedback::RetrievalProvider(RP::CleanupCompleted))
+                } else {
+                    Outcome::Done
+                }
+            }
             _ => Outcome::Done,
         })
     }
