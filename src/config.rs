@@ -366,6 +366,17 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever a configuration file holds, loading and validating it gives a value or an
+        /// error that names the problem.
+        #[test]
+        fn arbitrary_text_never_panics(text in "[ -~\n]{0,200}") {
+            if let Ok(config) = NodeConfig::from_toml(&text, "fuzz") {
+                let _ = config.validate();
+            }
+        }
+    }
+
     #[test]
     fn the_environment_overrides_the_file() {
         let env = |key: &str| match key {

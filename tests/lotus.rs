@@ -262,3 +262,46 @@ async fn node_errors_are_typed() {
         Err(ChainError::Unsupported { .. })
     ));
 }
+
+/// Any JSON a node might answer, built from a few shapes and arbitrary values.
+fn arbitrary_json() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        "[ -~]{0,12}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 64, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+            proptest::collection::hash_map(
+                prop_oneof![
+                    Just("Proposal".to_owned()),
+                    Just("State".to_owned()),
+                    Just("PieceCID".to_owned()),
+                    Just("/".to_owned()),
+                    Just("Height".to_owned()),
+                    Just("Receipt".to_owned()),
+                    Just("ExitCode".to_owned()),
+                    "[A-Za-z]{1,10}",
+                ],
+                inner,
+                0..6
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest::proptest! {
+    /// Whatever JSON a node answers, decoding it gives an observation or a typed error.
+    #[test]
+    fn arbitrary_json_never_panics(value in arbitrary_json(), height in proptest::prelude::any::<i64>()) {
+        let _ = deal_observation(DealId(1), &value);
+        let _ = message_status_of(&value, height);
+        let mut deal = documented_deal(-1, -1);
+        deal["State"] = value.clone();
+        let _ = deal_observation(DealId(1), &deal);
+    }
+}

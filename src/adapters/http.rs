@@ -134,6 +134,17 @@ mod tests {
         assert_eq!((parsed.status, parsed.body.as_slice()), (404, &b"abcde"[..]));
     }
 
+    proptest::proptest! {
+        /// Whatever bytes a server sends, the parser answers with a value or an error.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = parse_response(&bytes);
+            let mut framed = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = parse_response(&framed);
+        }
+    }
+
     #[test]
     fn refuses_what_is_not_http() {
         for bad in [
