@@ -1,7 +1,9 @@
 //! `cargo bench --bench transfer`: pushing a deal's data over libp2p on 127.0.0.1 with the
 //! ledger (journal progress, piece store on disk, commP check at the end), beside the same
-//! chunks over the same protocol answered by a bare node that keeps nothing. Prints a table and
-//! writes `target/bench/transfer.json`. Size scales with `BENCH_SCALE` (default 1.0: 64 MiB).
+//! chunks over the same protocol answered by a bare node that keeps nothing, and beside a raw
+//! libp2p stream copy of the same bytes (TCP + noise + yamux, `libp2p-stream`). Prints a table
+//! and writes `target/bench/transfer.json`. Size scales with `BENCH_SCALE` (default 1.0:
+//! 64 MiB).
 
 use std::time::{Duration, Instant};
 
@@ -136,11 +138,81 @@ async fn bare_push(data: &[u8]) -> f64 {
     data.len() as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64
 }
 
+/// A node with only a raw stream behaviour.
+fn raw_swarm() -> libp2p::Swarm<libp2p_stream::Behaviour> {
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default().nodelay(true),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .expect("transport")
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
+/// The same bytes through one raw libp2p stream: the ceiling of any transfer protocol here.
+async fn raw_stream(data: &[u8]) -> f64 {
+    use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+    use libp2p::swarm::SwarmEvent;
+    const PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new("/dealledger/bench/raw/1");
+    let mut receiver = raw_swarm();
+    let receiver_peer = *receiver.local_peer_id();
+    let mut incoming = receiver.behaviour().new_control().accept(PROTOCOL).expect("accept");
+    receiver.listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr")).expect("listen");
+    let address = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = receiver.select_next_some().await {
+            break address;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            receiver.select_next_some().await;
+        }
+    });
+    let expected = data.len();
+    let (done, finished) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Some((_, mut stream)) = incoming.next().await {
+            let mut buffer = vec![0u8; 1 << 20];
+            let mut read = 0;
+            while read < expected {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
+            let _ = done.send(read);
+        }
+    });
+    let mut sender = raw_swarm();
+    let mut control = sender.behaviour().new_control();
+    sender.dial(address.with(libp2p::multiaddr::Protocol::P2p(receiver_peer))).expect("dial");
+    tokio::spawn(async move {
+        loop {
+            sender.select_next_some().await;
+        }
+    });
+    let started = Instant::now();
+    let mut stream = control.open_stream(receiver_peer, PROTOCOL).await.expect("stream");
+    for chunk in data.chunks(CHUNK_BYTES) {
+        stream.write_all(chunk).await.expect("write");
+    }
+    stream.close().await.expect("close");
+    let read = finished.await.expect("the receiver read");
+    assert_eq!(read, data.len());
+    (data.len() as f64 / (1 << 20) as f64) / started.elapsed().as_secs_f64()
+}
+
 #[tokio::main]
 async fn main() {
     let scale: f64 = std::env::var("BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
     let bytes = ((64u64 << 20) as f64 * scale) as usize;
     let data: Vec<u8> = (0..bytes).map(|i| (i as u32).wrapping_mul(2_654_435_761) as u8).collect();
+    let raw = raw_stream(&data).await;
     let bare = bare_push(&data).await;
     let ledger = ledger_push(&data).await;
     println!(
@@ -149,10 +221,13 @@ async fn main() {
         CHUNK_BYTES >> 10
     );
     println!("{:<62} {:>10}", "workload", "MiB/s");
+    println!("{:<62} {:>10.1}", "raw libp2p stream copy (tcp + noise + yamux)", raw);
     println!("{:<62} {:>10.1}", "bare request-response chunks (same protocol, nothing kept)", bare);
     println!("{:<62} {:>10.1}", "ledger push (journal progress, piece store, commP check)", ledger);
-    println!("ledger / bare: {:.2}", ledger / bare);
-    let json = serde_json::json!({"bytes": bytes, "bare_mib_per_s": bare, "ledger_mib_per_s": ledger, "ratio": ledger / bare});
+    println!("ledger / bare: {:.2}; ledger / raw stream: {:.2}", ledger / bare, ledger / raw);
+    let json = serde_json::json!({"bytes": bytes, "raw_stream_mib_per_s": raw,
+        "bare_mib_per_s": bare, "ledger_mib_per_s": ledger,
+        "ratio_to_bare": ledger / bare, "ratio_to_raw_stream": ledger / raw});
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");
     std::fs::write(dir.join("transfer.json"), serde_json::to_string_pretty(&json).expect("json"))
