@@ -44,6 +44,16 @@ pub enum DealsCommand {
 
 #[derive(Subcommand)]
 pub enum DealCommand {
+    /// Fails a deal by hand (through Failing: funds released), recorded with who and why.
+    Fail {
+        /// The deal (stream) id.
+        id: String,
+        /// Why (recorded in the deal's journal).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        api: NodeApi,
+    },
     /// Cancels a deal or a retrieval request, recorded with who and why.
     Cancel {
         /// The deal (stream) or request id.
@@ -183,12 +193,17 @@ pub async fn deals(command: DealsCommand) -> anyhow::Result<()> {
 
 /// `dealledger deal show`
 pub async fn deal(command: DealCommand) -> anyhow::Result<()> {
+    let command_kind = match &command {
+        DealCommand::Fail { .. } => "fail",
+        _ => "other",
+    };
     let (id, api) = match command {
         DealCommand::Show { id, api } => (id, api),
-        DealCommand::Cancel { id, reason, api } => {
+        DealCommand::Cancel { id, reason, api } | DealCommand::Fail { id, reason, api } => {
+            let verb = if matches!(command_kind, "fail") { "fail" } else { "cancel" };
             let operator = std::env::var("USER").unwrap_or_else(|_| "cli".into());
             let body = json!({ "reason": reason, "operator": operator });
-            let now = call(&api, "POST", &format!("/v1/deals/{id}/cancel"), Some(body)).await?;
+            let now = call(&api, "POST", &format!("/v1/deals/{id}/{verb}"), Some(body)).await?;
             if api.json {
                 println!("{}", serde_json::to_string_pretty(&now)?);
             } else {

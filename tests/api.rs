@@ -419,3 +419,14 @@ async fn an_operator_cancels_over_http_with_a_reason() {
         api.json("POST", &format!("/v1/deals/{stream}/cancel"), Some(&body)).await;
     assert_eq!(status, 409, "{refused}");
 }
+
+#[tokio::test]
+async fn an_operator_fails_a_deal_over_http() {
+    let api = api(locked()).await;
+    let stream = recorded_deal(&api, 8).await;
+    let body = json!({ "reason": "client asked", "operator": "erin" });
+    let (status, now) = api.json("POST", &format!("/v1/deals/{stream}/fail"), Some(&body)).await;
+    assert_eq!((status, now["state"].as_str()), (200, Some("Failing")), "{now}");
+    let (_, found) = api.json("GET", &format!("/v1/deals/{stream}"), None).await;
+    assert_eq!(found["deal"]["message"], "failed by erin: client asked");
+}

@@ -851,3 +851,26 @@ async fn a_cancelled_retrieval_request_cancels_its_deal_and_ends_cancelled() {
     let deal = deals.load::<RetrievalClient>(part).await.unwrap();
     assert!(matches!(deal.state.name(), "Cancelled" | "Cancelling"), "{}", deal.state.name());
 }
+
+#[tokio::test]
+async fn an_operator_fails_a_sealing_deal_by_hand_and_it_goes_through_failing() {
+    let m = market().await;
+    let (proposal, _) = m.pushed_deal(22).await;
+    m.settle().await;
+    assert_eq!(m.states(&proposal).await.1, "AwaitingPreCommit");
+    // When the provider's operator fails it by hand
+    let stream = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
+    let deals = &m.nodes.provider_deals;
+    assert_eq!(deals.fail(stream, "dave", "disk broken", &ctx()).await.unwrap(), "Failing");
+    m.settle().await;
+    // Then it went through Failing to Error, with who and why
+    let status = deals.get_storage_deal_status(stream).await.unwrap();
+    assert_eq!(
+        (status.state, status.message.as_deref()),
+        ("Error", Some("failed by dave: disk broken"))
+    );
+    let audit = dealledger::audit::timeline::audit(deals.journal(), stream, None).await.unwrap();
+    let path: Vec<_> = audit.entries.iter().filter_map(|e| e.to).collect();
+    assert!(path.ends_with(&["Failing", "Error"]), "{path:?}");
+    m.assert_invariants().await;
+}

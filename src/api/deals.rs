@@ -315,7 +315,7 @@ pub async fn start_retrieval(
     ))
 }
 
-/// Why an operator cancels.
+/// Why an operator cancels or fails a deal.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cancel {
@@ -329,9 +329,29 @@ pub struct Cancel {
 /// runner then closes its transfer and releases its funds. 409 when its state cannot be
 /// cancelled (an active storage deal ends on chain, not by cancelling).
 pub async fn cancel(
+    state: State<ApiState>,
+    id: Path<String>,
+    body: Result<Json<Cancel>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    by_operator(state, id, body, false).await
+}
+
+/// An operator fails a deal by hand: it goes through Failing (funds released, transfer
+/// closed), recorded with who and why. 409 where failing it makes no sense (an active
+/// storage deal ends on chain).
+pub async fn fail(
+    state: State<ApiState>,
+    id: Path<String>,
+    body: Result<Json<Cancel>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    by_operator(state, id, body, true).await
+}
+
+async fn by_operator(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     body: Result<Json<Cancel>, JsonRejection>,
+    fail: bool,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -341,6 +361,10 @@ pub async fn cancel(
     let operator = body.operator.unwrap_or_else(|| "api".into());
     let ctx =
         DecideContext { epoch: state.head().await.unwrap_or_default(), ..DecideContext::default() };
-    let now = state.deals.cancel(id, &operator, &body.reason, &ctx).await?;
+    let now = if fail {
+        state.deals.fail(id, &operator, &body.reason, &ctx).await?
+    } else {
+        state.deals.cancel(id, &operator, &body.reason, &ctx).await?
+    };
     Ok(Json(json!({ "id": id, "state": now })))
 }

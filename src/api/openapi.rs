@@ -18,6 +18,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/deals/{id}"),
     ("get", "/v1/deals/{id}/audit"),
     ("post", "/v1/deals/{id}/cancel"),
+    ("post", "/v1/deals/{id}/fail"),
     ("get", "/v1/events"),
     ("post", "/v1/storage-deals"),
     ("post", "/v1/retrievals"),

@@ -67,6 +67,13 @@ impl From<sqlx::Error> for DealsError {
     }
 }
 
+/// What an operator asks of a deal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OperatorAction {
+    Cancel,
+    Fail,
+}
+
 /// Why an event happened: the operation it belongs to and what directly caused it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Cause {
@@ -166,50 +173,92 @@ impl Deals {
         reason: &str,
         ctx: &DecideContext,
     ) -> Result<&'static str, DealsError> {
+        self.by_operator(stream_id, OperatorAction::Cancel, operator, reason, ctx).await
+    }
+
+    /// An operator fails a deal by hand, saying who and why: it goes through Failing (the
+    /// runner releases its funds and closes its transfer), never straight to Error. A
+    /// retrieval request is cancelled, not failed.
+    pub async fn fail(
+        &self,
+        stream_id: Uuid,
+        operator: &str,
+        reason: &str,
+        ctx: &DecideContext,
+    ) -> Result<&'static str, DealsError> {
+        self.by_operator(stream_id, OperatorAction::Fail, operator, reason, ctx).await
+    }
+
+    async fn by_operator(
+        &self,
+        stream_id: Uuid,
+        action: OperatorAction,
+        operator: &str,
+        reason: &str,
+        ctx: &DecideContext,
+    ) -> Result<&'static str, DealsError> {
         use crate::fsm::Label;
-        use crate::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent};
-        use crate::fsm::retrieval_provider::{RetrievalProvider, RetrievalProviderEvent};
+        use crate::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent as RC};
+        use crate::fsm::retrieval_provider::{RetrievalProvider, RetrievalProviderEvent as RP};
+        use StorageClientEvent as SC;
+        use StorageProviderEvent as SP;
         let head = self.journal.head(stream_id).await?;
         if head.version == 0 {
             return Err(DealsError::NotFound { stream_id });
         }
-        let reason = format!("cancelled by {operator}: {reason}");
+        let verb = match action {
+            OperatorAction::Cancel => "cancelled",
+            OperatorAction::Fail => "failed",
+        };
+        let reason = format!("{verb} by {operator}: {reason}");
+        let cancel = action == OperatorAction::Cancel;
         Ok(match head.stream_type.as_str() {
             StorageClient::NAME => {
-                let command = StorageClientEvent::DealCancelled { reason };
-                self.handle::<StorageClient>(stream_id, command, ctx, None).await?.deal.state.name()
+                let c = if cancel {
+                    SC::DealCancelled { reason }
+                } else {
+                    SC::FailedByOperator { reason }
+                };
+                self.handle::<StorageClient>(stream_id, c, ctx, None).await?.deal.state.name()
             }
             StorageProvider::NAME => {
-                let command = StorageProviderEvent::DealCancelled { reason };
-                self.handle::<StorageProvider>(stream_id, command, ctx, None)
-                    .await?
-                    .deal
-                    .state
-                    .name()
+                let c = if cancel {
+                    SP::DealCancelled { reason }
+                } else {
+                    SP::FailedByOperator { reason }
+                };
+                self.handle::<StorageProvider>(stream_id, c, ctx, None).await?.deal.state.name()
             }
             RetrievalClient::NAME => {
-                let command = RetrievalClientEvent::DealCancelled { reason };
-                self.handle::<RetrievalClient>(stream_id, command, ctx, None)
-                    .await?
-                    .deal
-                    .state
-                    .name()
+                let c = if cancel {
+                    RC::DealCancelled { reason }
+                } else {
+                    RC::FailedByOperator { reason }
+                };
+                self.handle::<RetrievalClient>(stream_id, c, ctx, None).await?.deal.state.name()
             }
             RetrievalProvider::NAME => {
-                let command = RetrievalProviderEvent::DealCancelled { reason };
-                self.handle::<RetrievalProvider>(stream_id, command, ctx, None)
+                let c = if cancel {
+                    RP::DealCancelled { reason }
+                } else {
+                    RP::FailedByOperator { reason }
+                };
+                self.handle::<RetrievalProvider>(stream_id, c, ctx, None).await?.deal.state.name()
+            }
+            RetrievalRequestMachine::NAME if cancel => {
+                let c = RetrievalRequestEvent::RequestCancelled { reason };
+                self.handle::<RetrievalRequestMachine>(stream_id, c, ctx, None)
                     .await?
                     .deal
                     .state
                     .name()
             }
-            _ => {
-                let command = RetrievalRequestEvent::RequestCancelled { reason };
-                self.handle::<RetrievalRequestMachine>(stream_id, command, ctx, None)
-                    .await?
-                    .deal
-                    .state
-                    .name()
+            other => {
+                return Err(DealsError::WrongStreamType {
+                    stream_id,
+                    expected: "a deal",
+                    actual: other.to_owned(),
+                });
             }
         })
     }

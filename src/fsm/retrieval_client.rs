@@ -30,6 +30,7 @@ state_machine! {
         DealNotFound => DealNotFound [NotifyFailed],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Accepted => {
         PaymentChannelCreateInitiated => PaymentChannelCreating [WaitForPaymentChannel],
@@ -37,24 +38,28 @@ state_machine! {
         PaymentChannelFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     PaymentChannelCreating => {
         PaymentChannelReady => PaymentChannelAllocatingLane [AllocateLane],
         PaymentChannelFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     PaymentChannelAddingFunds => {
         PaymentChannelReady => PaymentChannelAllocatingLane [AllocateLane],
         PaymentChannelFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     PaymentChannelAllocatingLane => {
         LaneAllocated => Ongoing [OpenTransfer],
         PaymentChannelFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Ongoing => {
         BlocksReceived => Ongoing,
@@ -64,6 +69,7 @@ state_machine! {
         DataTransferFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     FundsNeeded => {
         FundsAvailable => SendFunds [SendPayment],
@@ -71,6 +77,7 @@ state_machine! {
         DataTransferFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     FundsNeededLastPayment => {
         FundsAvailable => SendFundsLastPayment [SendPayment],
@@ -78,36 +85,43 @@ state_machine! {
         DataTransferFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     InsufficientFunds => {
         FundsAdded => SendFunds [SendPayment],
         FundsAddedForLastPayment => SendFundsLastPayment [SendPayment],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     SendFunds => {
         PaymentSent => Ongoing,
         PaymentFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     SendFundsLastPayment => {
         PaymentSent => Finalizing,
         PaymentFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     BlocksComplete => {
         LastPaymentRequested => FundsNeededLastPayment [CheckFunds],
         ProviderCompleted => CheckComplete [VerifyData],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Finalizing => {
         ProviderCompleted => CheckComplete [VerifyData],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     CheckComplete => {
         CompletionVerified => Completed [NotifyCompleted],
         CompletionVerificationFailed => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Cancelling(CleanupCompleted) => Cancelled [NotifyFailed],
     Failing(CleanupCompleted) => Errored [NotifyFailed],
@@ -173,6 +187,7 @@ alphabet! {
         FundsAddedForLastPayment, PaymentSent, PaymentFailed, ProviderCompleted,
         CompletionVerified, CompletionVerificationFailed, DataTransferFailed, DealTimedOut,
         DealCancelled, CleanupCompleted,
+        FailedByOperator,
     }
 }
 
@@ -248,6 +263,8 @@ pub enum RetrievalClientEvent {
     DealCancelled { reason: String },
     /// The transfer is closed and funds released after a cancel or failure.
     CleanupCompleted,
+    /// An operator failed the deal by hand: who and why.
+    FailedByOperator { reason: String },
 }
 
 impl RetrievalClientEvent {
@@ -280,6 +297,7 @@ impl RetrievalClientEvent {
             E::DataTransferFailed { .. } => Input::DataTransferFailed,
             E::DealTimedOut { .. } => Input::DealTimedOut,
             E::DealCancelled { .. } => Input::DealCancelled,
+            E::FailedByOperator { .. } => Input::FailedByOperator,
             E::CleanupCompleted => Input::CleanupCompleted,
         }
     }
@@ -388,7 +406,8 @@ impl Machine for RetrievalClient {
             | E::CompletionVerificationFailed { reason }
             | E::DataTransferFailed { reason }
             | E::DealTimedOut { reason }
-            | E::DealCancelled { reason } => data.message = Some(reason.clone()),
+            | E::DealCancelled { reason }
+            | E::FailedByOperator { reason } => data.message = Some(reason.clone()),
             E::DealNotFound => data.message = Some("the provider does not have the piece".into()),
             // Invariant: a deal in a terminal state holds no reserved funds.
             E::CompletionVerified | E::CleanupCompleted => data.funds_reserved = TokenAmount::ZERO,
@@ -500,6 +519,9 @@ impl Machine for RetrievalClient {
             Input::CompletionVerificationFailed => Transfer("pull: bytes missing"),
             Input::DataTransferFailed => Runner("open-transfer past its attempts"),
             Input::DealTimedOut => Timer,
+            Input::FailedByOperator => Command(
+                "operator fail: Deals::fail, POST /v1/deals/{id}/fail, dealledger deal fail",
+            ),
             Input::DealCancelled => Command(
                 "operator cancel: Deals::cancel, POST /v1/deals/{id}/cancel, dealledger deal cancel",
             ),
@@ -648,6 +670,7 @@ mod tests {
                 Input::DataTransferFailed => E::DataTransferFailed { reason: reason() },
                 Input::DealTimedOut => E::DealTimedOut { reason: reason() },
                 Input::DealCancelled => E::DealCancelled { reason: reason() },
+                Input::FailedByOperator => E::FailedByOperator { reason: reason() },
                 Input::CleanupCompleted => E::CleanupCompleted,
             }
         }

@@ -30,11 +30,13 @@ state_machine! {
         UnsealFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Unsealed => {
         DataTransferStarted => Ongoing,
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Ongoing => {
         BlocksSent => Ongoing,
@@ -43,27 +45,32 @@ state_machine! {
         DataTransferFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     FundsNeeded => {
         PaymentReceived => Ongoing,
         DataTransferFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     BlocksComplete => {
         LastPaymentDue => FundsNeededLastPayment [RequestLastPayment],
         NoPaymentDue => Finalizing [SendCompletion],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     FundsNeededLastPayment => {
         PaymentReceived => Finalizing [SendCompletion],
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Finalizing => {
         CompletionSent => Completed [RedeemPayment],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Cancelling(CleanupCompleted) => Cancelled,
     Failing(CleanupCompleted) => Errored,
@@ -112,6 +119,7 @@ alphabet! {
         DataTransferStarted, BlocksSent, PaymentDue, PaymentReceived, AllBlocksSent,
         LastPaymentDue, NoPaymentDue, CompletionSent, DataTransferFailed, DealTimedOut,
         DealCancelled, CleanupCompleted,
+        FailedByOperator,
     }
 }
 
@@ -160,6 +168,8 @@ pub enum RetrievalProviderEvent {
     DealCancelled { reason: String },
     /// The transfer is closed after a cancel or failure.
     CleanupCompleted,
+    /// An operator failed the deal by hand: who and why.
+    FailedByOperator { reason: String },
 }
 
 impl RetrievalProviderEvent {
@@ -183,6 +193,7 @@ impl RetrievalProviderEvent {
             E::DataTransferFailed { .. } => Input::DataTransferFailed,
             E::DealTimedOut { .. } => Input::DealTimedOut,
             E::DealCancelled { .. } => Input::DealCancelled,
+            E::FailedByOperator { .. } => Input::FailedByOperator,
             E::CleanupCompleted => Input::CleanupCompleted,
         }
     }
@@ -262,7 +273,8 @@ impl Machine for RetrievalProvider {
             E::UnsealFailed { reason }
             | E::DataTransferFailed { reason }
             | E::DealTimedOut { reason }
-            | E::DealCancelled { reason } => data.message = Some(reason.clone()),
+            | E::DealCancelled { reason }
+            | E::FailedByOperator { reason } => data.message = Some(reason.clone()),
             E::PieceUnsealed
             | E::DataTransferStarted
             | E::NoPaymentDue
@@ -360,6 +372,9 @@ impl Machine for RetrievalProvider {
             Input::CompletionSent => Transfer("completion answered"),
             Input::DataTransferFailed => NotYet("the provider never gives up a pull by itself"),
             Input::DealTimedOut => Timer,
+            Input::FailedByOperator => Command(
+                "operator fail: Deals::fail, POST /v1/deals/{id}/fail, dealledger deal fail",
+            ),
             Input::DealCancelled => Command(
                 "operator cancel: Deals::cancel, POST /v1/deals/{id}/cancel, dealledger deal cancel",
             ),
@@ -448,6 +463,7 @@ mod tests {
                 Input::DataTransferFailed => E::DataTransferFailed { reason: reason() },
                 Input::DealTimedOut => E::DealTimedOut { reason: reason() },
                 Input::DealCancelled => E::DealCancelled { reason: reason() },
+                Input::FailedByOperator => E::FailedByOperator { reason: reason() },
                 Input::CleanupCompleted => E::CleanupCompleted,
             }
         }

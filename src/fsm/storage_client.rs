@@ -27,17 +27,20 @@ state_machine! {
         FundsReserved => FundsReserved [SendProposal],
         FundsReservationFailed => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     ClientFunding => {
         FundsReserved => FundsReserved [SendProposal],
         FundsReservationFailed => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     FundsReserved => {
         DealAccepted => StartDataTransfer [OpenTransfer],
         DealRejected => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     StartDataTransfer => {
         DataTransferQueued => TransferQueued,
@@ -45,12 +48,14 @@ state_machine! {
         DataTransferFailed => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     TransferQueued => {
         DataTransferStarted => Transferring,
         DataTransferFailed => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Transferring => {
         DataTransferProgressed => Transferring,
@@ -59,34 +64,40 @@ state_machine! {
         DataTransferFailed => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     ClientTransferRestart => {
         DataTransferRestarted => Transferring,
         DataTransferFailed => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     CheckForAcceptance => {
         DealPublished => ProposalAccepted [VerifyDealOnChain],
         ProviderFailedDeal => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     ProposalAccepted => {
         PublishConfirmed => AwaitingPreCommit [WatchPreCommit],
         PublishVerificationFailed => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     AwaitingPreCommit => {
         DealPreCommitted => Sealing [WatchActivation],
         DealActivated => Active [WatchExpiry],
         DealTimedOut => Failing [CleanUp],
         DealSlashed => Slashed,
+        FailedByOperator => Failing [CleanUp],
     },
     Sealing => {
         DealActivated => Active [WatchExpiry],
         DealTimedOut => Failing [CleanUp],
         DealSlashed => Slashed,
+        FailedByOperator => Failing [CleanUp],
     },
     Active => {
         DealExpired => Expired,
@@ -144,6 +155,7 @@ alphabet! {
         DealPublished, ProviderFailedDeal, PublishConfirmed, PublishVerificationFailed,
         DealPreCommitted, DealActivated, DealExpired, DealSlashed, DealTimedOut, DealCancelled,
         CleanupCompleted,
+        FailedByOperator,
     }
 }
 
@@ -206,6 +218,8 @@ pub enum StorageClientEvent {
     DealCancelled { reason: String },
     /// Funds were released and the transfer closed after a failure.
     CleanupCompleted,
+    /// An operator failed the deal by hand: who and why.
+    FailedByOperator { reason: String },
 }
 
 impl StorageClientEvent {
@@ -236,6 +250,7 @@ impl StorageClientEvent {
             E::DealSlashed { .. } => Input::DealSlashed,
             E::DealTimedOut { .. } => Input::DealTimedOut,
             E::DealCancelled { .. } => Input::DealCancelled,
+            E::FailedByOperator { .. } => Input::FailedByOperator,
             E::CleanupCompleted => Input::CleanupCompleted,
         }
     }
@@ -335,7 +350,8 @@ impl Machine for StorageClient {
             | E::ProviderFailedDeal { reason }
             | E::PublishVerificationFailed { reason }
             | E::DealTimedOut { reason }
-            | E::DealCancelled { reason } => data.message = Some(reason.clone()),
+            | E::DealCancelled { reason }
+            | E::FailedByOperator { reason } => data.message = Some(reason.clone()),
             // Invariant: a deal in a terminal state holds no reserved funds.
             E::CleanupCompleted => data.funds_reserved = TokenAmount::ZERO,
             E::DataTransferQueued
@@ -420,6 +436,9 @@ impl Machine for StorageClient {
             Input::DealExpired => Chain("watch-expiry"),
             Input::DealSlashed => Chain("watch-* on a slashed deal"),
             Input::DealTimedOut => Timer,
+            Input::FailedByOperator => Command(
+                "operator fail: Deals::fail, POST /v1/deals/{id}/fail, dealledger deal fail",
+            ),
             Input::DealCancelled => Command(
                 "operator cancel: Deals::cancel, POST /v1/deals/{id}/cancel, dealledger deal cancel",
             ),
@@ -535,6 +554,7 @@ mod tests {
                 Input::DealSlashed => E::DealSlashed { epoch: ChainEpoch(20_000) },
                 Input::DealTimedOut => E::DealTimedOut { reason: reason() },
                 Input::DealCancelled => E::DealCancelled { reason: reason() },
+                Input::FailedByOperator => E::FailedByOperator { reason: reason() },
                 Input::CleanupCompleted => E::CleanupCompleted,
             }
         }

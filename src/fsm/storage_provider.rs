@@ -25,18 +25,21 @@ state_machine! {
     Validating => {
         ProposalValidated => AcceptWait [DecideOnProposal],
         ProposalInvalid => Rejecting [SendRejection],
+        FailedByOperator => Failing [CleanUp],
     },
     AcceptWait => {
         DealAccepted => WaitingForData [SendAcceptance],
         DealRejected => Rejecting [SendRejection],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     WaitingForData => {
         DataTransferStarted => Transferring,
         DataTransferFailed => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Transferring => {
         DataTransferProgressed => Transferring,
@@ -45,18 +48,21 @@ state_machine! {
         DataTransferFailed => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     ProviderTransferAwaitRestart => {
         DataTransferRestarted => Transferring,
         DataTransferFailed => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     VerifyData => {
         DataVerified => ReserveProviderFunds [ReserveFunds],
         DataVerificationFailed => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     ReserveProviderFunds => {
         FundingInitiated => ProviderFunding [WaitForFunding],
@@ -64,28 +70,33 @@ state_machine! {
         FundsReservationFailed => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     ProviderFunding => {
         FundsReserved => Publish [PublishDeal],
         FundsReservationFailed => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Publish => {
         PublishSent => Publishing [WaitForPublish],
         PublishFailed => Failing [CleanUp],
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Publishing => {
         DealPublished => Staged [HandOffToSealing],
         PublishFailed => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Staged => {
         DealHandedOff => AwaitingPreCommit [WatchPreCommit],
         HandOffFailed => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     AwaitingPreCommit => {
         DealPreCommitted => Sealing [WatchActivation],
@@ -93,12 +104,14 @@ state_machine! {
         SealingFailed => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
         DealSlashed => Slashed,
+        FailedByOperator => Failing [CleanUp],
     },
     Sealing => {
         DealActivated => Finalizing [FinalizeDeal],
         SealingFailed => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
         DealSlashed => Slashed,
+        FailedByOperator => Failing [CleanUp],
     },
     Finalizing => {
         DealFinalized => Active [WatchExpiry],
@@ -170,6 +183,7 @@ alphabet! {
         PublishSent, PublishFailed, DealPublished, DealHandedOff, HandOffFailed,
         DealPreCommitted, DealActivated, DealFinalized, DealExpired, DealSlashed, SealingFailed,
         DealTimedOut, DealCancelled, CleanupCompleted,
+        FailedByOperator,
     }
 }
 
@@ -247,6 +261,8 @@ pub enum StorageProviderEvent {
     DealCancelled { reason: String },
     /// Funds were released and the transfer closed after a failure.
     CleanupCompleted,
+    /// An operator failed the deal by hand: who and why.
+    FailedByOperator { reason: String },
 }
 
 impl StorageProviderEvent {
@@ -284,6 +300,7 @@ impl StorageProviderEvent {
             E::SealingFailed { .. } => Input::SealingFailed,
             E::DealTimedOut { .. } => Input::DealTimedOut,
             E::DealCancelled { .. } => Input::DealCancelled,
+            E::FailedByOperator { .. } => Input::FailedByOperator,
             E::CleanupCompleted => Input::CleanupCompleted,
         }
     }
@@ -386,7 +403,8 @@ impl Machine for StorageProvider {
             | E::HandOffFailed { reason }
             | E::SealingFailed { reason }
             | E::DealTimedOut { reason }
-            | E::DealCancelled { reason } => data.message = Some(reason.clone()),
+            | E::DealCancelled { reason }
+            | E::FailedByOperator { reason } => data.message = Some(reason.clone()),
             // Invariant: a deal in a terminal state holds no reserved funds.
             E::CleanupCompleted => data.funds_reserved = TokenAmount::ZERO,
             E::ProposalValidated
@@ -493,6 +511,9 @@ impl Machine for StorageProvider {
             Input::DealSlashed => Chain("watch-* on a slashed deal"),
             Input::SealingFailed => Chain("the sealing pipeline failed the sector"),
             Input::DealTimedOut => Timer,
+            Input::FailedByOperator => Command(
+                "operator fail: Deals::fail, POST /v1/deals/{id}/fail, dealledger deal fail",
+            ),
             Input::DealCancelled => Command(
                 "operator cancel: Deals::cancel, POST /v1/deals/{id}/cancel, dealledger deal cancel",
             ),
@@ -635,6 +656,7 @@ mod tests {
                 Input::SealingFailed => E::SealingFailed { reason: reason() },
                 Input::DealTimedOut => E::DealTimedOut { reason: reason() },
                 Input::DealCancelled => E::DealCancelled { reason: reason() },
+                Input::FailedByOperator => E::FailedByOperator { reason: reason() },
                 Input::CleanupCompleted => E::CleanupCompleted,
             }
         }
