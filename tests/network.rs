@@ -472,3 +472,32 @@ async fn the_same_proposal_sent_again_gets_the_same_answer_and_records_nothing()
     assert_eq!(again, first);
     assert_eq!(events(&provider_deals).await, recorded);
 }
+
+#[tokio::test]
+async fn a_client_that_lost_the_verdict_pushes_again_and_gets_the_same_verdict() {
+    let n = nodes(MarketCodec::default()).await;
+    let bytes = data(300 * 1024, 9);
+    let proposal = proposal_for(&bytes);
+    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
+    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    // Given the provider received and verified every byte
+    let cursor = std::io::Cursor::new(&bytes);
+    let total = bytes.len() as u64;
+    push(&n.client, &n.client_deals, stream, cursor, total, TransferOptions::default(), &ctx())
+        .await
+        .unwrap();
+    let provider_events = events(&n.provider_deals).await;
+    // When the client, having lost the answer, opens and finishes the transfer again
+    let proposal_cid = proposal.cid();
+    let open = MarketRequest::TransferOpen { proposal_cid, total_bytes: total };
+    let opened = n.client.request(n.provider_peer, open).await.unwrap();
+    assert_eq!(opened, MarketResponse::TransferAccepted { resume_from: total });
+    let finished = n
+        .client
+        .request(n.provider_peer, MarketRequest::TransferFinish { proposal_cid })
+        .await
+        .unwrap();
+    // Then it hears the same verdict, and the provider records nothing more
+    assert_eq!(finished, MarketResponse::TransferVerified { verified: true, reason: None });
+    assert_eq!(events(&n.provider_deals).await, provider_events);
+}

@@ -243,6 +243,13 @@ impl ProviderTransfers {
                         self.record(stream_id, P::DataTransferRestarted, ctx).await?;
                     }
                     ProviderState::Transferring => {}
+                    // Every byte already arrived and was checked (the client restarted before
+                    // it saw the verdict): nothing more to send; the finish repeats the verdict.
+                    state if settled(state) => {
+                        return Ok(MarketResponse::TransferAccepted {
+                            resume_from: deal.data.bytes_received,
+                        });
+                    }
                     state => {
                         return Err(format!("deal is in {}, not waiting for data", state.name()));
                     }
@@ -285,12 +292,18 @@ impl ProviderTransfers {
                 Ok(MarketResponse::ChunkAcknowledged { received })
             }
             MarketRequest::TransferFinish { .. } => {
-                let mut session = self
-                    .sessions
-                    .lock()
-                    .await
-                    .remove(&stream_id)
-                    .ok_or("no open transfer for this deal")?;
+                let Some(mut session) = self.sessions.lock().await.remove(&stream_id) else {
+                    // A finish repeated after the verdict: the same verdict.
+                    let deal = self
+                        .deals
+                        .load::<StorageProvider>(stream_id)
+                        .await
+                        .map_err(|e| text(&e))?;
+                    if !settled(deal.state) {
+                        return Err("no open transfer for this deal".into());
+                    }
+                    return Ok(MarketResponse::TransferVerified { verified: true, reason: None });
+                };
                 session.file.flush().await.map_err(|e| text(&e))?;
                 let deal =
                     self.deals.load::<StorageProvider>(stream_id).await.map_err(|e| text(&e))?;
@@ -333,5 +346,25 @@ impl ProviderTransfers {
             }
             other => Err(format!("{} is not a transfer request", other.protocol())),
         }
+    }
+}
+
+/// Whether a provider deal is past its transfer: every byte arrived and its commitment
+/// matched.
+fn settled(state: ProviderState) -> bool {
+    use ProviderState as S;
+    match state {
+        S::ReserveProviderFunds
+        | S::ProviderFunding
+        | S::Publish
+        | S::Publishing
+        | S::Staged
+        | S::AwaitingPreCommit
+        | S::Sealing
+        | S::Finalizing
+        | S::Active
+        | S::Expired
+        | S::Slashed => true,
+        _ => false,
     }
 }
