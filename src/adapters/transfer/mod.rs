@@ -353,18 +353,18 @@ impl ProviderTransfers {
 /// matched.
 fn settled(state: ProviderState) -> bool {
     use ProviderState as S;
-    match state {
+    matches!(
+        state,
         S::ReserveProviderFunds
-        | S::ProviderFunding
-        | S::Publish
-        | S::Publishing
-        | S::Staged
-        | S::AwaitingPreCommit
-        | S::Sealing
-        | S::Finalizing
-        | S::Active
-        | S::Expired
-        | S::Slashed => true,
-        _ => false,
-    }
+            | S::ProviderFunding
+            | S::Publish
+            | S::Publishing
+            | S::Staged
+            | S::AwaitingPreCommit
+            | S::Sealing
+            | S::Finalizing
+            | S::Active
+            | S::Expired
+            | S::Slashed
+    )
 }
