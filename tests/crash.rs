@@ -148,7 +148,8 @@ async fn node_process() {
             | "SendFunds"
             | "SendFundsLastPayment"
             | "BlocksComplete"
-            | "Finalizing" => {
+            | "Finalizing"
+            | "CheckComplete" => {
                 let provider_stream: Uuid = sqlx::query_scalar(
                     "SELECT stream_id FROM retrieval_deals WHERE side = 'retrieval_provider'",
                 )

@@ -409,7 +409,19 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             return Ok(Outcome::Skipped("pulls are driven by the caller"));
         };
         let deal = self.deals.load::<RetrievalClient>(stream).await?;
-        if deal.state != retrieval_client::State::Ongoing {
+        // Every state a pull resumes from (a runner that crashed mid-pull left it there).
+        use retrieval_client::State as S;
+        if !matches!(
+            deal.state,
+            S::Ongoing
+                | S::FundsNeeded
+                | S::FundsNeededLastPayment
+                | S::SendFunds
+                | S::SendFundsLastPayment
+                | S::BlocksComplete
+                | S::Finalizing
+                | S::CheckComplete
+        ) {
             return Ok(Outcome::Skipped("the deal moved on before the pull"));
         }
         let Some(terms) = deal.data.proposal.clone() else {
