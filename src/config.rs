@@ -163,6 +163,8 @@ pub struct IntervalsSection {
     pub effect_lease_secs: u64,
     /// Failed attempts before an effect's failure becomes the deal's input.
     pub effect_max_attempts: i32,
+    /// Days after which ended deals move to `events_archive` (0: never archive).
+    pub archive_after_days: u64,
 }
 
 impl Default for IntervalsSection {
@@ -172,6 +174,7 @@ impl Default for IntervalsSection {
             deal_timeout_minutes: 60,
             effect_lease_secs: 30,
             effect_max_attempts: 5,
+            archive_after_days: 0,
         }
     }
 }

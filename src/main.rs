@@ -128,6 +128,16 @@ enum Command {
         #[command(subcommand)]
         command: chain_cli::DevnetCommand,
     },
+    /// Moves the events of deals that ended long ago to `events_archive` (never deleted: audit,
+    /// verify and checkpoints still read them there).
+    Archive {
+        /// Archive deals whose last event is older than this: `90d`, `12h`, `30m`, `45s`.
+        #[arg(long, value_parser = parse_age)]
+        older_than: std::time::Duration,
+        /// Streams per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+    },
     /// The deal state machines, read from their declarations.
     Fsm {
         #[command(subcommand)]
@@ -256,6 +266,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Projections { command } => projections_cli::run(&journal, command).await,
         Command::Chain { command } => chain_cli::run(&db.pool, command).await,
         Command::Devnet { command } => chain_cli::devnet(&db.pool, command).await,
+        Command::Archive { older_than, batch } => archive(&journal, older_than, batch).await,
         Command::Fsm { .. }
         | Command::Config { .. }
         | Command::Deals { .. }
@@ -272,7 +283,8 @@ async fn run() -> anyhow::Result<()> {
 async fn db_status(db: &Database, journal: &Journal) -> anyhow::Result<()> {
     let schema = journal.schema_version().await?;
     let events = journal.count().await?;
-    let streams: i64 = sqlx::query_scalar("SELECT count(DISTINCT stream_id) FROM events")
+    let archived = journal.archived_count().await?;
+    let streams: i64 = sqlx::query_scalar("SELECT count(DISTINCT stream_id) FROM journal_events")
         .fetch_one(&db.pool)
         .await?;
     println!("database:  {}", db.display_url);
@@ -281,9 +293,39 @@ async fn db_status(db: &Database, journal: &Journal) -> anyhow::Result<()> {
         Some((version, description)) => println!("schema:    {version} ({description})"),
         None => println!("schema:    none applied"),
     }
-    println!("events:    {events}");
+    println!("events:    {events} (and {archived} archived)");
     println!("streams:   {streams}");
     Ok(())
+}
+
+/// `dealledger archive`
+async fn archive(
+    journal: &Journal,
+    older_than: std::time::Duration,
+    batch: i64,
+) -> anyhow::Result<()> {
+    let deals = dealledger::deals::Deals::new(journal.clone());
+    let moved = dealledger::deals::retention::archive_ended(&deals, older_than, batch).await?;
+    println!(
+        "archived {} streams ({} events, {} effects) of deals that ended over {:?} ago",
+        moved.streams, moved.events, moved.effects, older_than
+    );
+    Ok(())
+}
+
+/// A duration such as `90d`, `12h`, `30m` or `45s`.
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?}: expected e.g. 30d or 12h"))?;
+    let seconds = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" | "" => 1,
+        other => return Err(format!("{text:?}: unknown unit {other:?} (d, h, m or s)")),
+    };
+    Ok(std::time::Duration::from_secs(number.saturating_mul(seconds)))
 }
 
 async fn tail(

@@ -54,6 +54,17 @@ pub enum DealCommand {
         #[command(flatten)]
         api: NodeApi,
     },
+    /// Retries a deal paused in a recoverable failure (its effect runs again), recorded with
+    /// who and why.
+    Retry {
+        /// The deal (stream) id.
+        id: String,
+        /// Why (recorded in the deal's journal).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        api: NodeApi,
+    },
     /// Cancels a deal or a retrieval request, recorded with who and why.
     Cancel {
         /// The deal (stream) or request id.
@@ -193,14 +204,16 @@ pub async fn deals(command: DealsCommand) -> anyhow::Result<()> {
 
 /// `dealledger deal show`
 pub async fn deal(command: DealCommand) -> anyhow::Result<()> {
-    let command_kind = match &command {
+    let verb = match &command {
         DealCommand::Fail { .. } => "fail",
-        _ => "other",
+        DealCommand::Retry { .. } => "retry",
+        DealCommand::Cancel { .. } | DealCommand::Show { .. } => "cancel",
     };
     let (id, api) = match command {
         DealCommand::Show { id, api } => (id, api),
-        DealCommand::Cancel { id, reason, api } | DealCommand::Fail { id, reason, api } => {
-            let verb = if matches!(command_kind, "fail") { "fail" } else { "cancel" };
+        DealCommand::Cancel { id, reason, api }
+        | DealCommand::Fail { id, reason, api }
+        | DealCommand::Retry { id, reason, api } => {
             let operator = std::env::var("USER").unwrap_or_else(|_| "cli".into());
             let body = json!({ "reason": reason, "operator": operator });
             let now = call(&api, "POST", &format!("/v1/deals/{id}/{verb}"), Some(body)).await?;

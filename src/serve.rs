@@ -253,6 +253,9 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
         ..TimeoutPolicy::default()
     };
     let mut timeouts = tokio::time::interval(Duration::from_secs(60));
+    let archive_after = (config.intervals.archive_after_days > 0)
+        .then(|| Duration::from_secs(config.intervals.archive_after_days * 86_400));
+    let mut archives = tokio::time::interval(Duration::from_secs(3_600));
     let stop = shutdown();
     tokio::pin!(stop);
     loop {
@@ -268,6 +271,15 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
                     Ok(0) => {}
                     Ok(moved) => tracing::info!(moved, "timed out stuck deals"),
                     Err(e) => tracing::warn!(error = %e, "could not time out stuck deals"),
+                }
+            }
+            _ = archives.tick(), if archive_after.is_some() => {
+                let age = archive_after.unwrap_or_default();
+                match dealledger::deals::retention::archive_ended(&deals, age, 500).await {
+                    Ok(moved) if moved.streams == 0 => {}
+                    Ok(moved) => tracing::info!(streams = moved.streams, events = moved.events,
+                        "archived ended deals"),
+                    Err(e) => tracing::warn!(error = %e, "could not archive ended deals"),
                 }
             }
             () = &mut stop => break,

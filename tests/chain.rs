@@ -444,11 +444,13 @@ async fn nodes_left_running_follow_the_chain_by_themselves() {
     provider.await.unwrap().unwrap();
 }
 
-/// The devnet, with publishing failing (as if the node were unreachable) a set number of times.
+/// The devnet, with publishing failing a set number of times: as if the node were
+/// unreachable (recoverable), or refusing the message for good (fatal).
 #[derive(Clone)]
 struct FlakyPublish {
     devnet: Devnet,
     failures_left: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    fatal: bool,
 }
 
 impl Chain for FlakyPublish {
@@ -482,6 +484,9 @@ impl Chain for FlakyPublish {
         let left = self.failures_left.load(Ordering::SeqCst);
         if left > 0 {
             self.failures_left.store(left - 1, Ordering::SeqCst);
+            if self.fatal {
+                return Err(ChainError::Refused { reason: "deal label not allowed".into() });
+            }
             return Err(ChainError::Unavailable("node restarting".into()));
         }
         self.devnet.publish_storage_deal(deal).await
@@ -534,9 +539,18 @@ impl Chain for FlakyPublish {
 
 /// The market's provider runner replaced by one publishing through a flaky chain.
 async fn flaky_provider(m: &Market, failures: u32) -> EffectRunner<FlakyPublish, DevnetSealer> {
+    flaky_runner(m, failures, false)
+}
+
+fn flaky_runner(
+    m: &Market,
+    failures: u32,
+    fatal: bool,
+) -> EffectRunner<FlakyPublish, DevnetSealer> {
     let flaky = FlakyPublish {
         devnet: m.devnet.clone(),
         failures_left: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(failures)),
+        fatal,
     };
     let config = RunnerConfig {
         backoff: Duration::from_millis(5),
@@ -578,22 +592,137 @@ async fn a_publish_that_fails_for_a_while_is_retried_with_backoff_and_succeeds()
     assert_eq!(publishes, 1);
 }
 
+/// The provider deal's row: state, failure class, attempts, whether a retry is scheduled,
+/// and the message.
+async fn failure_row(m: &Market, proposal: &ClientDealProposal) -> FailureRow {
+    let stream = Deals::storage_stream_id(StorageProvider::NAME, proposal);
+    sqlx::query_as(
+        "SELECT state, failure_class, attempts, next_retry_at IS NOT NULL, message \
+         FROM storage_deals WHERE stream_id = $1",
+    )
+    .bind(stream)
+    .fetch_one(m.nodes.provider_deals.journal().pool())
+    .await
+    .unwrap()
+}
+
+type FailureRow = (String, Option<String>, i32, bool, Option<String>);
+
+/// The provider deal's inputs, in order.
+async fn provider_inputs(m: &Market, proposal: &ClientDealProposal) -> Vec<&'static str> {
+    let stream = Deals::storage_stream_id(StorageProvider::NAME, proposal);
+    let deals = &m.nodes.provider_deals;
+    let audit = dealledger::audit::timeline::audit(deals.journal(), stream, None).await.unwrap();
+    audit.entries.iter().filter_map(|e| e.input).collect()
+}
+
+async fn publishes(m: &Market) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM devnet.messages WHERE method = 'PublishStorageDeals'")
+        .fetch_one(m.devnet.pool())
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
-async fn a_publish_that_keeps_failing_becomes_publish_failed_past_the_attempt_limit() {
+async fn a_publish_that_keeps_failing_pauses_for_an_operator_who_can_fail_it() {
     let m = market().await;
     let (proposal, _) = m.pushed_deal(14).await;
-    // Given a chain that never takes the publish
+    // Given a chain that never takes the publish (unreachable: a recoverable failure)
     let provider = flaky_provider(&m, u32::MAX).await;
     drain(&provider).await;
-    // Then after 3 attempts the failure is the machine's input: the deal fails, cleans up
-    // (its collateral deposit withdrawn) and ends in Error with the reason.
-    assert_eq!(m.states(&proposal).await.1, "Error");
+    // Then after 3 attempts, each recorded, the deal waits for an operator: its row shows the
+    // class, the attempts and the reason, and no retry is scheduled any more.
+    let (state, class, attempts, scheduled, message) = failure_row(&m, &proposal).await;
+    assert_eq!(
+        (state.as_str(), class.as_deref(), attempts),
+        ("PublishPaused", Some("recoverable"), 3)
+    );
+    assert!(!scheduled);
+    assert!(message.unwrap_or_default().contains("node restarting"));
+    let inputs = provider_inputs(&m, &proposal).await;
+    assert!(inputs.ends_with(&["EffectRetrying", "EffectRetrying", "EffectStalled"]), "{inputs:?}");
+    // When the operator fails it instead of retrying
     let stream = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
-    let status = m.nodes.provider_deals.get_storage_deal_status(stream).await.unwrap();
-    assert!(status.message.unwrap_or_default().contains("node restarting"));
+    let deals = &m.nodes.provider_deals;
+    assert_eq!(deals.fail(stream, "erin", "node is gone", &ctx()).await.unwrap(), "Failing");
+    drain(&provider).await;
+    // Then it goes through Failing to Error, its collateral deposit back in the wallet
+    let (state, class, ..) = failure_row(&m, &proposal).await;
+    assert_eq!((state.as_str(), class.as_deref()), ("Error", Some("fatal")));
     let balance = m.devnet.market_balance(proposal.proposal.provider).await.unwrap();
     assert_eq!(balance.escrow, TokenAmount::ZERO, "the collateral deposit went back to the wallet");
     m.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn a_publish_the_chain_refuses_for_good_fails_the_deal_at_once() {
+    let m = market().await;
+    let (proposal, _) = m.pushed_deal(16).await;
+    // Given a chain that refuses the publish (a fatal failure)
+    let provider = flaky_runner(&m, u32::MAX, true);
+    drain(&provider).await;
+    // Then the deal fails on the first attempt, through Failing, with the reason
+    let (state, class, attempts, _, message) = failure_row(&m, &proposal).await;
+    assert_eq!((state.as_str(), class.as_deref(), attempts), ("Error", Some("fatal"), 0));
+    assert!(message.unwrap_or_default().contains("deal label not allowed"));
+    let inputs = provider_inputs(&m, &proposal).await;
+    assert!(inputs.ends_with(&["PublishFailed", "CleanupCompleted"]), "{inputs:?}");
+    assert!(!inputs.contains(&"EffectRetrying"));
+    m.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn a_publish_short_of_funds_pauses_until_an_operator_adds_funds_and_retries() {
+    let m = market().await;
+    let (proposal, client_stream) = m.pushed_deal(15).await;
+    let p = &proposal.proposal;
+    // Given the client's market escrow was withdrawn after it reserved: the deal cannot lock it
+    let need = p.client_balance_requirement().unwrap();
+    m.devnet.withdraw_balance(p.client, need, MessageKey::of("test", b"drain")).await.unwrap();
+    // When the provider's runner tries to publish
+    let provider = flaky_provider(&m, 0).await;
+    drain(&provider).await;
+    // Then the deal pauses, recoverable, with the chain's reason; nothing was published
+    let (state, class, attempts, _, message) = failure_row(&m, &proposal).await;
+    assert_eq!(
+        (state.as_str(), class.as_deref(), attempts),
+        ("PublishPaused", Some("recoverable"), 3)
+    );
+    assert!(message.unwrap_or_default().contains("insufficient funds"));
+    assert_eq!(publishes(&m).await, 0);
+    // When the client adds funds and the provider's operator retries
+    m.devnet.add_balance(p.client, need, MessageKey::of("test", b"refill")).await.unwrap();
+    let stream = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
+    let deals = &m.nodes.provider_deals;
+    assert_eq!(deals.retry(stream, "carol", "client topped up", &ctx()).await.unwrap(), "Publish");
+    drain(&provider).await;
+    m.settle().await;
+    m.advance(2).await;
+    m.advance(3).await;
+    // Then both sides reach Active with exactly one publish on the devnet, and audit shows who
+    // retried and why
+    assert_eq!(m.states(&proposal).await, ("Active", "Active"));
+    assert_eq!(publishes(&m).await, 1);
+    let audit = dealledger::audit::timeline::audit(deals.journal(), stream, None).await.unwrap();
+    let retried = audit.entries.iter().find(|e| e.input == Some("RetryRequested")).unwrap();
+    assert_eq!(retried.to, Some("Publish"));
+    let json = serde_json::to_string(&retried.event).unwrap();
+    assert!(json.contains("retried by carol: client topped up"), "{json}");
+    let client = m.nodes.client_deals.get_storage_deal_status(client_stream).await.unwrap();
+    assert_eq!(client.state, "Active");
+    m.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn a_deal_that_is_not_paused_refuses_a_retry_and_records_nothing() {
+    let m = market().await;
+    let (proposal, _) = m.pushed_deal(17).await;
+    let stream = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
+    let deals = &m.nodes.provider_deals;
+    let before = deals.journal().head(stream).await.unwrap().version;
+    let refused = deals.retry(stream, "carol", "just because", &ctx()).await;
+    assert!(matches!(refused, Err(dealledger::deals::DealsError::Rejected(_))), "{refused:?}");
+    assert_eq!(deals.journal().head(stream).await.unwrap().version, before);
 }
 
 #[tokio::test]
@@ -873,4 +1002,156 @@ async fn an_operator_fails_a_sealing_deal_by_hand_and_it_goes_through_failing() 
     let path: Vec<_> = audit.entries.iter().filter_map(|e| e.to).collect();
     assert!(path.ends_with(&["Failing", "Error"]), "{path:?}");
     m.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn a_retrieval_whose_transfer_dies_ends_errored_on_both_sides_never_stuck_ongoing() {
+    use dealledger::runner::{TimeoutPolicy, time_out_stuck_deals};
+    let m = market().await;
+    let original = data(64 * 1024, 23);
+    let (piece, size) = dealledger::adapters::piece::commp::commp_of(&original);
+    m.nodes.pieces.put(piece, size, original.as_slice()).await.unwrap();
+    let terms = RetrievalDealProposal {
+        payload_cid: dealledger::events::chain::cid_of_bytes(b"payload"),
+        piece_cid: Some(piece),
+        part: ByteRange { offset: 0, length: 64 * 1024 },
+        price_per_byte: TokenAmount(3),
+        payment_interval: 16 * 1024,
+        payment_interval_increase: 0,
+        unseal_price: TokenAmount(0),
+        client: PartyKey::of(&client_key()),
+        provider: PartyKey::of(&provider_key()),
+    };
+    let stream = Uuid::now_v7();
+    let deals = &m.nodes.client_deals;
+    let proposed = RC::DealProposed { proposal: Box::new(terms), part_of: None };
+    deals.handle::<RetrievalClient>(stream, proposed, &ctx(), None).await.unwrap();
+    let (_, provider_stream) =
+        propose_retrieval(&m.nodes.client, deals, stream, &ctx()).await.unwrap();
+    let provider_stream = provider_stream.unwrap();
+    m.settle().await;
+    assert_eq!(deals.load::<RetrievalClient>(stream).await.unwrap().state.name(), "Ongoing");
+    // Given the provider can no longer be reached (its address now leads nowhere)
+    let (gone, _loop) =
+        client_node(m.nodes.provider_peer, "/ip4/127.0.0.1/tcp/9".parse().unwrap()).await;
+    let retrieved = std::env::temp_dir().join(format!("dealledger-dies-{}", Uuid::new_v4()));
+    let config = RunnerConfig {
+        backoff: Duration::from_millis(5),
+        max_attempts: 3,
+        watch_poll: Duration::from_millis(20),
+        ..RunnerConfig::default()
+    };
+    let puller = EffectRunner::new(
+        deals.clone(),
+        m.devnet.clone(),
+        DevnetSealer::new(m.devnet.clone(), 2, 3),
+        config,
+    )
+    .with_network(RunnerNetwork {
+        client: gone,
+        key: client_key(),
+        pieces: None,
+        retrieved: Some(retrieved),
+    });
+    // When the client's runner tries to pull, and the provider's timeout sweep runs
+    for _ in 0..40 {
+        puller.run_until_idle().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    m.settle().await;
+    let policy = TimeoutPolicy { after: Duration::ZERO, ..TimeoutPolicy::default() };
+    let moved = time_out_stuck_deals(&m.nodes.provider_deals, &policy, &ctx()).await.unwrap();
+    assert_eq!(moved, 1);
+    m.settle().await;
+    // Then the client recorded each lost attempt and failed with that reason, through Failing
+    let audit = dealledger::audit::timeline::audit(deals.journal(), stream, None).await.unwrap();
+    let inputs: Vec<_> = audit.entries.iter().filter_map(|e| e.input).collect();
+    assert!(
+        inputs.ends_with(&[
+            "EffectRetrying",
+            "EffectRetrying",
+            "DataTransferFailed",
+            "CleanupCompleted"
+        ]),
+        "{inputs:?}"
+    );
+    let (state, class, message): (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT state, failure_class, message FROM retrieval_deals WHERE stream_id = $1",
+    )
+    .bind(stream)
+    .fetch_one(deals.journal().pool())
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), class.as_deref()), ("Errored", Some("fatal")));
+    assert!(message.unwrap_or_default().contains("after 3 attempts"));
+    // And the provider, which heard nothing more, timed out and ended Errored too
+    let provider = m.nodes.provider_deals.load::<RetrievalProvider>(provider_stream).await.unwrap();
+    assert_eq!(provider.state.name(), "Errored");
+}
+
+#[tokio::test]
+async fn archived_deals_leave_the_hot_journal_and_still_audit_verify_and_checkpoint() {
+    use dealledger::deals::retention::archive_ended;
+    let m = market().await;
+    // Given a deal that ended on both sides (rejected: below the provider's ask) and one that
+    // is still going
+    let mut terms = proposal_for(&data(16 * 1024, 24)).proposal;
+    terms.storage_price_per_epoch = TokenAmount(0);
+    let ended = ClientDealProposal::sign(terms, &client_key());
+    m.nodes.client_deals.initiate_deal(ended.clone(), &ctx()).await.unwrap();
+    m.settle().await;
+    assert_eq!(m.states(&ended).await, ("Error", "Error"));
+    let (going, _) = m.pushed_deal(25).await;
+    let deals = &m.nodes.provider_deals;
+    let journal = deals.journal();
+    let before = journal.count().await.unwrap();
+    let stream = Deals::storage_stream_id(StorageProvider::NAME, &ended);
+    let history = journal.read_stream(stream, 1).await.unwrap();
+    // When the provider archives deals that ended (here: any age)
+    let moved = archive_ended(deals, Duration::ZERO, 100).await.unwrap();
+    // Then only the ended deal moved, whole, with its effects; nothing was deleted
+    assert_eq!((moved.streams, moved.events), (1, history.len() as u64));
+    assert!(moved.effects > 0);
+    assert_eq!(journal.count().await.unwrap(), before - history.len() as i64);
+    assert_eq!(journal.archived_count().await.unwrap(), history.len() as i64);
+    assert_eq!(journal.read_stream(stream, 1).await.unwrap(), history);
+    let going_stream = Deals::storage_stream_id(StorageProvider::NAME, &going);
+    let hot: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE stream_id = $1")
+        .bind(going_stream)
+        .fetch_one(journal.pool())
+        .await
+        .unwrap();
+    assert!(hot > 0, "a deal still going stays in the hot journal");
+    // And audit, verify, checkpoints and rebuilds still read it
+    let audit = dealledger::audit::timeline::audit(journal, stream, None).await.unwrap();
+    assert!(audit.verdict.holds(), "{:?}", audit.verdict);
+    let report = dealledger::audit::verify::verify_all(journal, None, &mut |_| {}).await.unwrap();
+    assert!(report.broken.is_empty(), "{:?}", report.broken);
+    assert_eq!(report.events, before as u64);
+    let key = provider_key();
+    dealledger::audit::checkpoint::create(journal, &key, chrono::Utc::now()).await.unwrap();
+    let checked = dealledger::audit::checkpoint::verify_against(journal, None).await.unwrap();
+    assert!(checked.unwrap().holds());
+    let tables = dealledger::projections::rebuild::inline_tables(None).unwrap();
+    let diffs =
+        dealledger::projections::rebuild::check_inline(journal.pool(), &tables, &mut |_| {})
+            .await
+            .unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+    // And the archived deal still refuses what it refused before, with nothing appended
+    let again = deals.receive_proposal(ended.clone(), &ctx(), None).await;
+    assert!(matches!(again, Err(dealledger::deals::DealsError::Rejected(_))), "{again:?}");
+    assert_eq!(journal.count().await.unwrap(), before - history.len() as i64);
+    // (even written straight to the journal, a new first event for an archived stream is a
+    // conflict, so a stream can never be forked across the two tables)
+    let forged = dealledger::events::NewEvent::new("proposal-received", 1, vec![0]);
+    let appended = journal.append(stream, StorageProvider::NAME, 0, &[forged]).await;
+    assert!(
+        matches!(appended, Err(dealledger::events::JournalError::Conflict { .. })),
+        "{appended:?}"
+    );
+    assert_eq!(journal.read_stream(stream, 1).await.unwrap(), history);
+    // And the events cannot be taken out of the archive
+    let deleted = sqlx::query("DELETE FROM events_archive").execute(journal.pool()).await;
+    assert!(deleted.is_err());
 }

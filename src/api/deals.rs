@@ -315,7 +315,7 @@ pub async fn start_retrieval(
     ))
 }
 
-/// Why an operator cancels or fails a deal.
+/// Why an operator cancels, fails or retries a deal.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cancel {
@@ -333,7 +333,7 @@ pub async fn cancel(
     id: Path<String>,
     body: Result<Json<Cancel>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    by_operator(state, id, body, false).await
+    by_operator(state, id, body, OperatorVerb::Cancel).await
 }
 
 /// An operator fails a deal by hand: it goes through Failing (funds released, transfer
@@ -344,14 +344,33 @@ pub async fn fail(
     id: Path<String>,
     body: Result<Json<Cancel>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    by_operator(state, id, body, true).await
+    by_operator(state, id, body, OperatorVerb::Fail).await
+}
+
+/// An operator retries a deal paused in a recoverable failure (`*Paused` states): it
+/// re-enters the state before the failure and its effect runs again, recorded with who and
+/// why. 409 when the deal is not paused.
+pub async fn retry(
+    state: State<ApiState>,
+    id: Path<String>,
+    body: Result<Json<Cancel>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    by_operator(state, id, body, OperatorVerb::Retry).await
+}
+
+/// What an operator asks.
+#[derive(Debug, Clone, Copy)]
+enum OperatorVerb {
+    Cancel,
+    Fail,
+    Retry,
 }
 
 async fn by_operator(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     body: Result<Json<Cancel>, JsonRejection>,
-    fail: bool,
+    verb: OperatorVerb,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -361,10 +380,11 @@ async fn by_operator(
     let operator = body.operator.unwrap_or_else(|| "api".into());
     let ctx =
         DecideContext { epoch: state.head().await.unwrap_or_default(), ..DecideContext::default() };
-    let now = if fail {
-        state.deals.fail(id, &operator, &body.reason, &ctx).await?
-    } else {
-        state.deals.cancel(id, &operator, &body.reason, &ctx).await?
+    let d = &state.deals;
+    let now = match verb {
+        OperatorVerb::Cancel => d.cancel(id, &operator, &body.reason, &ctx).await?,
+        OperatorVerb::Fail => d.fail(id, &operator, &body.reason, &ctx).await?,
+        OperatorVerb::Retry => d.retry(id, &operator, &body.reason, &ctx).await?,
     };
     Ok(Json(json!({ "id": id, "state": now })))
 }

@@ -153,6 +153,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/deals/{id}/audit", get(deals::audit))
         .route("/v1/deals/{id}/cancel", post(deals::cancel))
         .route("/v1/deals/{id}/fail", post(deals::fail))
+        .route("/v1/deals/{id}/retry", post(deals::retry))
         .route("/v1/events", get(stream::events))
         .route("/v1/storage-deals", post(deals::start_storage_deal))
         .route("/v1/retrievals", post(deals::start_retrieval))

@@ -19,6 +19,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/deals/{id}/audit"),
     ("post", "/v1/deals/{id}/cancel"),
     ("post", "/v1/deals/{id}/fail"),
+    ("post", "/v1/deals/{id}/retry"),
     ("get", "/v1/events"),
     ("post", "/v1/storage-deals"),
     ("post", "/v1/retrievals"),

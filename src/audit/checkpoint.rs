@@ -142,7 +142,7 @@ pub fn root_cid(root: &[u8; 32]) -> Cid {
 /// Every stream's committed head, sorted by stream id, read in one statement.
 async fn current_heads(journal: &Journal) -> Result<Vec<StreamHead>, AuditError> {
     let rows: Vec<(Uuid, i32, Vec<u8>)> = sqlx::query_as(
-        "SELECT DISTINCT ON (stream_id) stream_id, version, cid FROM events \
+        "SELECT DISTINCT ON (stream_id) stream_id, version, cid FROM journal_events \
          ORDER BY stream_id, version DESC",
     )
     .fetch_all(journal.pool())
@@ -272,7 +272,7 @@ pub async fn verify_against(
     let (root, _) = merkle(&heads, None);
     let changed: Vec<(Uuid, i32)> = sqlx::query_as(
         "SELECT h.stream_id, h.version FROM journal_checkpoint_heads h \
-         LEFT JOIN events e ON e.stream_id = h.stream_id AND e.version = h.version \
+         LEFT JOIN journal_events e ON e.stream_id = h.stream_id AND e.version = h.version \
          WHERE h.checkpoint_id = $1 AND e.cid IS DISTINCT FROM h.cid ORDER BY 1",
     )
     .bind(checkpoint.id)

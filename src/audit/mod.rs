@@ -48,7 +48,7 @@ pub enum AuditError {
 pub async fn find_streams(pool: &sqlx::PgPool, key: &str) -> Result<Vec<Uuid>, AuditError> {
     if let Ok(id) = key.parse::<Uuid>() {
         let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE stream_id = $1)")
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM journal_events WHERE stream_id = $1)")
                 .bind(id)
                 .fetch_one(pool)
                 .await?;

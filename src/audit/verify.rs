@@ -86,10 +86,10 @@ pub async fn verify_all(
     let started = Instant::now();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let sql = match since {
-        None => format!("SELECT {EVENT_COLUMNS} FROM events ORDER BY stream_id, version"),
+        None => format!("SELECT {EVENT_COLUMNS} FROM journal_events ORDER BY stream_id, version"),
         Some(_) => format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id IN \
-             (SELECT DISTINCT stream_id FROM events WHERE position >= $1) ORDER BY stream_id, version"
+            "SELECT {EVENT_COLUMNS} FROM journal_events WHERE stream_id IN \
+             (SELECT DISTINCT stream_id FROM journal_events WHERE position >= $1) ORDER BY stream_id, version"
         ),
     };
     let mut conn = journal.pool().acquire().await?;

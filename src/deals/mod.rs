@@ -4,6 +4,7 @@
 //! makes the append conflict; the command is then decided again on the fresh deal, a bounded
 //! number of times.
 
+pub mod retention;
 pub mod script;
 mod status;
 
@@ -72,6 +73,16 @@ impl From<sqlx::Error> for DealsError {
 enum OperatorAction {
     Cancel,
     Fail,
+    Retry,
+}
+
+/// What recording a command does to the outbox row whose result it is.
+#[derive(Debug, Clone)]
+enum Settles {
+    /// The effect is done.
+    Complete(i64),
+    /// The attempt failed; the effect is tried again after `delay`.
+    Release { id: i64, delay: std::time::Duration, error: String },
 }
 
 /// Why an event happened: the operation it belongs to and what directly caused it.
@@ -189,6 +200,20 @@ impl Deals {
         self.by_operator(stream_id, OperatorAction::Fail, operator, reason, ctx).await
     }
 
+    /// An operator retries a deal paused in a recoverable failure (a publish short of
+    /// funds, a stalled push, a channel that could not be set up), saying who and why: it
+    /// re-enters the state before the failure and that state's effect runs again,
+    /// idempotently. A deal that is not paused refuses it (a `Rejected` transition error).
+    pub async fn retry(
+        &self,
+        stream_id: Uuid,
+        operator: &str,
+        reason: &str,
+        ctx: &DecideContext,
+    ) -> Result<&'static str, DealsError> {
+        self.by_operator(stream_id, OperatorAction::Retry, operator, reason, ctx).await
+    }
+
     async fn by_operator(
         &self,
         stream_id: Uuid,
@@ -209,35 +234,36 @@ impl Deals {
         let verb = match action {
             OperatorAction::Cancel => "cancelled",
             OperatorAction::Fail => "failed",
+            OperatorAction::Retry => "retried",
         };
         let reason = format!("{verb} by {operator}: {reason}");
         let cancel = action == OperatorAction::Cancel;
-        Ok(match head.stream_type.as_str() {
-            StorageClient::NAME => {
-                let c = if cancel {
-                    SC::DealCancelled { reason }
-                } else {
-                    SC::FailedByOperator { reason }
+        Ok(match (head.stream_type.as_str(), action) {
+            (StorageClient::NAME, _) => {
+                let c = match action {
+                    OperatorAction::Cancel => SC::DealCancelled { reason },
+                    OperatorAction::Fail => SC::FailedByOperator { reason },
+                    OperatorAction::Retry => SC::RetryRequested { reason },
                 };
                 self.handle::<StorageClient>(stream_id, c, ctx, None).await?.deal.state.name()
             }
-            StorageProvider::NAME => {
-                let c = if cancel {
-                    SP::DealCancelled { reason }
-                } else {
-                    SP::FailedByOperator { reason }
+            (StorageProvider::NAME, _) => {
+                let c = match action {
+                    OperatorAction::Cancel => SP::DealCancelled { reason },
+                    OperatorAction::Fail => SP::FailedByOperator { reason },
+                    OperatorAction::Retry => SP::RetryRequested { reason },
                 };
                 self.handle::<StorageProvider>(stream_id, c, ctx, None).await?.deal.state.name()
             }
-            RetrievalClient::NAME => {
-                let c = if cancel {
-                    RC::DealCancelled { reason }
-                } else {
-                    RC::FailedByOperator { reason }
+            (RetrievalClient::NAME, _) => {
+                let c = match action {
+                    OperatorAction::Cancel => RC::DealCancelled { reason },
+                    OperatorAction::Fail => RC::FailedByOperator { reason },
+                    OperatorAction::Retry => RC::RetryRequested { reason },
                 };
                 self.handle::<RetrievalClient>(stream_id, c, ctx, None).await?.deal.state.name()
             }
-            RetrievalProvider::NAME => {
+            (RetrievalProvider::NAME, OperatorAction::Cancel | OperatorAction::Fail) => {
                 let c = if cancel {
                     RP::DealCancelled { reason }
                 } else {
@@ -245,7 +271,7 @@ impl Deals {
                 };
                 self.handle::<RetrievalProvider>(stream_id, c, ctx, None).await?.deal.state.name()
             }
-            RetrievalRequestMachine::NAME if cancel => {
+            (RetrievalRequestMachine::NAME, OperatorAction::Cancel) => {
                 let c = RetrievalRequestEvent::RequestCancelled { reason };
                 self.handle::<RetrievalRequestMachine>(stream_id, c, ctx, None)
                     .await?
@@ -253,10 +279,13 @@ impl Deals {
                     .state
                     .name()
             }
-            other => {
+            (other, _) => {
                 return Err(DealsError::WrongStreamType {
                     stream_id,
-                    expected: "a deal",
+                    expected: match action {
+                        OperatorAction::Retry => "a deal that can pause",
+                        _ => "a deal",
+                    },
                     actual: other.to_owned(),
                 });
             }
@@ -307,7 +336,25 @@ impl Deals {
         ctx: &DecideContext,
         cause: Option<Cause>,
     ) -> Result<Decision<M>, DealsError> {
-        self.handle_completing(stream_id, command, ctx, cause, Some(effect_id)).await
+        self.handle_completing(stream_id, command, ctx, cause, Some(Settles::Complete(effect_id)))
+            .await
+    }
+
+    /// [`Deals::handle`] for a failed attempt of an effect that will be tried again: the
+    /// command (the machine's `EffectRetrying`) is recorded and the outbox row `effect_id`
+    /// given back with `delay` and `error`, in one transaction — the row shows the attempt
+    /// exactly when the runner will make it.
+    pub async fn handle_effect_retry<M: Projected>(
+        &self,
+        effect_id: i64,
+        stream_id: Uuid,
+        command: M::Event,
+        ctx: &DecideContext,
+        delay: std::time::Duration,
+        error: &str,
+    ) -> Result<Decision<M>, DealsError> {
+        let settles = Settles::Release { id: effect_id, delay, error: error.to_owned() };
+        self.handle_completing(stream_id, command, ctx, None, Some(settles)).await
     }
 
     async fn handle_completing<M: Projected>(
@@ -316,12 +363,12 @@ impl Deals {
         command: M::Event,
         ctx: &DecideContext,
         cause: Option<Cause>,
-        completes: Option<i64>,
+        settles: Option<Settles>,
     ) -> Result<Decision<M>, DealsError> {
         for attempt in 1..=self.conflict_retries {
             let deal = self.load::<M>(stream_id).await?;
             let decision = deal.decide(command.clone(), ctx)?;
-            match self.record_completing(&deal, &decision, cause, completes).await {
+            match self.record_completing(&deal, &decision, cause, settles.as_ref()).await {
                 Ok(()) => return Ok(decision),
                 Err(DealsError::Journal(JournalError::Conflict { .. }))
                     if attempt < self.conflict_retries =>
@@ -358,7 +405,7 @@ impl Deals {
         deal: &Deal<M>,
         decision: &Decision<M>,
         cause: Option<Cause>,
-        completes: Option<i64>,
+        settles: Option<&Settles>,
     ) -> Result<(), DealsError> {
         let events = decision
             .events
@@ -383,8 +430,12 @@ impl Deals {
         let appended =
             self.journal.append_in_tx(&mut tx, deal.id, M::NAME, deal.version, &events).await?;
         outbox::enqueue(&mut tx, deal.id, M::NAME, &effects).await?;
-        if let Some(effect_id) = completes {
-            outbox::complete_in_tx(&mut tx, effect_id, None).await?;
+        match settles {
+            Some(Settles::Complete(id)) => outbox::complete_in_tx(&mut tx, *id, None).await?,
+            Some(Settles::Release { id, delay, error }) => {
+                outbox::release(&mut *tx, *id, *delay, Some(error)).await?
+            }
+            None => {}
         }
         let last_type = events.last().map(|e| e.event_type.as_str()).unwrap_or_default();
         inline::project(&mut tx, &decision.deal, last_type, appended.recorded_at).await?;

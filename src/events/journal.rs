@@ -35,7 +35,7 @@ FROM UNNEST($4::int[], $5::text[], $6::smallint[], $7::bytea[], $8::uuid[], $9::
             $10::bytea[], $11::bytea[])
      AS e(version, event_type, schema_version, payload, correlation_id, causation_id,
           prev_cid, cid)
-WHERE $12::int = 0
+WHERE ($12::int = 0 AND NOT EXISTS (SELECT 1 FROM events_archive a WHERE a.stream_id = $1))
    OR EXISTS (SELECT 1 FROM events h
               WHERE h.stream_id = $1 AND h.version = $12 AND h.cid = $13 AND h.stream_type = $2)";
 
@@ -46,7 +46,7 @@ INSERT INTO events (stream_id, stream_type, version, event_type, schema_version,
                     recorded_at, correlation_id, causation_id, prev_cid, cid)
 SELECT $1::uuid, $2::text, $4::int, $5::text, $6::smallint, $7::bytea,
        $3::timestamptz, $8::uuid, $9::uuid, $10::bytea, $11::bytea
-WHERE $12::int = 0
+WHERE ($12::int = 0 AND NOT EXISTS (SELECT 1 FROM events_archive a WHERE a.stream_id = $1))
    OR EXISTS (SELECT 1 FROM events h
               WHERE h.stream_id = $1 AND h.version = $12 AND h.cid = $13 AND h.stream_type = $2)";
 
@@ -265,22 +265,55 @@ impl Journal {
         read_head(&mut conn, stream_id).await
     }
 
-    /// The events of one stream from `from_version` (inclusive, 1 = all) in version order.
+    /// The events of one stream from `from_version` (inclusive, 1 = all) in version order,
+    /// from the hot journal or, for a stream that was archived, from `events_archive` (streams
+    /// move there whole, so one of the two holds all of it).
     pub async fn read_stream(
         &self,
         stream_id: Uuid,
         from_version: u32,
     ) -> Result<Vec<RecordedEvent>, JournalError> {
-        let sql = format!(
+        let from = i32::try_from(from_version).unwrap_or(i32::MAX);
+        let hot = format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND version >= $2 \
              ORDER BY version"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let rows = sqlx::query(sqlx::AssertSqlSafe(hot))
             .bind(stream_id)
-            .bind(i32::try_from(from_version).unwrap_or(i32::MAX))
+            .bind(from)
+            .fetch_all(&self.pool)
+            .await?;
+        if !rows.is_empty() {
+            return rows.iter().map(decode_row).collect();
+        }
+        let archived = format!(
+            "SELECT {EVENT_COLUMNS} FROM events_archive WHERE stream_id = $1 AND version >= $2 \
+             ORDER BY version"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(archived))
+            .bind(stream_id)
+            .bind(from)
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(decode_row).collect()
+    }
+
+    /// Up to `limit` archived events after `after`, in (transaction, position) order: the
+    /// part of history rebuilds read before [`Journal::read_all`]. Every archived stream is
+    /// archived whole, so per-stream order holds across the two.
+    pub async fn read_archived(
+        &self,
+        after: Checkpoint,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, JournalError> {
+        let select = format!(
+            "SELECT {EVENT_COLUMNS} FROM events_archive \
+             WHERE (tx_id, position) > ('{tx}'::xid8, {position}) \
+             ORDER BY tx_id, position LIMIT {limit}",
+            tx = after.tx_id,
+            position = after.position,
+        );
+        super::binary_copy::read_events(&self.pool, &select).await
     }
 
     /// Up to `limit` events after `after`, in commit-safe order.
@@ -317,9 +350,14 @@ impl Journal {
         })
     }
 
-    /// How many events the journal holds.
+    /// How many events the hot journal holds (archived ones not counted).
     pub async fn count(&self) -> Result<i64, JournalError> {
         Ok(sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&self.pool).await?)
+    }
+
+    /// How many events were moved to the archive.
+    pub async fn archived_count(&self) -> Result<i64, JournalError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM events_archive").fetch_one(&self.pool).await?)
     }
 }
 
@@ -442,13 +480,22 @@ impl<'a> AppendRows<'a> {
 }
 
 async fn read_head(conn: &mut PgConnection, stream_id: Uuid) -> Result<StreamHead, JournalError> {
-    let row: Option<(i32, Vec<u8>, String)> = sqlx::query_as(
+    let mut row: Option<(i32, Vec<u8>, String)> = sqlx::query_as(
         "SELECT version, cid, stream_type FROM events WHERE stream_id = $1 \
          ORDER BY version DESC LIMIT 1",
     )
     .bind(stream_id)
-    .fetch_optional(conn)
+    .fetch_optional(&mut *conn)
     .await?;
+    if row.is_none() {
+        row = sqlx::query_as(
+            "SELECT version, cid, stream_type FROM events_archive WHERE stream_id = $1 \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(stream_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    }
     let Some((version, cid, stream_type)) = row else {
         return Ok(StreamHead { version: 0, cid: None, stream_type: String::new() });
     };

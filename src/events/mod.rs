@@ -7,7 +7,9 @@
 //! - [`journal`]: [`Journal`]: append with expected version, read, verify.
 //! - [`subscribe`]: [`Journal::subscribe`], catch-up then follow.
 //! - [`outbox`]: effects enqueued in the same transaction as their events.
+//! - [`archive`]: retention: whole streams moved to `events_archive`, never deleted.
 
+pub mod archive;
 mod binary_copy;
 pub mod chain;
 pub mod codec;

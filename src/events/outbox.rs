@@ -151,8 +151,8 @@ pub async fn complete(pool: &PgPool, id: i64, note: Option<&str>) -> Result<(), 
 /// Gives a claimed effect back to be tried again after `delay`. A failed attempt keeps its
 /// count and records its error; a wait (`error` = None: the chain has nothing new yet) does
 /// not count as an attempt and clears the error (the effect was performed, it just waits).
-pub async fn release(
-    pool: &PgPool,
+pub async fn release<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
     id: i64,
     delay: std::time::Duration,
     error: Option<&str>,
@@ -167,7 +167,7 @@ pub async fn release(
     .bind(id)
     .bind(delay.as_millis() as f64)
     .bind(error)
-    .execute(pool)
+    .execute(executor)
     .await?;
     Ok(())
 }

@@ -265,6 +265,10 @@ macro_rules! conformance_tests {
             fn every_undeclared_input_is_rejected() {
                 c::every_undeclared_input_is_rejected::<$machine>();
             }
+            #[test]
+            fn every_cancel_and_failure_cleans_up() {
+                c::every_cancel_and_failure_cleans_up::<$machine>();
+            }
             proptest::proptest! {
                 #[test]
                 fn replay_equals_live(choices in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..60)) {
@@ -278,4 +282,44 @@ macro_rules! conformance_tests {
             }
         }
     };
+}
+
+/// Invariant: a cancel or a fatal failure, from any state that takes it, either enters a
+/// state whose effects close the transfer and release the deal's funds (`Failing`,
+/// `Cancelling`, or the provider's `Rejecting` on its way there), or ends the deal holding
+/// nothing. So no failure can strand reserved funds or an open transfer.
+pub fn every_cancel_and_failure_cleans_up<M: Sample>() {
+    for &state in M::State::ALL {
+        if M::is_terminal(state) {
+            continue;
+        }
+        let (deal, _) = deal_in::<M>(state);
+        for &input in M::Input::ALL {
+            if M::transition(state, input).is_none() || M::derived(input) {
+                continue;
+            }
+            let event = M::sample(input, &deal);
+            let cancels = input.name() == "DealCancelled" || input.name() == "RequestCancelled";
+            if !cancels && M::failure(&event) != super::FailureFact::Fatal {
+                continue;
+            }
+            let Ok(decision) = deal.decide(event, &ctx()) else { continue };
+            let after = &decision.deal;
+            let names: Vec<&str> = decision.effects.iter().map(|(_, e)| e.name()).collect();
+            let holds_nothing = M::reserved(&after.data) == crate::domain::TokenAmount::ZERO;
+            let cleans = names.contains(&"close-transfer")
+                && (names.contains(&"release-funds") || holds_nothing);
+            let releases_later = after.state.name() == "Rejecting";
+            let ends_empty = M::is_terminal(after.state) && holds_nothing;
+            let request = M::NAME == "retrieval_request";
+            assert!(
+                cleans || releases_later || ends_empty || request,
+                "{}: {} in {} leads to {} with effects {names:?}",
+                M::NAME,
+                input.name(),
+                state.name(),
+                after.state.name()
+            );
+        }
+    }
 }

@@ -106,3 +106,22 @@ pub fn retrieval_request() -> RetrievalRequest {
         max_price_per_byte: TokenAmount(2),
     }
 }
+
+/// A failed attempt of an effect, the runner trying again.
+pub fn attempt_failed() -> crate::fsm::failure::AttemptFailed {
+    crate::fsm::failure::AttemptFailed {
+        effect: "publish-deal".into(),
+        attempt: 1,
+        reason: "chain unavailable".into(),
+        retry_at_ms: 1_700_000_000_000,
+    }
+}
+
+/// An effect past its attempts.
+pub fn stalled() -> crate::fsm::failure::Stalled {
+    crate::fsm::failure::Stalled {
+        effect: "publish-deal".into(),
+        attempts: 5,
+        reason: "market balance too low".into(),
+    }
+}

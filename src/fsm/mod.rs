@@ -11,6 +11,7 @@
 #[cfg(test)]
 pub mod conformance;
 pub mod effects;
+pub mod failure;
 pub mod fixtures;
 pub mod label;
 pub mod retrieval_client;
@@ -33,6 +34,7 @@ use crate::domain::storage::{DealPolicy, ProposalError};
 use crate::events::JournalEvent;
 
 pub use effects::Effect;
+pub use failure::{FailureClass, FailureFact, FailureStatus};
 pub use label::Label;
 
 /// A declared deal state machine: its alphabets (from its `state_machine!` table), its events
@@ -81,6 +83,9 @@ pub trait Machine: Sized + Copy + Debug + PartialEq + Send + Sync + 'static {
     /// `match` in every machine, so a new input cannot be declared without saying who sends
     /// it.
     fn producer(input: Self::Input) -> Producer;
+    /// What `event` says about failure: not one, a recoverable attempt or stall, or fatal. An
+    /// exhaustive `match` in every machine, so no failure event goes unclassified.
+    fn failure(event: &Self::Event) -> FailureFact<'_>;
     /// Funds the deal holds reserved: deposited for it and neither locked by the chain nor
     /// given back. Invariant (checked for every machine): zero in every terminal state.
     fn reserved(_data: &Self::Data) -> crate::domain::TokenAmount {
@@ -192,6 +197,8 @@ pub struct Deal<M: Machine> {
     pub state: M::State,
     /// The data folded from the events.
     pub data: M::Data,
+    /// The class, attempts and next retry of the deal's last failure.
+    pub failure: FailureStatus,
 }
 
 /// The outcome of a command: the events to append and the effects to enqueue with them.
@@ -208,7 +215,13 @@ pub struct Decision<M: Machine> {
 impl<M: Machine> Deal<M> {
     /// A deal with no events, in the initial state.
     pub fn new(id: Uuid) -> Self {
-        Self { id, version: 0, state: M::INITIAL, data: M::Data::default() }
+        Self {
+            id,
+            version: 0,
+            state: M::INITIAL,
+            data: M::Data::default(),
+            failure: FailureStatus::default(),
+        }
     }
 
     /// Rebuilds a deal by replaying its events through the machine. A journal the table does not
@@ -237,6 +250,7 @@ impl<M: Machine> Deal<M> {
         self.state = next;
         self.version += 1;
         M::fold(&mut self.data, event);
+        self.failure.fold(M::failure(event));
         Ok(output)
     }
 

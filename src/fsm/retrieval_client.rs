@@ -7,7 +7,11 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::effects::{Effect, Notice, OutboundMessage, TransferDirection};
-use super::{Deal, DecideContext, Label, Machine, Producer, Rejection, check_bytes, inconsistent};
+use super::failure::{AttemptFailed, Stalled};
+use super::{
+    Deal, DecideContext, FailureFact, Label, Machine, Producer, Rejection, check_bytes,
+    inconsistent,
+};
 use crate::alphabet;
 use crate::domain::TokenAmount;
 use crate::domain::retrieval::{
@@ -36,6 +40,8 @@ state_machine! {
         PaymentChannelCreateInitiated => PaymentChannelCreating [WaitForPaymentChannel],
         PaymentChannelAddFundsInitiated => PaymentChannelAddingFunds [WaitForPaymentChannel],
         PaymentChannelFailed => Failing [CleanUp],
+        EffectRetrying => Accepted,
+        EffectStalled => PaymentChannelPaused,
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
@@ -43,6 +49,8 @@ state_machine! {
     PaymentChannelCreating => {
         PaymentChannelReady => PaymentChannelAllocatingLane [AllocateLane],
         PaymentChannelFailed => Failing [CleanUp],
+        EffectRetrying => PaymentChannelCreating,
+        EffectStalled => PaymentChannelPaused,
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
@@ -50,6 +58,8 @@ state_machine! {
     PaymentChannelAddingFunds => {
         PaymentChannelReady => PaymentChannelAllocatingLane [AllocateLane],
         PaymentChannelFailed => Failing [CleanUp],
+        EffectRetrying => PaymentChannelAddingFunds,
+        EffectStalled => PaymentChannelPaused,
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
@@ -57,6 +67,8 @@ state_machine! {
     PaymentChannelAllocatingLane => {
         LaneAllocated => Ongoing [OpenTransfer],
         PaymentChannelFailed => Failing [CleanUp],
+        EffectRetrying => PaymentChannelAllocatingLane,
+        EffectStalled => PaymentChannelPaused,
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
@@ -70,6 +82,7 @@ state_machine! {
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
+        EffectRetrying => Ongoing,
     },
     FundsNeeded => {
         FundsAvailable => SendFunds [SendPayment],
@@ -78,6 +91,7 @@ state_machine! {
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
+        EffectRetrying => FundsNeeded,
     },
     FundsNeededLastPayment => {
         FundsAvailable => SendFundsLastPayment [SendPayment],
@@ -86,6 +100,7 @@ state_machine! {
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
+        EffectRetrying => FundsNeededLastPayment,
     },
     InsufficientFunds => {
         FundsAdded => SendFunds [SendPayment],
@@ -99,12 +114,18 @@ state_machine! {
         PaymentFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
         FailedByOperator => Failing [CleanUp],
+        EffectRetrying => SendFunds,
+        DataTransferFailed => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
     },
     SendFundsLastPayment => {
         PaymentSent => Finalizing,
         PaymentFailed => Failing [CleanUp],
         DealCancelled => Cancelling [CleanUp],
         FailedByOperator => Failing [CleanUp],
+        EffectRetrying => SendFundsLastPayment,
+        DataTransferFailed => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
     },
     BlocksComplete => {
         LastPaymentRequested => FundsNeededLastPayment [CheckFunds],
@@ -112,15 +133,28 @@ state_machine! {
         DealCancelled => Cancelling [CleanUp],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
+        EffectRetrying => BlocksComplete,
+        DataTransferFailed => Failing [CleanUp],
     },
     Finalizing => {
         ProviderCompleted => CheckComplete [VerifyData],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
+        EffectRetrying => Finalizing,
+        DataTransferFailed => Failing [CleanUp],
     },
     CheckComplete => {
         CompletionVerified => Completed [NotifyCompleted],
         CompletionVerificationFailed => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
+        EffectRetrying => CheckComplete,
+        DataTransferFailed => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+    },
+    PaymentChannelPaused => {
+        RetryRequested => Accepted [SetUpPaymentChannel],
+        DealCancelled => Cancelling [CleanUp],
+        DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
     Cancelling(CleanupCompleted) => Cancelled [NotifyFailed],
@@ -174,6 +208,9 @@ alphabet! {
         Cancelling = 25,
         /// Final: the deal was cancelled and cleaned up.
         Cancelled = 26,
+        /// Setting up the payment channel kept failing for a recoverable reason (wallet short,
+        /// chain unreachable): waiting for an operator to retry, cancel or fail.
+        PaymentChannelPaused = 40,
     }
 }
 
@@ -187,7 +224,7 @@ alphabet! {
         FundsAddedForLastPayment, PaymentSent, PaymentFailed, ProviderCompleted,
         CompletionVerified, CompletionVerificationFailed, DataTransferFailed, DealTimedOut,
         DealCancelled, CleanupCompleted,
-        FailedByOperator,
+        FailedByOperator, EffectRetrying, EffectStalled, RetryRequested,
     }
 }
 
@@ -265,6 +302,13 @@ pub enum RetrievalClientEvent {
     CleanupCompleted,
     /// An operator failed the deal by hand: who and why.
     FailedByOperator { reason: String },
+    /// An attempt of the state's effect (a channel step, the pull) failed recoverably; the
+    /// runner tries again.
+    EffectRetrying(AttemptFailed),
+    /// Setting up the channel kept failing recoverably; the deal waits for an operator.
+    EffectStalled(Stalled),
+    /// An operator retried a paused deal: who and why.
+    RetryRequested { reason: String },
 }
 
 impl RetrievalClientEvent {
@@ -299,6 +343,9 @@ impl RetrievalClientEvent {
             E::DealCancelled { .. } => Input::DealCancelled,
             E::FailedByOperator { .. } => Input::FailedByOperator,
             E::CleanupCompleted => Input::CleanupCompleted,
+            E::EffectRetrying(_) => Input::EffectRetrying,
+            E::EffectStalled(_) => Input::EffectStalled,
+            E::RetryRequested { .. } => Input::RetryRequested,
         }
     }
 }
@@ -407,7 +454,10 @@ impl Machine for RetrievalClient {
             | E::DataTransferFailed { reason }
             | E::DealTimedOut { reason }
             | E::DealCancelled { reason }
-            | E::FailedByOperator { reason } => data.message = Some(reason.clone()),
+            | E::FailedByOperator { reason }
+            | E::EffectRetrying(AttemptFailed { reason, .. })
+            | E::EffectStalled(Stalled { reason, .. }) => data.message = Some(reason.clone()),
+            E::RetryRequested { .. } => data.message = None,
             E::DealNotFound => data.message = Some("the provider does not have the piece".into()),
             // Invariant: a deal in a terminal state holds no reserved funds.
             E::CompletionVerified | E::CleanupCompleted => data.funds_reserved = TokenAmount::ZERO,
@@ -526,6 +576,50 @@ impl Machine for RetrievalClient {
                 "operator cancel: Deals::cancel, POST /v1/deals/{id}/cancel, dealledger deal cancel",
             ),
             Input::CleanupCompleted => Runner("after release-funds and close-transfer"),
+            Input::EffectRetrying => Runner(
+                "set-up-payment-channel, wait-for-payment-channel, allocate-lane, open-transfer",
+            ),
+            Input::EffectStalled => Runner("the channel effects, past the runner's attempts"),
+            Input::RetryRequested => Command(
+                "operator retry: Deals::retry, POST /v1/deals/{id}/retry, dealledger deal retry",
+            ),
+        }
+    }
+
+    fn failure(event: &RetrievalClientEvent) -> FailureFact<'_> {
+        use RetrievalClientEvent as E;
+        match event {
+            E::EffectRetrying(attempt) => FailureFact::Retrying(attempt),
+            E::EffectStalled(stalled) => FailureFact::Stalled(stalled),
+            E::DealRejected { .. }
+            | E::PaymentChannelFailed { .. }
+            | E::PaymentFailed { .. }
+            | E::CompletionVerificationFailed { .. }
+            | E::DataTransferFailed { .. }
+            | E::DealTimedOut { .. }
+            | E::FailedByOperator { .. } => FailureFact::Fatal,
+            // Out of funds stops the deal where it is until funds are added: not a failure.
+            E::DealProposed { .. }
+            | E::DealAccepted
+            | E::DealNotFound
+            | E::PaymentChannelCreateInitiated
+            | E::PaymentChannelAddFundsInitiated
+            | E::PaymentChannelReady { .. }
+            | E::LaneAllocated { .. }
+            | E::BlocksReceived { .. }
+            | E::PaymentRequested { .. }
+            | E::LastPaymentRequested { .. }
+            | E::AllBlocksReceived { .. }
+            | E::FundsAvailable
+            | E::FundsInsufficient { .. }
+            | E::FundsAdded
+            | E::FundsAddedForLastPayment
+            | E::PaymentSent { .. }
+            | E::ProviderCompleted
+            | E::CompletionVerified
+            | E::DealCancelled { .. }
+            | E::CleanupCompleted
+            | E::RetryRequested { .. } => FailureFact::None,
         }
     }
 
@@ -672,6 +766,9 @@ mod tests {
                 Input::DealCancelled => E::DealCancelled { reason: reason() },
                 Input::FailedByOperator => E::FailedByOperator { reason: reason() },
                 Input::CleanupCompleted => E::CleanupCompleted,
+                Input::EffectRetrying => E::EffectRetrying(attempt_failed()),
+                Input::EffectStalled => E::EffectStalled(stalled()),
+                Input::RetryRequested => E::RetryRequested { reason: reason() },
             }
         }
 

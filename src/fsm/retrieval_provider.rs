@@ -6,7 +6,10 @@ use rust_fsm::{StateMachineImpl, state_machine};
 use serde::{Deserialize, Serialize};
 
 use super::effects::{Effect, OutboundMessage};
-use super::{Deal, DecideContext, Label, Machine, Producer, Rejection, check_bytes, inconsistent};
+use super::{
+    Deal, DecideContext, FailureFact, Label, Machine, Producer, Rejection, check_bytes,
+    inconsistent,
+};
 use crate::alphabet;
 use crate::domain::TokenAmount;
 use crate::domain::retrieval::{RetrievalDealProposal, RetrievalTermsError, SignedVoucher};
@@ -352,6 +355,30 @@ impl Machine for RetrievalProvider {
             _ => {}
         }
         Ok(vec![command])
+    }
+
+    fn failure(event: &RetrievalProviderEvent) -> FailureFact<'_> {
+        use RetrievalProviderEvent as E;
+        match event {
+            E::DealRejected { .. }
+            | E::UnsealFailed { .. }
+            | E::DataTransferFailed { .. }
+            | E::DealTimedOut { .. }
+            | E::FailedByOperator { .. } => FailureFact::Fatal,
+            E::DealAccepted { .. }
+            | E::PieceNotFound { .. }
+            | E::PieceUnsealed
+            | E::DataTransferStarted
+            | E::BlocksSent { .. }
+            | E::PaymentDue { .. }
+            | E::PaymentReceived { .. }
+            | E::AllBlocksSent { .. }
+            | E::LastPaymentDue { .. }
+            | E::NoPaymentDue
+            | E::CompletionSent
+            | E::DealCancelled { .. }
+            | E::CleanupCompleted => FailureFact::None,
+        }
     }
 
     fn producer(input: Input) -> Producer {

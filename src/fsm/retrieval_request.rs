@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::effects::Effect;
-use super::{Deal, DecideContext, Label, Machine, Producer, Rejection, inconsistent};
+use super::{Deal, DecideContext, FailureFact, Label, Machine, Producer, Rejection, inconsistent};
 use crate::alphabet;
 use crate::domain::TokenAmount;
 use crate::domain::retrieval::RetrievalRequest;
@@ -283,6 +283,22 @@ impl Machine for RetrievalRequestMachine {
                 }
             }
             _ => Ok(vec![command]),
+        }
+    }
+
+    fn failure(event: &RetrievalRequestEvent) -> FailureFact<'_> {
+        use RetrievalRequestEvent as E;
+        match event {
+            // A failed part is retried by the request itself with a new deal; the deal's own
+            // row carries that failure.
+            E::RetriesExhausted { .. } => FailureFact::Fatal,
+            E::RequestCreated { .. }
+            | E::PartStarted { .. }
+            | E::PartCompleted { .. }
+            | E::PartFailed { .. }
+            | E::AllPartsCompleted
+            | E::RequestCancelled { .. }
+            | E::CleanupCompleted => FailureFact::None,
         }
     }
 

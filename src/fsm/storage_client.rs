@@ -7,7 +7,11 @@ use rust_fsm::{StateMachineImpl, state_machine};
 use serde::{Deserialize, Serialize};
 
 use super::effects::{Effect, OutboundMessage, TransferDirection};
-use super::{Deal, DecideContext, Label, Machine, Producer, Rejection, check_bytes, inconsistent};
+use super::failure::{AttemptFailed, Stalled};
+use super::{
+    Deal, DecideContext, FailureFact, Label, Machine, Producer, Rejection, check_bytes,
+    inconsistent,
+};
 use crate::alphabet;
 use crate::domain::storage::{ClientDealProposal, ProposalError, StorageDeal};
 use crate::domain::{ChainEpoch, DealId, SectorNumber, TokenAmount};
@@ -26,6 +30,8 @@ state_machine! {
         FundingInitiated => ClientFunding [WaitForFunding],
         FundsReserved => FundsReserved [SendProposal],
         FundsReservationFailed => Failing [CleanUp],
+        EffectRetrying => ReserveClientFunds,
+        EffectStalled => FundingPaused,
         DealCancelled => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
@@ -46,6 +52,8 @@ state_machine! {
         DataTransferQueued => TransferQueued,
         DataTransferStarted => Transferring,
         DataTransferFailed => Failing [CleanUp],
+        EffectRetrying => StartDataTransfer,
+        EffectStalled => TransferPaused,
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
@@ -69,6 +77,8 @@ state_machine! {
     ClientTransferRestart => {
         DataTransferRestarted => Transferring,
         DataTransferFailed => Failing [CleanUp],
+        EffectRetrying => ClientTransferRestart,
+        EffectStalled => TransferPaused,
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
@@ -102,6 +112,19 @@ state_machine! {
     Active => {
         DealExpired => Expired,
         DealSlashed => Slashed,
+    },
+    FundingPaused => {
+        RetryRequested => ReserveClientFunds [ReserveFunds],
+        DealCancelled => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
+    },
+    // The push resumes from the offset the provider recorded, not from zero.
+    TransferPaused => {
+        RetryRequested => ClientTransferRestart [RestartTransfer],
+        DealCancelled => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Failing(CleanupCompleted) => Error,
 }
@@ -143,6 +166,12 @@ alphabet! {
         AwaitingPreCommit = 29,
         /// The transfer is queued behind others.
         TransferQueued = 30,
+        /// Reserving the client's funds kept failing for a recoverable reason (market
+        /// balance short, chain unreachable): waiting for an operator to retry, cancel or fail.
+        FundingPaused = 40,
+        /// The push kept failing (the provider unreachable): waiting for an operator to retry
+        /// (it resumes where the provider's journal says), cancel or fail; timed out otherwise.
+        TransferPaused = 43,
     }
 }
 
@@ -155,7 +184,7 @@ alphabet! {
         DealPublished, ProviderFailedDeal, PublishConfirmed, PublishVerificationFailed,
         DealPreCommitted, DealActivated, DealExpired, DealSlashed, DealTimedOut, DealCancelled,
         CleanupCompleted,
-        FailedByOperator,
+        FailedByOperator, EffectRetrying, EffectStalled, RetryRequested,
     }
 }
 
@@ -220,6 +249,12 @@ pub enum StorageClientEvent {
     CleanupCompleted,
     /// An operator failed the deal by hand: who and why.
     FailedByOperator { reason: String },
+    /// An attempt of the state's effect failed recoverably; the runner tries again.
+    EffectRetrying(AttemptFailed),
+    /// The state's effect kept failing recoverably; the deal waits for an operator.
+    EffectStalled(Stalled),
+    /// An operator retried a paused deal: who and why.
+    RetryRequested { reason: String },
 }
 
 impl StorageClientEvent {
@@ -252,6 +287,9 @@ impl StorageClientEvent {
             E::DealCancelled { .. } => Input::DealCancelled,
             E::FailedByOperator { .. } => Input::FailedByOperator,
             E::CleanupCompleted => Input::CleanupCompleted,
+            E::EffectRetrying(_) => Input::EffectRetrying,
+            E::EffectStalled(_) => Input::EffectStalled,
+            E::RetryRequested { .. } => Input::RetryRequested,
         }
     }
 }
@@ -351,7 +389,10 @@ impl Machine for StorageClient {
             | E::PublishVerificationFailed { reason }
             | E::DealTimedOut { reason }
             | E::DealCancelled { reason }
-            | E::FailedByOperator { reason } => data.message = Some(reason.clone()),
+            | E::FailedByOperator { reason }
+            | E::EffectRetrying(AttemptFailed { reason, .. })
+            | E::EffectStalled(Stalled { reason, .. }) => data.message = Some(reason.clone()),
+            E::RetryRequested { .. } => data.message = None,
             // Invariant: a deal in a terminal state holds no reserved funds.
             E::CleanupCompleted => data.funds_reserved = TokenAmount::ZERO,
             E::DataTransferQueued
@@ -443,6 +484,45 @@ impl Machine for StorageClient {
                 "operator cancel: Deals::cancel, POST /v1/deals/{id}/cancel, dealledger deal cancel",
             ),
             Input::CleanupCompleted => Runner("after release-funds and close-transfer"),
+            Input::EffectRetrying => Runner("reserve-funds, open-transfer, restart-transfer"),
+            Input::EffectStalled => Runner("the same effects, past the runner's attempts"),
+            Input::RetryRequested => Command(
+                "operator retry: Deals::retry, POST /v1/deals/{id}/retry, dealledger deal retry",
+            ),
+        }
+    }
+
+    fn failure(event: &StorageClientEvent) -> FailureFact<'_> {
+        use StorageClientEvent as E;
+        match event {
+            E::EffectRetrying(attempt) => FailureFact::Retrying(attempt),
+            E::EffectStalled(stalled) => FailureFact::Stalled(stalled),
+            E::FundsReservationFailed { .. }
+            | E::DealRejected { .. }
+            | E::DataTransferFailed { .. }
+            | E::ProviderFailedDeal { .. }
+            | E::PublishVerificationFailed { .. }
+            | E::DealTimedOut { .. }
+            | E::FailedByOperator { .. } => FailureFact::Fatal,
+            E::DealInitiated { .. }
+            | E::FundingInitiated { .. }
+            | E::FundsReserved { .. }
+            | E::DealAccepted { .. }
+            | E::DataTransferQueued
+            | E::DataTransferStarted
+            | E::DataTransferProgressed { .. }
+            | E::DataTransferInterrupted { .. }
+            | E::DataTransferRestarted
+            | E::DataTransferCompleted { .. }
+            | E::DealPublished { .. }
+            | E::PublishConfirmed
+            | E::DealPreCommitted { .. }
+            | E::DealActivated { .. }
+            | E::DealExpired { .. }
+            | E::DealSlashed { .. }
+            | E::DealCancelled { .. }
+            | E::CleanupCompleted
+            | E::RetryRequested { .. } => FailureFact::None,
         }
     }
 
@@ -556,6 +636,9 @@ mod tests {
                 Input::DealCancelled => E::DealCancelled { reason: reason() },
                 Input::FailedByOperator => E::FailedByOperator { reason: reason() },
                 Input::CleanupCompleted => E::CleanupCompleted,
+                Input::EffectRetrying => E::EffectRetrying(attempt_failed()),
+                Input::EffectStalled => E::EffectStalled(stalled()),
+                Input::RetryRequested => E::RetryRequested { reason: reason() },
             }
         }
 

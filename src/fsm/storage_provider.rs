@@ -7,7 +7,11 @@ use rust_fsm::{StateMachineImpl, state_machine};
 use serde::{Deserialize, Serialize};
 
 use super::effects::{Effect, OutboundMessage};
-use super::{Deal, DecideContext, Label, Machine, Producer, Rejection, check_bytes, inconsistent};
+use super::failure::{AttemptFailed, Stalled};
+use super::{
+    Deal, DecideContext, FailureFact, Label, Machine, Producer, Rejection, check_bytes,
+    inconsistent,
+};
 use crate::alphabet;
 use crate::domain::storage::{ClientDealProposal, StorageDeal};
 use crate::domain::{ChainEpoch, DealId, PieceCid, SectorNumber, TokenAmount};
@@ -68,6 +72,8 @@ state_machine! {
         FundingInitiated => ProviderFunding [WaitForFunding],
         FundsReserved => Publish [PublishDeal],
         FundsReservationFailed => Failing [CleanUp],
+        EffectRetrying => ReserveProviderFunds,
+        EffectStalled => FundingPaused,
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
@@ -82,6 +88,8 @@ state_machine! {
     Publish => {
         PublishSent => Publishing [WaitForPublish],
         PublishFailed => Failing [CleanUp],
+        EffectRetrying => Publish,
+        EffectStalled => PublishPaused,
         DealCancelled => Failing [CleanUp],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
@@ -89,12 +97,16 @@ state_machine! {
     Publishing => {
         DealPublished => Staged [HandOffToSealing],
         PublishFailed => Failing [CleanUp],
+        EffectRetrying => Publishing,
+        EffectStalled => PublishPaused,
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
     Staged => {
         DealHandedOff => AwaitingPreCommit [WatchPreCommit],
         HandOffFailed => Failing [CleanUp],
+        EffectRetrying => Staged,
+        EffectStalled => HandOffPaused,
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
@@ -120,6 +132,24 @@ state_machine! {
     Active => {
         DealExpired => Expired,
         DealSlashed => Slashed,
+    },
+    FundingPaused => {
+        RetryRequested => ReserveProviderFunds [ReserveFunds],
+        DealCancelled => Failing [CleanUp],
+        DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
+    },
+    // The publish message may be on chain already: a paused publish is retried or failed,
+    // not cancelled (as in Publishing).
+    PublishPaused => {
+        RetryRequested => Publish [PublishDeal],
+        DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
+    },
+    HandOffPaused => {
+        RetryRequested => Staged [HandOffToSealing],
+        DealTimedOut => Failing [CleanUp],
+        FailedByOperator => Failing [CleanUp],
     },
     Rejecting(RejectionSent) => Failing [CleanUp],
     Failing(CleanupCompleted) => Error,
@@ -170,6 +200,14 @@ alphabet! {
         ProviderTransferAwaitRestart = 27,
         /// Handed to sealing; waiting for the sector to be pre-committed.
         AwaitingPreCommit = 29,
+        /// Reserving the collateral kept failing for a recoverable reason (market balance
+        /// short, chain unreachable): waiting for an operator to retry, cancel or fail.
+        FundingPaused = 40,
+        /// Publishing kept failing for a recoverable reason (gas, funds, chain unreachable):
+        /// waiting for an operator to retry or fail.
+        PublishPaused = 41,
+        /// Handing the piece to sealing kept failing: waiting for an operator.
+        HandOffPaused = 42,
     }
 }
 
@@ -183,7 +221,7 @@ alphabet! {
         PublishSent, PublishFailed, DealPublished, DealHandedOff, HandOffFailed,
         DealPreCommitted, DealActivated, DealFinalized, DealExpired, DealSlashed, SealingFailed,
         DealTimedOut, DealCancelled, CleanupCompleted,
-        FailedByOperator,
+        FailedByOperator, EffectRetrying, EffectStalled, RetryRequested,
     }
 }
 
@@ -263,6 +301,12 @@ pub enum StorageProviderEvent {
     CleanupCompleted,
     /// An operator failed the deal by hand: who and why.
     FailedByOperator { reason: String },
+    /// An attempt of the state's effect failed recoverably; the runner tries again.
+    EffectRetrying(AttemptFailed),
+    /// The state's effect kept failing recoverably; the deal waits for an operator.
+    EffectStalled(Stalled),
+    /// An operator retried a paused deal: who and why.
+    RetryRequested { reason: String },
 }
 
 impl StorageProviderEvent {
@@ -302,6 +346,9 @@ impl StorageProviderEvent {
             E::DealCancelled { .. } => Input::DealCancelled,
             E::FailedByOperator { .. } => Input::FailedByOperator,
             E::CleanupCompleted => Input::CleanupCompleted,
+            E::EffectRetrying(_) => Input::EffectRetrying,
+            E::EffectStalled(_) => Input::EffectStalled,
+            E::RetryRequested { .. } => Input::RetryRequested,
         }
     }
 }
@@ -404,7 +451,10 @@ impl Machine for StorageProvider {
             | E::SealingFailed { reason }
             | E::DealTimedOut { reason }
             | E::DealCancelled { reason }
-            | E::FailedByOperator { reason } => data.message = Some(reason.clone()),
+            | E::FailedByOperator { reason }
+            | E::EffectRetrying(AttemptFailed { reason, .. })
+            | E::EffectStalled(Stalled { reason, .. }) => data.message = Some(reason.clone()),
+            E::RetryRequested { .. } => data.message = None,
             // Invariant: a deal in a terminal state holds no reserved funds.
             E::CleanupCompleted => data.funds_reserved = TokenAmount::ZERO,
             E::ProposalValidated
@@ -518,6 +568,54 @@ impl Machine for StorageProvider {
                 "operator cancel: Deals::cancel, POST /v1/deals/{id}/cancel, dealledger deal cancel",
             ),
             Input::CleanupCompleted => Runner("after release-funds and close-transfer"),
+            Input::EffectRetrying => {
+                Runner("reserve-funds, publish-deal, wait-for-message, hand-off-to-sealing")
+            }
+            Input::EffectStalled => Runner("the same effects, past the runner's attempts"),
+            Input::RetryRequested => Command(
+                "operator retry: Deals::retry, POST /v1/deals/{id}/retry, dealledger deal retry",
+            ),
+        }
+    }
+
+    fn failure(event: &StorageProviderEvent) -> FailureFact<'_> {
+        use StorageProviderEvent as E;
+        match event {
+            E::EffectRetrying(attempt) => FailureFact::Retrying(attempt),
+            E::EffectStalled(stalled) => FailureFact::Stalled(stalled),
+            E::ProposalInvalid { .. }
+            | E::DealRejected { .. }
+            | E::DataTransferFailed { .. }
+            | E::DataVerificationFailed { .. }
+            | E::FundsReservationFailed { .. }
+            | E::PublishFailed { .. }
+            | E::HandOffFailed { .. }
+            | E::SealingFailed { .. }
+            | E::DealTimedOut { .. }
+            | E::FailedByOperator { .. } => FailureFact::Fatal,
+            E::ProposalReceived { .. }
+            | E::ProposalValidated
+            | E::DealAccepted { .. }
+            | E::RejectionSent
+            | E::DataTransferStarted
+            | E::DataTransferProgressed { .. }
+            | E::DataTransferInterrupted { .. }
+            | E::DataTransferRestarted
+            | E::DataTransferCompleted { .. }
+            | E::DataVerified { .. }
+            | E::FundingInitiated { .. }
+            | E::FundsReserved { .. }
+            | E::PublishSent { .. }
+            | E::DealPublished { .. }
+            | E::DealHandedOff
+            | E::DealPreCommitted { .. }
+            | E::DealActivated { .. }
+            | E::DealFinalized
+            | E::DealExpired { .. }
+            | E::DealSlashed { .. }
+            | E::DealCancelled { .. }
+            | E::CleanupCompleted
+            | E::RetryRequested { .. } => FailureFact::None,
         }
     }
 
@@ -658,6 +756,9 @@ mod tests {
                 Input::DealCancelled => E::DealCancelled { reason: reason() },
                 Input::FailedByOperator => E::FailedByOperator { reason: reason() },
                 Input::CleanupCompleted => E::CleanupCompleted,
+                Input::EffectRetrying => E::EffectRetrying(attempt_failed()),
+                Input::EffectStalled => E::EffectStalled(stalled()),
+                Input::RetryRequested => E::RetryRequested { reason: reason() },
             }
         }
 

@@ -256,11 +256,20 @@ pub async fn rebuild_transitions(
     let started = Instant::now();
     let mut states: HashMap<Uuid, &'static str> = HashMap::new();
     let mut rows = Vec::new();
+    // Archived streams first (each is archived whole), then the hot journal.
+    let mut archived_at = Checkpoint::START;
     let mut at = Checkpoint::START;
     loop {
-        let batch = journal.read_all(at, 10_000).await?;
+        let (batch, hot) = match journal.read_archived(archived_at, 10_000).await? {
+            batch if !batch.is_empty() => (batch, false),
+            _ => (journal.read_all(at, 10_000).await?, true),
+        };
         let Some(last) = batch.last() else { break };
-        at = last.checkpoint();
+        if hot {
+            at = last.checkpoint();
+        } else {
+            archived_at = last.checkpoint();
+        }
         for event in &batch {
             let from = states.get(&event.stream_id).copied().unwrap_or_default();
             let step = step_of(&event.stream_type, from, event.into())?;

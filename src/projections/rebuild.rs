@@ -123,7 +123,7 @@ async fn fold_snapshot(
     let snapshot: String =
         sqlx::query_scalar("SELECT pg_current_snapshot()::text").fetch_one(&mut *tx).await?;
     let mut deals = HashMap::new();
-    let sql = concat!("SELECT ", event_fields!(), " FROM events ORDER BY position");
+    let sql = concat!("SELECT ", event_fields!(), " FROM journal_events ORDER BY position");
     let (events, _) = fold_query(&mut tx, sql, None, &mut deals, progress).await?;
     tx.commit().await?;
     Ok((deals, snapshot, events))

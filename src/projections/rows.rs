@@ -62,6 +62,9 @@ pub static STORAGE_DEALS: TableSpec = TableSpec {
         ("message", T::Text),
         ("bytes_transferred", T::BigInt),
         ("funds_reserved", T::Numeric),
+        ("failure_class", T::Text),
+        ("attempts", T::Int),
+        ("next_retry_at", T::Timestamp),
     ],
 };
 
@@ -98,6 +101,9 @@ pub static RETRIEVAL_DEALS: TableSpec = TableSpec {
         ("payments", T::Int),
         ("last_voucher_amount", T::Numeric),
         ("last_voucher_nonce", T::BigInt),
+        ("failure_class", T::Text),
+        ("attempts", T::Int),
+        ("next_retry_at", T::Timestamp),
     ],
 };
 
@@ -153,6 +159,17 @@ fn state_columns<M: Machine>(deal: &Deal<M>, meta: &RowMeta) -> [Option<String>;
     ]
 }
 
+/// The failure columns storage and retrieval rows end with: the class of the deal's last
+/// failure, its attempts, and when the runner tries next.
+fn failure_columns<M: Machine>(deal: &Deal<M>) -> [Option<String>; 3] {
+    let f = &deal.failure;
+    [
+        f.class.map(|c| c.name().to_owned()),
+        text(f.attempts),
+        f.next_retry_at_ms.and_then(DateTime::<Utc>::from_timestamp_millis).and_then(time),
+    ]
+}
+
 /// The storage columns both sides share, from the proposal and the deal's chain facts.
 struct StorageFacts<'a> {
     proposal: Option<&'a crate::domain::storage::ClientDealProposal>,
@@ -188,6 +205,7 @@ fn storage_row<M: Machine>(deal: &Deal<M>, meta: &RowMeta, facts: StorageFacts<'
     ];
     row.extend(state_columns(deal, meta));
     row.extend([facts.message.clone(), text(facts.bytes), text(facts.funds_reserved.0)]);
+    row.extend(failure_columns(deal));
     row
 }
 
@@ -279,6 +297,7 @@ fn retrieval_row<M: Machine>(
         facts.voucher.map(|v| v.voucher.amount.0.to_string()),
         facts.voucher.map(|v| v.voucher.nonce.to_string()),
     ]);
+    row.extend(failure_columns(deal));
     row
 }
 

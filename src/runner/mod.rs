@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 
-pub use perform::{CHAIN_EFFECTS, Feedback, Outcome, WATCH_EFFECTS, message_key};
+pub use perform::{CHAIN_EFFECTS, Feedback, INLINE_EFFECTS, Outcome, WATCH_EFFECTS, message_key};
 pub use timeouts::{TimeoutPolicy, time_out_stuck_deals};
 
 use crate::adapters::chain::{Chain, ChainError, SealingPipeline, head_changes};
@@ -27,6 +27,7 @@ use crate::domain::storage::DealPolicy;
 use crate::events::JournalError;
 use crate::events::outbox::{self, PendingEffect};
 use crate::fsm::effects::Effect;
+use crate::fsm::failure::{AttemptFailed, Stalled};
 use crate::fsm::retrieval_client::RetrievalClient;
 use crate::fsm::retrieval_client::RetrievalClientEvent as RC;
 use crate::fsm::retrieval_provider::RetrievalProvider;
@@ -158,6 +159,7 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
         // Sends are claimed even without a network: a provider's answers went out as
         // responses, and a send that needs the network waits for a runner that has one.
         let mut types = CHAIN_EFFECTS.to_vec();
+        types.extend(INLINE_EFFECTS);
         types.push("send");
         if let Some(network) = &self.network {
             if network.pieces.is_some() || network.retrieved.is_some() {
@@ -309,8 +311,11 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
         Ok(())
     }
 
-    /// A failed attempt: retried with exponential backoff; past the limit (or at once when
-    /// retrying cannot help) the failure becomes the machine's input for it.
+    /// A failed attempt. A recoverable error (the chain or the counterparty unreachable, a
+    /// balance short) is retried with exponential backoff, each attempt recorded on the deal
+    /// (`EffectRetrying`, with when the next comes) where its machine has a paused state for
+    /// it; past the limit the deal pauses for an operator (`EffectStalled`) or, where it has
+    /// no such state, fails. A fatal error becomes the machine's failure input at once.
     async fn failed(
         &self,
         pending: &PendingEffect,
@@ -318,52 +323,37 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
         error: &RunnerError,
     ) -> Result<(), RunnerError> {
         let pool = self.deals.journal().pool();
-        let exhausted = pending.attempts >= self.config.max_attempts || !error.is_transient();
         let reason = error.to_string();
-        if !exhausted {
+        let attempt = u32::try_from(pending.attempts).unwrap_or(0);
+        let kind = if !error.is_transient() {
+            FailureKind::Fatal(reason.clone())
+        } else if pending.attempts >= self.config.max_attempts {
+            let effect = pending.effect_type.clone();
+            FailureKind::Stalled(Stalled { effect, attempts: attempt, reason: reason.clone() })
+        } else {
             let factor = 1u32 << (pending.attempts.clamp(1, 16) - 1) as u32;
             let delay = self.config.backoff.saturating_mul(factor);
-            outbox::release(pool, pending.id, delay, Some(&reason)).await?;
+            let retry_at = chrono::Utc::now()
+                + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            let failed = AttemptFailed {
+                effect: pending.effect_type.clone(),
+                attempt,
+                reason: reason.clone(),
+                retry_at_ms: retry_at.timestamp_millis(),
+            };
+            match failure_input(&pending.stream_type, effect, FailureKind::Retrying(failed)) {
+                Some(feedback) => {
+                    let recorded = self.feed_retry(pending, feedback, delay, &reason).await;
+                    // A deal that moved on meanwhile takes no record; the effect still waits.
+                    if recorded.is_err() {
+                        outbox::release(pool, pending.id, delay, Some(&reason)).await?;
+                    }
+                }
+                None => outbox::release(pool, pending.id, delay, Some(&reason)).await?,
+            }
             return Ok(());
-        }
-        let failure = match (pending.stream_type.as_str(), effect) {
-            (StorageClient::NAME, Effect::ReserveFunds { .. }) => {
-                Some(Feedback::StorageClient(SC::FundsReservationFailed { reason: reason.clone() }))
-            }
-            (StorageProvider::NAME, Effect::ReserveFunds { .. }) => {
-                Some(Feedback::StorageProvider(SP::FundsReservationFailed {
-                    reason: reason.clone(),
-                }))
-            }
-            (_, Effect::PublishDeal { .. } | Effect::WaitForMessage { .. }) => {
-                Some(Feedback::StorageProvider(SP::PublishFailed { reason: reason.clone() }))
-            }
-            (_, Effect::HandOffToSealing { .. }) => {
-                Some(Feedback::StorageProvider(SP::HandOffFailed { reason: reason.clone() }))
-            }
-            (RetrievalClient::NAME, Effect::Send { .. }) => {
-                Some(Feedback::RetrievalClient(RC::DealTimedOut { reason: reason.clone() }))
-            }
-            (RetrievalClient::NAME, Effect::OpenTransfer { .. }) => {
-                Some(Feedback::RetrievalClient(RC::DataTransferFailed { reason: reason.clone() }))
-            }
-            (StorageClient::NAME, Effect::Send { .. }) => {
-                Some(Feedback::StorageClient(SC::DealTimedOut { reason: reason.clone() }))
-            }
-            (StorageClient::NAME, Effect::OpenTransfer { .. } | Effect::RestartTransfer { .. }) => {
-                Some(Feedback::StorageClient(SC::DataTransferFailed { reason: reason.clone() }))
-            }
-            (
-                _,
-                Effect::SetUpPaymentChannel { .. }
-                | Effect::WaitForPaymentChannel { .. }
-                | Effect::AllocateLane { .. },
-            ) => {
-                Some(Feedback::RetrievalClient(RC::PaymentChannelFailed { reason: reason.clone() }))
-            }
-            _ => None,
         };
-        match failure {
+        match failure_input(&pending.stream_type, effect, kind) {
             Some(feedback) => {
                 if let Err(e) = self.feed(pending, feedback).await {
                     outbox::complete(pool, pending.id, Some(&format!("{reason}; {e}"))).await?;
@@ -383,4 +373,131 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
         }
         Ok(())
     }
+
+    /// Records a failed attempt on its deal and gives the effect back, in one transaction.
+    async fn feed_retry(
+        &self,
+        pending: &PendingEffect,
+        feedback: Feedback,
+        delay: Duration,
+        error: &str,
+    ) -> Result<(), DealsError> {
+        let ctx = self.context().await.unwrap_or_default();
+        let (id, stream, d) = (pending.id, pending.stream_id, &self.deals);
+        match feedback {
+            Feedback::StorageClient(c) => {
+                d.handle_effect_retry::<StorageClient>(id, stream, c, &ctx, delay, error).await?;
+            }
+            Feedback::StorageProvider(p) => {
+                d.handle_effect_retry::<StorageProvider>(id, stream, p, &ctx, delay, error).await?;
+            }
+            Feedback::RetrievalClient(r) => {
+                d.handle_effect_retry::<RetrievalClient>(id, stream, r, &ctx, delay, error).await?;
+            }
+            Feedback::RetrievalProvider(_) | Feedback::RetrievalRequest(..) => {
+                return Err(DealsError::WrongStreamType {
+                    stream_id: stream,
+                    expected: "a deal whose effects retry",
+                    actual: pending.stream_type.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
 }
+
+/// How an effect failed, as the machines are told.
+enum FailureKind {
+    /// An attempt failed recoverably; another follows.
+    Retrying(AttemptFailed),
+    /// Recoverable, but the attempts ran out.
+    Stalled(Stalled),
+    /// Fatal, with the reason.
+    Fatal(String),
+}
+
+/// The input a failure of `effect` becomes for a deal of `stream_type`, if its machine has one.
+///
+/// Where a machine has a paused state for the effect, attempts are recorded and a stall
+/// pauses the deal for an operator. A retrieval's pull has none: a lost connection is
+/// recorded attempt by attempt and then fails the deal with its reason, and the request it
+/// belongs to fetches the part again with a new deal. Proposals and terms that cannot be
+/// sent time the deal out.
+fn failure_input(stream_type: &str, effect: &Effect, kind: FailureKind) -> Option<Feedback> {
+    Some(match (stream_type, effect) {
+        (StorageClient::NAME, Effect::ReserveFunds { .. }) => {
+            Feedback::StorageClient(pausing(kind, |reason| SC::FundsReservationFailed { reason }))
+        }
+        (StorageClient::NAME, Effect::OpenTransfer { .. } | Effect::RestartTransfer { .. }) => {
+            Feedback::StorageClient(pausing(kind, |reason| SC::DataTransferFailed { reason }))
+        }
+        (StorageProvider::NAME, Effect::ReserveFunds { .. }) => {
+            Feedback::StorageProvider(pausing(kind, |reason| SP::FundsReservationFailed { reason }))
+        }
+        (StorageProvider::NAME, Effect::PublishDeal { .. } | Effect::WaitForMessage { .. }) => {
+            Feedback::StorageProvider(pausing(kind, |reason| SP::PublishFailed { reason }))
+        }
+        (StorageProvider::NAME, Effect::HandOffToSealing { .. }) => {
+            Feedback::StorageProvider(pausing(kind, |reason| SP::HandOffFailed { reason }))
+        }
+        (
+            RetrievalClient::NAME,
+            Effect::SetUpPaymentChannel { .. }
+            | Effect::WaitForPaymentChannel { .. }
+            | Effect::AllocateLane { .. },
+        ) => Feedback::RetrievalClient(pausing(kind, |reason| RC::PaymentChannelFailed { reason })),
+        (RetrievalClient::NAME, Effect::OpenTransfer { .. }) => {
+            Feedback::RetrievalClient(match kind {
+                FailureKind::Retrying(attempt) => RC::EffectRetrying(attempt),
+                FailureKind::Stalled(s) => RC::DataTransferFailed {
+                    reason: format!("{} after {} attempts: {}", s.effect, s.attempts, s.reason),
+                },
+                FailureKind::Fatal(reason) => RC::DataTransferFailed { reason },
+            })
+        }
+        (RetrievalClient::NAME, Effect::Send { .. }) => Feedback::RetrievalClient(match kind {
+            FailureKind::Retrying(_) => return None,
+            FailureKind::Stalled(Stalled { reason, .. }) | FailureKind::Fatal(reason) => {
+                RC::DealTimedOut { reason }
+            }
+        }),
+        (StorageClient::NAME, Effect::Send { .. }) => Feedback::StorageClient(match kind {
+            FailureKind::Retrying(_) => return None,
+            FailureKind::Stalled(Stalled { reason, .. }) | FailureKind::Fatal(reason) => {
+                SC::DealTimedOut { reason }
+            }
+        }),
+        _ => return None,
+    })
+}
+
+/// The event for `kind` on a machine that records attempts and pauses when they run out;
+/// `fatal_event` is its failure input for the effect.
+fn pausing<E: Retryable>(kind: FailureKind, fatal_event: impl FnOnce(String) -> E) -> E {
+    match kind {
+        FailureKind::Retrying(attempt) => E::retrying(attempt),
+        FailureKind::Stalled(stalled) => E::stalled(stalled),
+        FailureKind::Fatal(reason) => fatal_event(reason),
+    }
+}
+
+/// Machines whose deals pause on a recoverable failure.
+trait Retryable {
+    fn retrying(attempt: AttemptFailed) -> Self;
+    fn stalled(stalled: Stalled) -> Self;
+}
+
+macro_rules! retryable {
+    ($($event:ty),*) => {$(
+        impl Retryable for $event {
+            fn retrying(attempt: AttemptFailed) -> Self {
+                Self::EffectRetrying(attempt)
+            }
+            fn stalled(stalled: Stalled) -> Self {
+                Self::EffectStalled(stalled)
+            }
+        }
+    )*};
+}
+
+retryable!(SC, SP, RC);

@@ -13,6 +13,7 @@ use crate::deals::DealsError;
 use crate::domain::{DealId, TokenAmount};
 use crate::events::outbox::PendingEffect;
 use crate::fsm::effects::{Effect, Notice, OutboundMessage, TransferDirection};
+use crate::fsm::failure::Stalled;
 use crate::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent as RC};
 use crate::fsm::retrieval_provider::{RetrievalProvider, RetrievalProviderEvent as RP};
 use crate::fsm::retrieval_request::{RetrievalRequestEvent as RR, RetrievalRequestMachine};
@@ -70,6 +71,21 @@ pub const CHAIN_EFFECTS: &[&str] = &[
     "redeem-voucher",
     "notify",
     "cancel-retrieval-deals",
+];
+
+/// Effects that an adapter performs as the counterparty's request arrives, recording the
+/// result itself: the provider service decides on a proposal and unseals, the transfer
+/// adapters verify the piece, check funds, pay and verify received data. Every runner claims
+/// them only to mark them done with a note, so a deal's open effects are exactly the ones
+/// still to perform (and an ended deal has none).
+pub const INLINE_EFFECTS: &[&str] = &[
+    "decide-on-proposal",
+    "await-transfer-restart",
+    "verify-piece-commitment",
+    "unseal-piece",
+    "check-funds",
+    "send-payment",
+    "verify-received-data",
 ];
 
 /// Effects that wait on the chain: re-armed at every new head.
@@ -165,8 +181,15 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                             reason: "the publish message landed without a deal id".into(),
                         }))
                     }
+                    // The message ran out of gas or funds on chain: sending it again as it is
+                    // gives the same result, so the deal pauses for an operator to fix the
+                    // wallet and retry.
                     MessageStatus::Failed { reason, .. } => {
-                        Outcome::Feed(Feedback::StorageProvider(SP::PublishFailed { reason }))
+                        Outcome::Feed(Feedback::StorageProvider(SP::EffectStalled(Stalled {
+                            effect: pending.effect_type.clone(),
+                            attempts: u32::try_from(pending.attempts).unwrap_or(0),
+                            reason: format!("the publish message failed on chain: {reason}"),
+                        })))
                     }
                 }
             }
@@ -280,6 +303,16 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                 Outcome::Feed(Feedback::StorageProvider(SP::RejectionSent))
             }
             Effect::Send { .. } => Outcome::Skipped("sent by the network adapter"),
+            Effect::DecideOnProposal { .. } | Effect::UnsealPiece { .. } => {
+                Outcome::Skipped("the provider service performs it when the request arrives")
+            }
+            Effect::AwaitTransferRestart { .. }
+            | Effect::VerifyPieceCommitment { .. }
+            | Effect::CheckFunds { .. }
+            | Effect::SendPayment { .. }
+            | Effect::VerifyReceivedData { .. } => {
+                Outcome::Skipped("the transfer adapter performs it as the data moves")
+            }
             Effect::OpenTransfer { direction: TransferDirection::Pull, .. }
                 if side == RetrievalClient::NAME =>
             {

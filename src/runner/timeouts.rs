@@ -42,11 +42,11 @@ pub async fn time_out_stuck_deals(
     ctx: &DecideContext,
 ) -> Result<usize, RunnerError> {
     let pool = deals.journal().pool();
-    let stuck: Vec<(Uuid, String, String)> = sqlx::query_as(
-        "SELECT stream_id, side, state FROM storage_deals \
+    let stuck: Vec<(Uuid, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT stream_id, side, state, message FROM storage_deals \
          WHERE last_event_at < now() - $1 * interval '1 millisecond' \
          UNION ALL \
-         SELECT stream_id, side, state FROM retrieval_deals \
+         SELECT stream_id, side, state, message FROM retrieval_deals \
          WHERE last_event_at < now() - $1 * interval '1 millisecond'",
     )
     .bind(policy.after.as_millis() as f64)
@@ -54,11 +54,17 @@ pub async fn time_out_stuck_deals(
     .await
     .map_err(DealsError::from)?;
     let mut moved = 0;
-    for (stream, side, state) in stuck {
+    for (stream, side, state, last_failure) in stuck {
         if policy.exempt_states.contains(&state.as_str()) {
             continue;
         }
-        let reason = format!("no progress in {state} for over {:?}", policy.after);
+        // A paused deal ends with the failure it paused on, so the reason says what happened.
+        let reason = match last_failure {
+            Some(failure) => {
+                format!("no progress in {state} for over {:?}; last: {failure}", policy.after)
+            }
+            None => format!("no progress in {state} for over {:?}", policy.after),
+        };
         let result = match side.as_str() {
             StorageClient::NAME => deals
                 .handle::<StorageClient>(

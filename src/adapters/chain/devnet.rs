@@ -141,6 +141,11 @@ fn refused(reason: impl Into<String>) -> ChainError {
     ChainError::Refused { reason: reason.into() }
 }
 
+/// A balance too low for the message: it goes through once funds are added.
+fn short(reason: impl Into<String>) -> ChainError {
+    ChainError::InsufficientFunds { reason: reason.into() }
+}
+
 fn party_of(bytes: &[u8]) -> Result<PartyKey, ChainError> {
     bytes
         .try_into()
@@ -276,7 +281,7 @@ impl Devnet {
         why: impl Fn() -> String,
     ) -> Result<(), ChainError> {
         let refuse = |e: sqlx::Error| match e {
-            sqlx::Error::Database(d) if d.is_check_violation() => refused(why()),
+            sqlx::Error::Database(d) if d.is_check_violation() => short(why()),
             other => other.into(),
         };
         let updated = sqlx::query(sqlx::AssertSqlSafe(update))
@@ -783,7 +788,7 @@ impl Chain for Devnet {
         ] {
             let balance = Self::balance_in(&mut tx, party).await?;
             if balance.available() < needed {
-                return Err(refused(format!(
+                return Err(short(format!(
                     "{who} market balance {} unlocked is below the {} the deal locks",
                     balance.available().0,
                     needed.0

@@ -151,6 +151,9 @@ fn parse_rpc(method: &str, body: &[u8]) -> Result<Value, ChainError> {
         let message = error.get("message").and_then(Value::as_str).unwrap_or("unknown error");
         return Err(if message.contains("not found") {
             ChainError::NotFound { what: format!("{method}: {message}") }
+        } else if message.contains("not enough funds") || message.contains("insufficient funds") {
+            // Lotus's words for a short wallet or escrow (mpool and the market actor).
+            ChainError::InsufficientFunds { reason: format!("{method}: {message}") }
         } else {
             ChainError::Refused { reason: format!("{method}: {message}") }
         });

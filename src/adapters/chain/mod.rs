@@ -23,6 +23,7 @@ use crate::domain::retrieval::{ChannelAddress, SignedVoucher};
 use crate::domain::storage::StorageDeal;
 use crate::domain::{ChainEpoch, DealId, PaddedPieceSize, PartyKey, SectorNumber};
 use crate::events::chain::cid_of_bytes;
+use crate::fsm::FailureClass;
 
 pub use devnet::{Devnet, DevnetConfig};
 pub use lotus::Lotus;
@@ -36,6 +37,11 @@ pub enum ChainError {
     /// sending it again gives the same answer.
     #[error("the chain refuses: {reason}")]
     Refused { reason: String },
+    /// A balance is short (market escrow, wallet, channel): the same message goes through
+    /// once someone adds funds, so the runner retries it and then pauses the deal for an
+    /// operator instead of failing it.
+    #[error("insufficient funds: {reason}")]
+    InsufficientFunds { reason: String },
     /// No such deal, message or channel on this chain.
     #[error("not found on chain: {what}")]
     NotFound { what: String },
@@ -54,9 +60,24 @@ pub enum ChainError {
 }
 
 impl ChainError {
-    /// Whether retrying the same call later may succeed.
+    /// Whether retrying the same call later may succeed: the node was away, or a balance was
+    /// short.
     pub fn is_transient(&self) -> bool {
-        matches!(self, ChainError::Unavailable(_) | ChainError::Database(_))
+        self.class() == FailureClass::Recoverable
+    }
+
+    /// Whether the failure can pass (unreachable node, short balance) or is final (a refusal,
+    /// an unsupported call, an unreadable answer).
+    pub fn class(&self) -> FailureClass {
+        match self {
+            ChainError::Unavailable(_)
+            | ChainError::Database(_)
+            | ChainError::InsufficientFunds { .. } => FailureClass::Recoverable,
+            ChainError::Refused { .. }
+            | ChainError::NotFound { .. }
+            | ChainError::Unsupported { .. }
+            | ChainError::Malformed(_) => FailureClass::Fatal,
+        }
     }
 }
 
