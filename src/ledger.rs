@@ -198,6 +198,7 @@ impl LedgerBuilder {
                 network::new(&key, MarketCodec::default(), Duration::from_secs(60))?;
             tasks.push(tokio::spawn(event_loop.run()));
             address = Some(client.listen(listen).await?);
+            network::addresses::restore(&client, journal.pool()).await?;
             if let Some(terms) = &self.provider {
                 let ask = StorageAsk {
                     price_per_gib_epoch: terms.price_per_gib_epoch,

@@ -153,6 +153,9 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
     let network_task = tokio::spawn(event_loop.run());
     let listen: Multiaddr = config.network.listen.parse()?;
     let address = node.listen(listen).await?;
+    // Deals resumed below dial their counterparties where they were last reached.
+    let known = network::addresses::restore(&node, journal.pool()).await?;
+    tracing::info!(peers = known, "restored the address book");
     let pieces = PieceStore::new(db.home().join("pieces"));
     let provider_role = config.node.roles.contains(&Role::Provider);
     let client_role = config.node.roles.contains(&Role::Client);
@@ -292,12 +295,14 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
     if let Some(api) = api {
         api.await??;
     }
-    serving.abort();
-    network_task.abort();
+    // The runner finishes its round before the network goes: an effect cut off by a stopped
+    // network would count as a failed attempt of the deal.
     let _ = stop_projector.send(());
     let _ = stop_runner.send(());
     projector.await??;
     runner.await??;
+    serving.abort();
+    network_task.abort();
     if let Some(clock) = clock {
         clock.abort();
     }

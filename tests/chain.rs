@@ -914,6 +914,16 @@ async fn an_operator_cancels_a_deal_and_its_funds_come_back() {
     assert_eq!(status.message.as_deref(), Some("cancelled by alice: wrong file"));
     let escrow = m.devnet.market_balance(proposal.proposal.client).await.unwrap().escrow;
     assert_eq!(escrow, TokenAmount::ZERO);
+    // And the provider was told over the network: its side went through Failing to Error too,
+    // its collateral deposit back in its wallet
+    let provider_stream = Deals::storage_stream_id(StorageProvider::NAME, &proposal);
+    let provider = m.nodes.provider_deals.get_storage_deal_status(provider_stream).await.unwrap();
+    assert_eq!(
+        (provider.state, provider.message.as_deref()),
+        ("Error", Some("cancelled by the client: cancelled by alice: wrong file"))
+    );
+    let escrow = m.devnet.market_balance(proposal.proposal.provider).await.unwrap().escrow;
+    assert_eq!(escrow, TokenAmount::ZERO);
     // An active deal cannot be cancelled: it ends on chain
     let (active, _) = m.active_deal(20).await;
     let stream = Deals::storage_stream_id(StorageClient::NAME, &active);
@@ -979,6 +989,19 @@ async fn a_cancelled_retrieval_request_cancels_its_deal_and_ends_cancelled() {
     assert_eq!(request.state.name(), "Cancelled");
     let deal = deals.load::<RetrievalClient>(part).await.unwrap();
     assert!(matches!(deal.state.name(), "Cancelled" | "Cancelling"), "{}", deal.state.name());
+    // And the provider heard of it: its side of the deal is cancelled too
+    starter.run_until_idle().await.unwrap();
+    m.settle().await;
+    let provider_stream = dealledger::adapters::network::message::provider_retrieval_stream(
+        &m.nodes.client.peer_id(),
+        part,
+    );
+    let provider = m.nodes.provider_deals.load::<RetrievalProvider>(provider_stream).await.unwrap();
+    assert!(
+        matches!(provider.state.name(), "Cancelled" | "Cancelling"),
+        "{}",
+        provider.state.name()
+    );
 }
 
 #[tokio::test]

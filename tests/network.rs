@@ -264,9 +264,20 @@ async fn a_transfer_killed_midway_resumes_from_the_recorded_offset() {
     assert!(matches!(interrupted, Err(PushError::Interrupted(_))), "{interrupted:?}");
     let waiting = n.client_deals.get_storage_deal_status(stream).await.unwrap();
     assert_eq!(waiting.state, "ClientTransferRestart");
+    // Then the provider records the lost connection too, and waits for the client's restart
+    let mut provider_state = String::new();
+    for _ in 0..400 {
+        provider_state =
+            n.provider_deals.get_storage_deal_status(provider_stream).await.unwrap().state.into();
+        if provider_state == "ProviderTransferAwaitRestart" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(provider_state, "ProviderTransferAwaitRestart");
     let recorded =
         n.provider_deals.get_storage_deal_status(provider_stream).await.unwrap().bytes_transferred;
-    // Then a new connection resumes where the provider's journal says, and the piece verifies
+    // And a new connection resumes where the provider's journal says, and the piece verifies
     let (client, _loop) = client_node(n.provider_peer, n.provider_address.clone()).await;
     let state = push(
         &client,
@@ -290,6 +301,14 @@ async fn a_transfer_killed_midway_resumes_from_the_recorded_offset() {
     .await
     .unwrap();
     assert_eq!(restarted, 1);
+    let provider_restarts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type IN \
+         ('data-transfer-interrupted', 'data-transfer-restarted')",
+    )
+    .fetch_one(n.provider_deals.journal().pool())
+    .await
+    .unwrap();
+    assert_eq!(provider_restarts, 2, "the provider recorded the interruption and the restart");
     assert_eq!(
         n.pieces.read_range(&proposal.proposal.piece_cid, 0, EIGHT_MIB as u64).await.unwrap(),
         bytes
@@ -500,4 +519,37 @@ async fn a_client_that_lost_the_verdict_pushes_again_and_gets_the_same_verdict()
     // Then it hears the same verdict, and the provider records nothing more
     assert_eq!(finished, MarketResponse::TransferVerified { verified: true, reason: None });
     assert_eq!(events(&n.provider_deals).await, provider_events);
+}
+
+#[tokio::test]
+async fn only_a_deals_client_can_cancel_it_over_the_network_and_a_refusal_is_logged() {
+    use dealledger::adapters::network::{self, message::CancelledDeal};
+    let nodes = nodes(MarketCodec::default()).await;
+    let stream = funded_client_deal(&nodes.client_deals, signed_proposal()).await;
+    propose(&nodes.client, &nodes.client_deals, stream, &ctx()).await.unwrap();
+    let before = events(&nodes.provider_deals).await;
+    let cancel = MarketRequest::Cancel {
+        deal: CancelledDeal::Storage { proposal_cid: signed_proposal().cid() },
+        reason: "mine now".into(),
+    };
+    // Given another peer that knows the proposal's CID
+    let (stranger, _events, stranger_loop) =
+        network::new(&stranger_key(), MarketCodec::default(), Duration::from_secs(10)).unwrap();
+    tokio::spawn(stranger_loop.run());
+    stranger.add_address(nodes.provider_peer, nodes.provider_address.clone()).await.unwrap();
+    // When it cancels the deal
+    let answer = stranger.request(nodes.provider_peer, cancel.clone()).await.unwrap();
+    // Then it is refused, logged with its peer, and the deal is untouched
+    assert!(
+        matches!(&answer, MarketResponse::Rejected { reason } if reason.contains("only the deal's client")),
+        "{answer:?}"
+    );
+    assert_eq!(events(&nodes.provider_deals).await, before);
+    let logged = refused(&nodes.provider_deals).await;
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0].0, stranger.peer_id().to_string());
+    assert_eq!(logged[0].1, "/dealledger/deal/cancel/1");
+    // When the deal's own client cancels it, the provider's side goes to Failing
+    let answer = nodes.client.request(nodes.provider_peer, cancel).await.unwrap();
+    assert_eq!(answer, MarketResponse::CancelAcknowledged { state: "Failing".into() });
 }

@@ -226,9 +226,8 @@ pub async fn start_storage_deal(
         client_collateral,
     };
     let signed = ClientDealProposal::sign(terms, &client.key);
-    client
-        .network
-        .add_address(provider_peer, address)
+    let pool = state.deals.journal().pool();
+    crate::adapters::network::addresses::learn(&client.network, pool, provider_peer, address)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let ctx = DecideContext { epoch: head, ..DecideContext::default() };
@@ -278,9 +277,8 @@ pub async fn start_retrieval(
         body.piece_cid.parse().map_err(|e| ApiError::BadRequest(format!("piece_cid: {e}")))?;
     let (provider_peer, provider, address) = provider_of(&body.provider, &body.provider_address)?;
     let max_price = amount("max_price_per_byte", Some(&body.max_price_per_byte))?;
-    client
-        .network
-        .add_address(provider_peer, address)
+    let pool = state.deals.journal().pool();
+    crate::adapters::network::addresses::learn(&client.network, pool, provider_peer, address)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let quote = client

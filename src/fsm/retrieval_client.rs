@@ -32,7 +32,7 @@ state_machine! {
         DealAccepted => Accepted [SetUpPaymentChannel],
         DealRejected => Rejected [NotifyFailed],
         DealNotFound => DealNotFound [NotifyFailed],
-        DealCancelled => Cancelling [CleanUp],
+        DealCancelled => Cancelling [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
@@ -42,7 +42,7 @@ state_machine! {
         PaymentChannelFailed => Failing [CleanUp],
         EffectRetrying => Accepted,
         EffectStalled => PaymentChannelPaused,
-        DealCancelled => Cancelling [CleanUp],
+        DealCancelled => Cancelling [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
@@ -51,7 +51,7 @@ state_machine! {
         PaymentChannelFailed => Failing [CleanUp],
         EffectRetrying => PaymentChannelCreating,
         EffectStalled => PaymentChannelPaused,
-        DealCancelled => Cancelling [CleanUp],
+        DealCancelled => Cancelling [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
@@ -60,7 +60,7 @@ state_machine! {
         PaymentChannelFailed => Failing [CleanUp],
         EffectRetrying => PaymentChannelAddingFunds,
         EffectStalled => PaymentChannelPaused,
-        DealCancelled => Cancelling [CleanUp],
+        DealCancelled => Cancelling [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
@@ -69,7 +69,7 @@ state_machine! {
         PaymentChannelFailed => Failing [CleanUp],
         EffectRetrying => PaymentChannelAllocatingLane,
         EffectStalled => PaymentChannelPaused,
-        DealCancelled => Cancelling [CleanUp],
+        DealCancelled => Cancelling [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
@@ -79,7 +79,7 @@ state_machine! {
         LastPaymentRequested => FundsNeededLastPayment [CheckFunds],
         AllBlocksReceived => BlocksComplete,
         DataTransferFailed => Failing [CleanUp],
-        DealCancelled => Cancelling [CleanUp],
+        DealCancelled => Cancelling [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
         EffectRetrying => Ongoing,
@@ -88,7 +88,7 @@ state_machine! {
         FundsAvailable => SendFunds [SendPayment],
         FundsInsufficient => InsufficientFunds,
         DataTransferFailed => Failing [CleanUp],
-        DealCancelled => Cancelling [CleanUp],
+        DealCancelled => Cancelling [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
         EffectRetrying => FundsNeeded,
@@ -97,7 +97,7 @@ state_machine! {
         FundsAvailable => SendFundsLastPayment [SendPayment],
         FundsInsufficient => InsufficientFunds,
         DataTransferFailed => Failing [CleanUp],
-        DealCancelled => Cancelling [CleanUp],
+        DealCancelled => Cancelling [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
         EffectRetrying => FundsNeededLastPayment,
@@ -105,14 +105,14 @@ state_machine! {
     InsufficientFunds => {
         FundsAdded => SendFunds [SendPayment],
         FundsAddedForLastPayment => SendFundsLastPayment [SendPayment],
-        DealCancelled => Cancelling [CleanUp],
+        DealCancelled => Cancelling [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
     SendFunds => {
         PaymentSent => Ongoing,
         PaymentFailed => Failing [CleanUp],
-        DealCancelled => Cancelling [CleanUp],
+        DealCancelled => Cancelling [CancelDeal],
         FailedByOperator => Failing [CleanUp],
         EffectRetrying => SendFunds,
         DataTransferFailed => Failing [CleanUp],
@@ -121,7 +121,7 @@ state_machine! {
     SendFundsLastPayment => {
         PaymentSent => Finalizing,
         PaymentFailed => Failing [CleanUp],
-        DealCancelled => Cancelling [CleanUp],
+        DealCancelled => Cancelling [CancelDeal],
         FailedByOperator => Failing [CleanUp],
         EffectRetrying => SendFundsLastPayment,
         DataTransferFailed => Failing [CleanUp],
@@ -130,7 +130,7 @@ state_machine! {
     BlocksComplete => {
         LastPaymentRequested => FundsNeededLastPayment [CheckFunds],
         ProviderCompleted => CheckComplete [VerifyData],
-        DealCancelled => Cancelling [CleanUp],
+        DealCancelled => Cancelling [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
         EffectRetrying => BlocksComplete,
@@ -153,7 +153,7 @@ state_machine! {
     },
     PaymentChannelPaused => {
         RetryRequested => Accepted [SetUpPaymentChannel],
-        DealCancelled => Cancelling [CleanUp],
+        DealCancelled => Cancelling [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
@@ -232,7 +232,7 @@ alphabet! {
     /// What the retrieval client must do on entering a state.
     pub enum Output {
         SendProposal, SetUpPaymentChannel, WaitForPaymentChannel, AllocateLane, OpenTransfer,
-        CheckFunds, SendPayment, VerifyData, NotifyCompleted, NotifyFailed, CleanUp,
+        CheckFunds, SendPayment, VerifyData, NotifyCompleted, NotifyFailed, CleanUp, CancelDeal,
     }
 }
 
@@ -705,6 +705,18 @@ impl Machine for RetrievalClient {
                 }
                 effects
             }
+            // Cancelled: clean up, and tell the provider, so its side stops waiting for pulls
+            // and payments that will not come.
+            Output::CancelDeal => {
+                let mut effects = Self::effects(Output::CleanUp, deal);
+                effects.push(Effect::Send {
+                    to: provider,
+                    message: OutboundMessage::Cancelled {
+                        reason: data.message.clone().unwrap_or_default(),
+                    },
+                });
+                effects
+            }
         }
     }
 }
@@ -866,12 +878,12 @@ mod tests {
     }
 
     #[test]
-    fn a_cancelled_deal_releases_channel_funds_and_tells_its_request() {
+    fn a_cancelled_deal_releases_channel_funds_tells_the_provider_and_its_request() {
         let part = RequestPart { request_id: Uuid::from_u128(7), part_index: 0 };
         given::<RetrievalClient>(ongoing(Some(part)))
             .when(E::DealCancelled { reason: "user".into() })
             .then_state(State::Cancelling)
-            .then_effects(&["close-transfer", "release-funds"]);
+            .then_effects(&["close-transfer", "release-funds", "send"]);
         let mut history = ongoing(Some(part));
         history.push(E::DealCancelled { reason: "user".into() });
         given::<RetrievalClient>(history)

@@ -32,19 +32,19 @@ state_machine! {
         FundsReservationFailed => Failing [CleanUp],
         EffectRetrying => ReserveClientFunds,
         EffectStalled => FundingPaused,
-        DealCancelled => Failing [CleanUp],
+        DealCancelled => Failing [CancelDeal],
         FailedByOperator => Failing [CleanUp],
     },
     ClientFunding => {
         FundsReserved => FundsReserved [SendProposal],
         FundsReservationFailed => Failing [CleanUp],
-        DealCancelled => Failing [CleanUp],
+        DealCancelled => Failing [CancelDeal],
         FailedByOperator => Failing [CleanUp],
     },
     FundsReserved => {
         DealAccepted => StartDataTransfer [OpenTransfer],
         DealRejected => Failing [CleanUp],
-        DealCancelled => Failing [CleanUp],
+        DealCancelled => Failing [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
@@ -54,14 +54,14 @@ state_machine! {
         DataTransferFailed => Failing [CleanUp],
         EffectRetrying => StartDataTransfer,
         EffectStalled => TransferPaused,
-        DealCancelled => Failing [CleanUp],
+        DealCancelled => Failing [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
     TransferQueued => {
         DataTransferStarted => Transferring,
         DataTransferFailed => Failing [CleanUp],
-        DealCancelled => Failing [CleanUp],
+        DealCancelled => Failing [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
@@ -70,7 +70,7 @@ state_machine! {
         DataTransferInterrupted => ClientTransferRestart [RestartTransfer],
         DataTransferCompleted => CheckForAcceptance [QueryDealStatus],
         DataTransferFailed => Failing [CleanUp],
-        DealCancelled => Failing [CleanUp],
+        DealCancelled => Failing [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
@@ -79,14 +79,14 @@ state_machine! {
         DataTransferFailed => Failing [CleanUp],
         EffectRetrying => ClientTransferRestart,
         EffectStalled => TransferPaused,
-        DealCancelled => Failing [CleanUp],
+        DealCancelled => Failing [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
     CheckForAcceptance => {
         DealPublished => ProposalAccepted [VerifyDealOnChain],
         ProviderFailedDeal => Failing [CleanUp],
-        DealCancelled => Failing [CleanUp],
+        DealCancelled => Failing [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
@@ -115,14 +115,14 @@ state_machine! {
     },
     FundingPaused => {
         RetryRequested => ReserveClientFunds [ReserveFunds],
-        DealCancelled => Failing [CleanUp],
+        DealCancelled => Failing [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
     // The push resumes from the offset the provider recorded, not from zero.
     TransferPaused => {
         RetryRequested => ClientTransferRestart [RestartTransfer],
-        DealCancelled => Failing [CleanUp],
+        DealCancelled => Failing [CancelDeal],
         DealTimedOut => Failing [CleanUp],
         FailedByOperator => Failing [CleanUp],
     },
@@ -193,6 +193,7 @@ alphabet! {
     pub enum Output {
         ReserveFunds, WaitForFunding, SendProposal, OpenTransfer, RestartTransfer,
         QueryDealStatus, VerifyDealOnChain, WatchPreCommit, WatchActivation, WatchExpiry, CleanUp,
+        CancelDeal,
     }
 }
 
@@ -582,6 +583,20 @@ impl Machine for StorageClient {
                 Effect::CloseTransfer { counterparty: provider },
                 Effect::ReleaseFunds { wallet: client, amount: data.funds_reserved },
             ],
+            // Cancelled: clean up, and tell a provider that accepted the deal, so it cancels
+            // its side instead of waiting for data or a publish that will not come.
+            Output::CancelDeal => {
+                let mut effects = Self::effects(Output::CleanUp, deal);
+                if data.signed_deal.is_some() {
+                    effects.push(Effect::Send {
+                        to: provider,
+                        message: OutboundMessage::Cancelled {
+                            reason: data.message.clone().unwrap_or_default(),
+                        },
+                    });
+                }
+                effects
+            }
         }
     }
 }

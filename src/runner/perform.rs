@@ -295,6 +295,11 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
                     Err(e) => return Err(RunnerError::Network(e.to_string())),
                 }
             }
+            Effect::Send { to, message: OutboundMessage::Cancelled { reason } }
+                if side == StorageClient::NAME || side == RetrievalClient::NAME =>
+            {
+                self.tell_cancelled(pending, *to, reason).await?
+            }
             // The rejection went back as the answer to the client's request; the deal may
             // now clean up.
             Effect::Send { message: OutboundMessage::StorageRejected { .. }, .. }
@@ -609,6 +614,45 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
 
     /// After a clean-up effect of a failing deal: when it was the last one of its event, the
     /// deal is told its clean-up completed.
+    /// Tells the provider its client cancelled the deal, as part of the deal's clean-up. A
+    /// provider that cannot be reached is tried again with backoff; past the attempts the
+    /// clean-up goes on without it (the provider's side then times out by itself).
+    async fn tell_cancelled(
+        &self,
+        pending: &PendingEffect,
+        provider: crate::domain::PartyKey,
+        reason: &str,
+    ) -> Result<Outcome, RunnerError> {
+        use crate::adapters::network::message::{CancelledDeal, MarketRequest};
+        let Some(network) = &self.network else {
+            return Ok(Outcome::Wait(self.config.watch_poll));
+        };
+        let stream = pending.stream_id;
+        let deal = if pending.stream_type == StorageClient::NAME {
+            let deal = self.deals.load::<StorageClient>(stream).await?;
+            let Some(proposal_cid) = deal.data.proposal_cid else {
+                return self.after_cleanup_step(pending).await;
+            };
+            CancelledDeal::Storage { proposal_cid }
+        } else {
+            CancelledDeal::Retrieval { client_deal: stream }
+        };
+        let Some(peer) = provider.peer_id() else {
+            return self.after_cleanup_step(pending).await;
+        };
+        let request = MarketRequest::Cancel { deal, reason: reason.to_owned() };
+        match network.client.request(peer, request).await {
+            Ok(answer) => tracing::info!(%stream, ?answer, "told the provider of the cancel"),
+            Err(e) if pending.attempts < self.config.max_attempts => {
+                return Err(RunnerError::Network(e.to_string()));
+            }
+            Err(e) => {
+                tracing::warn!(%stream, error = %e, "could not tell the provider of the cancel")
+            }
+        }
+        self.after_cleanup_step(pending).await
+    }
+
     async fn after_cleanup_step(&self, pending: &PendingEffect) -> Result<Outcome, RunnerError> {
         let pool = self.deals.journal().pool();
         let others = crate::events::outbox::open_siblings(

@@ -19,6 +19,8 @@ pub const TRANSFER_PROTOCOL: &str = "/dealledger/transfer/1";
 pub const RETRIEVAL_QUERY_PROTOCOL: &str = "/dealledger/retrieval/query/1";
 /// Proposing retrieval terms.
 pub const RETRIEVAL_PROPOSE_PROTOCOL: &str = "/dealledger/retrieval/propose/1";
+/// Client → provider: the client cancelled a deal; the provider's side cancels it too.
+pub const CANCEL_PROTOCOL: &str = "/dealledger/deal/cancel/1";
 
 /// A provider's retrieval prices.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +167,18 @@ pub enum MarketRequest {
         terms: Box<crate::domain::retrieval::RetrievalDealProposal>,
         client_deal: uuid::Uuid,
     },
+    /// The client cancelled `deal`, and why: the provider cancels its side (the transport
+    /// authenticates the sender, and only the deal's client is heard).
+    Cancel { deal: CancelledDeal, reason: String },
+}
+
+/// Which deal a cancel names, as the client knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CancelledDeal {
+    /// A storage deal, by its proposal CID.
+    Storage { proposal_cid: Cid },
+    /// A retrieval deal, by the client's own deal id (see [`provider_retrieval_stream`]).
+    Retrieval { client_deal: uuid::Uuid },
 }
 
 /// The provider's stream for a client's retrieval deal: derived from the client (its peer id,
@@ -194,6 +208,7 @@ impl MarketRequest {
             MarketRequest::RetrievalPull { .. } | MarketRequest::RetrievalPay { .. } => {
                 TRANSFER_PROTOCOL
             }
+            MarketRequest::Cancel { .. } => CANCEL_PROTOCOL,
         }
     }
 }
@@ -239,4 +254,6 @@ pub enum MarketResponse {
     },
     /// The voucher was taken; `complete` when it was the last payment.
     PaymentAccepted { paid: TokenAmount, complete: bool },
+    /// The provider's side of a cancelled deal is now in `state`.
+    CancelAcknowledged { state: String },
 }

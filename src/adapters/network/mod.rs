@@ -4,6 +4,7 @@
 //! bounded stream of [`NetworkEvent`]s — as in rust-libp2p's file-sharing example. This module
 //! only moves messages; deciding what they mean is the machines' job.
 
+pub mod addresses;
 pub mod codec;
 pub mod message;
 pub mod provider;
@@ -21,8 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use codec::{MarketCodec, UnreadableRequest};
 use message::{
-    ASK_PROTOCOL, MarketRequest, MarketResponse, PROPOSE_PROTOCOL, RETRIEVAL_PROPOSE_PROTOCOL,
-    RETRIEVAL_QUERY_PROTOCOL, STATUS_PROTOCOL, TRANSFER_PROTOCOL,
+    ASK_PROTOCOL, CANCEL_PROTOCOL, MarketRequest, MarketResponse, PROPOSE_PROTOCOL,
+    RETRIEVAL_PROPOSE_PROTOCOL, RETRIEVAL_QUERY_PROTOCOL, STATUS_PROTOCOL, TRANSFER_PROTOCOL,
 };
 
 /// Commands and events waiting at most, each way.
@@ -56,6 +57,7 @@ struct MarketBehaviour {
     transfer: request_response::Behaviour<MarketCodec>,
     retrieval_query: request_response::Behaviour<MarketCodec>,
     retrieval_propose: request_response::Behaviour<MarketCodec>,
+    cancel: request_response::Behaviour<MarketCodec>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
 }
@@ -68,6 +70,7 @@ impl MarketBehaviour {
             TRANSFER_PROTOCOL => &mut self.transfer,
             RETRIEVAL_QUERY_PROTOCOL => &mut self.retrieval_query,
             RETRIEVAL_PROPOSE_PROTOCOL => &mut self.retrieval_propose,
+            CANCEL_PROTOCOL => &mut self.cancel,
             _ => &mut self.status,
         }
     }
@@ -87,6 +90,8 @@ pub enum NetworkEvent {
     /// `peer` is unknown when the request could not even be read (libp2p does not say who
     /// sent it).
     InboundFailure { peer: Option<PeerId>, protocol: String, reason: String },
+    /// The last connection to `peer` closed: whatever it was transferring stopped midway.
+    PeerDisconnected { peer: PeerId },
 }
 
 #[derive(Debug)]
@@ -207,6 +212,7 @@ pub fn new(
             transfer: behaviour(TRANSFER_PROTOCOL),
             retrieval_query: behaviour(RETRIEVAL_QUERY_PROTOCOL),
             retrieval_propose: behaviour(RETRIEVAL_PROPOSE_PROTOCOL),
+            cancel: behaviour(CANCEL_PROTOCOL),
             identify: identify::Behaviour::new(identify::Config::new(
                 "/dealledger/1".into(),
                 key.public(),
@@ -305,6 +311,12 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(MarketBehaviourEvent::RetrievalPropose(event)) => {
                 self.on_market(RETRIEVAL_PROPOSE_PROTOCOL, event).await
+            }
+            SwarmEvent::Behaviour(MarketBehaviourEvent::Cancel(event)) => {
+                self.on_market(CANCEL_PROTOCOL, event).await
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                let _ = self.events.send(NetworkEvent::PeerDisconnected { peer: peer_id }).await;
             }
             SwarmEvent::ListenerError { error, .. } => {
                 if let Some(reply) = self.pending_listen.take() {

@@ -9,7 +9,9 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::message::provider_retrieval_stream;
-use super::message::{MarketRequest, MarketResponse, RetrievalAsk, SignedStatusQuery, StorageAsk};
+use super::message::{
+    CancelledDeal, MarketRequest, MarketResponse, RetrievalAsk, SignedStatusQuery, StorageAsk,
+};
 use super::refusals;
 use super::{Client, NetworkError, NetworkEvent};
 use crate::adapters::transfer::ProviderTransfers;
@@ -109,6 +111,55 @@ impl ProviderService {
             @ (MarketRequest::RetrievalPull { .. } | MarketRequest::RetrievalPay { .. }) => {
                 self.retrievals.answer(peer, request, ctx).await
             }
+            MarketRequest::Cancel { deal, reason } => self.on_cancel(peer, deal, reason, ctx).await,
+        }
+    }
+
+    /// The client cancelled a deal: the provider's side is cancelled too, if its machine
+    /// allows it in its state. Only the deal's client is heard: a storage deal's client must
+    /// be the sending peer, and a retrieval deal's stream derives from the sender itself.
+    async fn on_cancel(
+        &self,
+        peer: PeerId,
+        deal: CancelledDeal,
+        reason: String,
+        ctx: &DecideContext,
+    ) -> MarketResponse {
+        let reason = format!("cancelled by the client: {reason}");
+        let decided = match deal {
+            CancelledDeal::Storage { proposal_cid } => {
+                let stream = match self.provider_stream(proposal_cid).await {
+                    Ok(stream) => stream,
+                    Err(response) => return response,
+                };
+                let client = match self.deals.load::<StorageProvider>(stream).await {
+                    Ok(deal) => deal.data.proposal.and_then(|p| p.proposal.client.peer_id()),
+                    Err(e) => return MarketResponse::Error { reason: e.to_string() },
+                };
+                if client != Some(peer) {
+                    return MarketResponse::Rejected {
+                        reason: "only the deal's client may cancel it".into(),
+                    };
+                }
+                let command = StorageProviderEvent::DealCancelled { reason };
+                self.deals
+                    .handle::<StorageProvider>(stream, command, ctx, None)
+                    .await
+                    .map(|d| d.deal.state.name())
+            }
+            CancelledDeal::Retrieval { client_deal } => {
+                let stream = provider_retrieval_stream(&peer, client_deal);
+                let command = RetrievalProviderEvent::DealCancelled { reason };
+                self.deals
+                    .handle::<RetrievalProvider>(stream, command, ctx, None)
+                    .await
+                    .map(|d| d.deal.state.name())
+            }
+        };
+        match decided {
+            Ok(state) => MarketResponse::CancelAcknowledged { state: state.to_owned() },
+            Err(DealsError::Rejected(e)) => MarketResponse::Rejected { reason: e.to_string() },
+            Err(e) => MarketResponse::Error { reason: e.to_string() },
         }
     }
 
@@ -316,6 +367,9 @@ impl ProviderService {
                     tracing::info!(?peer, %reason, "refused an unreadable request");
                     let pool = self.deals.journal().pool();
                     refusals::record(pool, peer, &protocol, &reason, None).await;
+                }
+                NetworkEvent::PeerDisconnected { peer } => {
+                    self.transfers.connection_lost(peer, &ctx).await;
                 }
             }
         }

@@ -4,7 +4,7 @@
 use libp2p::PeerId;
 use sqlx::PgPool;
 
-use super::message::{MarketRequest, MarketResponse};
+use super::message::{CancelledDeal, MarketRequest, MarketResponse};
 
 /// What a refusal is about, for the log.
 fn subject(request: &MarketRequest) -> Option<String> {
@@ -21,6 +21,12 @@ fn subject(request: &MarketRequest) -> Option<String> {
         }
         MarketRequest::RetrievalPull { deal_stream, .. }
         | MarketRequest::RetrievalPay { deal_stream, .. } => Some(deal_stream.to_string()),
+        MarketRequest::Cancel { deal: CancelledDeal::Storage { proposal_cid }, .. } => {
+            Some(proposal_cid.to_string())
+        }
+        MarketRequest::Cancel { deal: CancelledDeal::Retrieval { client_deal }, .. } => {
+            Some(client_deal.to_string())
+        }
         MarketRequest::Ask => None,
     }
 }

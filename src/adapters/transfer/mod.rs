@@ -24,7 +24,7 @@ use crate::fsm::storage_client::{State as ClientState, StorageClient, StorageCli
 use crate::fsm::storage_provider::{
     State as ProviderState, StorageProvider, StorageProviderEvent as P,
 };
-use crate::fsm::{DecideContext, Label};
+use crate::fsm::{DecideContext, Label, Machine};
 
 /// Bytes per chunk.
 pub const CHUNK_BYTES: usize = 256 * 1024;
@@ -53,6 +53,10 @@ pub enum PushError {
     /// The connection failed; the interruption is recorded and the push can be restarted.
     #[error("transfer interrupted: {0}")]
     Interrupted(NetworkError),
+    /// The provider could not be reached to open (or reopen) the push; nothing was recorded,
+    /// so whoever drives the push tries again.
+    #[error("cannot open the transfer: {0}")]
+    Unreachable(NetworkError),
     /// The provider refused or answered out of protocol.
     #[error("the provider refused the transfer: {0}")]
     Refused(String),
@@ -110,7 +114,7 @@ where
         Ok(MarketResponse::TransferAccepted { resume_from }) => resume_from,
         Ok(other) => return Err(PushError::Refused(format!("{other:?}"))),
         Err(e) if started.is_none() => return interrupted(e).await,
-        Err(e) => return Err(PushError::Interrupted(e)),
+        Err(e) => return Err(PushError::Unreachable(e)),
     };
     if let Some(event) = started {
         record(event).await?;
@@ -218,6 +222,33 @@ impl ProviderTransfers {
     ) -> Result<ProviderState, String> {
         let decision = self.deals.handle::<StorageProvider>(stream_id, event, ctx, None).await;
         decision.map(|d| d.deal.state).map_err(|e| e.to_string())
+    }
+
+    /// The client `peer` went away: each of its pushes still in flight is recorded as
+    /// interrupted, as the client records its side, and its deal waits for the client to
+    /// restart the push (from the offset recorded here) or times out with that reason.
+    pub async fn connection_lost(&self, peer: libp2p::PeerId, ctx: &DecideContext) {
+        let transferring: Result<Vec<Uuid>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT stream_id FROM storage_deals \
+             WHERE side = $1 AND state = 'Transferring' AND client = $2",
+        )
+        .bind(StorageProvider::NAME)
+        .bind(peer.to_base58())
+        .fetch_all(self.deals.journal().pool())
+        .await;
+        let streams = match transferring {
+            Ok(streams) => streams,
+            Err(e) => return tracing::warn!(%peer, error = %e, "could not find its transfers"),
+        };
+        for stream in streams {
+            self.sessions.lock().await.remove(&stream);
+            let reason = format!("the connection to the client {peer} closed");
+            let interrupted = P::DataTransferInterrupted { reason };
+            // A push that finished meanwhile has moved on: nothing to record.
+            if let Err(e) = self.record(stream, interrupted, ctx).await {
+                tracing::debug!(%stream, error = %e, "transfer not interrupted");
+            }
+        }
     }
 
     async fn try_answer(
