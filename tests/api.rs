@@ -430,3 +430,35 @@ async fn an_operator_fails_a_deal_over_http() {
     let (_, found) = api.json("GET", &format!("/v1/deals/{stream}"), None).await;
     assert_eq!(found["deal"]["message"], "failed by erin: client asked");
 }
+
+#[tokio::test]
+async fn an_operator_retries_a_paused_deal_over_http() {
+    use dealledger::fsm::failure::Stalled;
+    use dealledger::fsm::storage_client::{StorageClient, StorageClientEvent};
+    let api = api(locked()).await;
+    let stream = recorded_deal(&api, 9).await;
+    let body = json!({ "reason": "wallet topped up", "operator": "frank" });
+    // A deal that is not paused refuses a retry: 409, nothing recorded
+    let (status, refused) =
+        api.json("POST", &format!("/v1/deals/{stream}/retry"), Some(&body)).await;
+    assert_eq!(status, 409, "{refused}");
+    // Given its funding kept failing until the runner gave up (as the runner records it)
+    let stalled = StorageClientEvent::EffectStalled(Stalled {
+        effect: "reserve-funds".into(),
+        attempts: 5,
+        reason: "insufficient funds: wallet too low".into(),
+    });
+    api.nodes.client_deals.handle::<StorageClient>(stream, stalled, &ctx(), None).await.unwrap();
+    let (_, found) = api.json("GET", &format!("/v1/deals/{stream}"), None).await;
+    assert_eq!(found["deal"]["state"], "FundingPaused");
+    assert_eq!(found["deal"]["failure_class"], "recoverable");
+    assert_eq!(found["deal"]["attempts"], 5);
+    // Without the token: refused
+    let response = api.call("POST", &format!("/v1/deals/{stream}/retry"), None, Some(&body)).await;
+    assert_eq!(response.status, 401);
+    // With it: back to reserving funds, recorded with who and why
+    let (status, now) = api.json("POST", &format!("/v1/deals/{stream}/retry"), Some(&body)).await;
+    assert_eq!((status, now["state"].as_str()), (200, Some("ReserveClientFunds")), "{now}");
+    let (_, audit) = api.json("GET", &format!("/v1/deals/{stream}/audit"), None).await;
+    assert!(audit.to_string().contains("retried by frank: wallet topped up"), "{audit}");
+}

@@ -888,10 +888,12 @@ async fn a_rejected_proposal_ends_in_error_on_both_sides_with_the_deposit_return
     m.nodes.client_deals.initiate_deal(proposal.clone(), &ctx()).await.unwrap();
     // When the runners deposit, propose and clean up after the rejection
     m.settle().await;
-    // Then both deals end in Error, and the client's deposit went back to its wallet
+    // Then both deals end in Error, and the client's deposit went back to its wallet, to the
+    // last attoFIL
     assert_eq!(m.states(&proposal).await, ("Error", "Error"));
     let escrow = m.devnet.market_balance(proposal.proposal.client).await.unwrap().escrow;
     assert_eq!(escrow, TokenAmount::ZERO);
+    assert_eq!(m.devnet.wallet_balance(proposal.proposal.client).await.unwrap(), WALLET);
     m.assert_invariants().await;
 }
 
