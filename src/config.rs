@@ -56,11 +56,18 @@ pub struct NodeSection {
     pub roles: Vec<Role>,
     /// The database; the embedded cluster when absent.
     pub database_url: Option<String>,
+    /// A streaming replica of the database that serves the API's reads (status rows, lists,
+    /// audits); the primary when absent.
+    pub read_database_url: Option<String>,
 }
 
 impl Default for NodeSection {
     fn default() -> Self {
-        Self { roles: vec![Role::Client, Role::Provider], database_url: None }
+        Self {
+            roles: vec![Role::Client, Role::Provider],
+            database_url: None,
+            read_database_url: None,
+        }
     }
 }
 
@@ -216,11 +223,15 @@ impl NodeConfig {
         Self::from_toml(&text, &path.display().to_string())
     }
 
-    /// Applies the environment's overrides: `DATABASE_URL`, `DEALLEDGER_LISTEN`,
+    /// Applies the environment's overrides: `DATABASE_URL`, `DEALLEDGER_READ_DATABASE_URL`,
+    /// `DEALLEDGER_LISTEN`,
     /// `DEALLEDGER_API_LISTEN`, `DEALLEDGER_API_TOKEN`, `LOTUS_TOKEN`.
     pub fn with_env(mut self, env: EnvLookup<'_>) -> Self {
         if let Some(url) = env("DATABASE_URL") {
             self.node.database_url = Some(url);
+        }
+        if let Some(url) = env("DEALLEDGER_READ_DATABASE_URL") {
+            self.node.read_database_url = Some(url);
         }
         if let Some(listen) = env("DEALLEDGER_LISTEN") {
             self.network.listen = listen;

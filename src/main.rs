@@ -20,6 +20,10 @@ struct Cli {
     /// PostgreSQL server to use; when unset, a private cluster under --home is started.
     #[arg(long, env = "DATABASE_URL", global = true)]
     database_url: Option<String>,
+    /// A streaming replica to read from: `audit`, `verify` and `db status` read there (the
+    /// replica's lag is shown); writes always go to the primary.
+    #[arg(long, env = "DEALLEDGER_READ_DATABASE_URL", global = true)]
+    read_database_url: Option<String>,
     /// Where the embedded cluster, keys and state live.
     #[arg(long, env = "DEALLEDGER_HOME", default_value = ".dealledger", global = true)]
     home: PathBuf,
@@ -246,15 +250,26 @@ async fn run() -> anyhow::Result<()> {
     let db =
         Database::open(database_url.as_deref(), &cli.home).await.context("opening the database")?;
     let journal = Journal::open(db.pool.clone()).await.context("migrating the journal")?;
+    // Read commands go to the replica when one is named (migrations only ever run on the
+    // primary: a replica is read-only).
+    let reads = match &cli.read_database_url {
+        Some(url) => Journal::new(
+            dealledger::db::pool_options()
+                .connect(url)
+                .await
+                .context("connecting to the read replica")?,
+        ),
+        None => journal.clone(),
+    };
     let result = match cli.command {
         Command::Demo(args) => demo::run(&db, &journal, args).await,
-        Command::Db { command: DbCommand::Status } => db_status(&db, &journal).await,
+        Command::Db { command: DbCommand::Status } => db_status(&db, &journal, &reads).await,
         Command::Events { command: EventsCommand::Tail { stream, from_start, json } } => {
             tail(&journal, stream, from_start, json).await
         }
         Command::Serve(args) => serve::run(&db, &journal, args).await,
-        Command::Audit { deal, json, at } => audit_cli::audit(&journal, &deal, json, at).await,
-        Command::Verify { since, json } => audit_cli::verify(&journal, since, json).await,
+        Command::Audit { deal, json, at } => audit_cli::audit(&reads, &deal, json, at).await,
+        Command::Verify { since, json } => audit_cli::verify(&reads, since, json).await,
         Command::Checkpoint { command: None, every } => {
             audit_cli::checkpoint(&journal, &cli.home, every).await
         }
@@ -280,7 +295,7 @@ async fn run() -> anyhow::Result<()> {
     result
 }
 
-async fn db_status(db: &Database, journal: &Journal) -> anyhow::Result<()> {
+async fn db_status(db: &Database, journal: &Journal, reads: &Journal) -> anyhow::Result<()> {
     let schema = journal.schema_version().await?;
     let events = journal.count().await?;
     let archived = journal.archived_count().await?;
@@ -295,6 +310,10 @@ async fn db_status(db: &Database, journal: &Journal) -> anyhow::Result<()> {
     }
     println!("events:    {events} (and {archived} archived)");
     println!("streams:   {streams}");
+    if let Some(lag) = dealledger::db::replica_lag(reads.pool()).await? {
+        let events = reads.count().await?;
+        println!("replica:   {events} events, {:.3} s behind", lag.as_secs_f64());
+    }
     Ok(())
 }
 

@@ -216,6 +216,13 @@ pub async fn run(db: &Database, journal: &Journal, args: ServeArgs) -> anyhow::R
                 Access { token: config.api.token.clone(), open_reads: config.api.open_reads };
             let mut state =
                 ApiState::new(deals.clone(), access).with_chain(Arc::new(devnet.clone()));
+            if let Some(url) = &config.node.read_database_url {
+                let replica = dealledger::db::pool_options()
+                    .connect(url)
+                    .await
+                    .context("connecting to the read replica")?;
+                state = state.with_reads(dealledger::events::Journal::new(replica));
+            }
             if client_role {
                 state = state.with_client(ClientRole {
                     network: node.clone(),

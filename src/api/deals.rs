@@ -30,7 +30,12 @@ pub async fn health() -> Json<Value> {
 pub async fn ready(State(state): State<ApiState>) -> (StatusCode, Json<Value>) {
     match state.deals.journal().schema_version().await {
         Ok(Some((version, _))) => {
-            (StatusCode::OK, Json(json!({ "status": "ready", "schema_version": version })))
+            // Reads served from a replica say how far behind it is.
+            let lag = crate::db::replica_lag(state.reads.pool()).await.ok().flatten();
+            let lag = lag.map(|l| l.as_secs_f64());
+            let body = json!({ "status": "ready", "schema_version": version,
+                               "read_replica_lag_seconds": lag });
+            (StatusCode::OK, Json(body))
         }
         Ok(None) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not migrated" }))),
         Err(e) => (
@@ -55,7 +60,7 @@ pub async fn show(
         let sql = format!("SELECT row_to_json(d) FROM {table} d WHERE {key} = $1");
         let row: Option<Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .bind(id)
-            .fetch_optional(state.deals.journal().pool())
+            .fetch_optional(state.reads.pool())
             .await?;
         if let Some(row) = row {
             return Ok(Json(json!({ "kind": kind, "deal": row })));
@@ -113,7 +118,7 @@ pub async fn list(
         .bind(query.state.as_deref())
         .bind(after)
         .bind(limit + 1)
-        .fetch_all(state.deals.journal().pool())
+        .fetch_all(state.reads.pool())
         .await?;
     let more = rows.len() as i64 > limit;
     let page: Vec<(Value, Uuid)> = rows.into_iter().take(limit as usize).collect();
@@ -129,7 +134,7 @@ pub async fn audit(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
-    match crate::audit::timeline::audit(state.deals.journal(), id, None).await {
+    match crate::audit::timeline::audit(&state.reads, id, None).await {
         Ok(timeline) => Ok(Json(
             serde_json::to_value(&timeline).map_err(|e| ApiError::Internal(e.to_string()))?,
         )),

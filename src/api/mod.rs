@@ -16,6 +16,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::Router;
+
+use crate::events::Journal;
 use axum::extract::{Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
@@ -74,6 +76,7 @@ impl<C: Chain> HeadSource for C {
 #[derive(Clone)]
 pub struct ApiState {
     deals: Deals,
+    reads: Journal,
     access: Arc<Access>,
     client: Option<ClientRole>,
     chain: Option<Arc<dyn HeadSource>>,
@@ -82,7 +85,16 @@ pub struct ApiState {
 impl ApiState {
     /// An API over `deals` with `access` rules; read-only until a client role is given.
     pub fn new(deals: Deals, access: Access) -> Self {
-        Self { deals, access: Arc::new(access), client: None, chain: None }
+        let reads = deals.journal().clone();
+        Self { deals, reads, access: Arc::new(access), client: None, chain: None }
+    }
+
+    /// Serves status rows, lists and audits from `reads` — a streaming replica of the
+    /// database `deals` writes to — so that reads scale apart from writes. Writes (commands)
+    /// and the live event stream stay on the primary.
+    pub fn with_reads(mut self, reads: Journal) -> Self {
+        self.reads = reads;
+        self
     }
 
     /// Lets the API start storage deals as this node's client.

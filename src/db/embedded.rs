@@ -69,6 +69,40 @@ impl EmbeddedPostgres {
         Ok(server)
     }
 
+    /// Starts a streaming replica of `primary` under `home` (read scale on one machine, and
+    /// the tests of reading from a replica): `pg_basebackup -R` on first use, then the server
+    /// on its own socket, following the primary's WAL. Blocking, like [`EmbeddedPostgres::start`].
+    pub fn start_replica(primary: &EmbeddedPostgres, home: &Path) -> Result<Self, DbError> {
+        std::fs::create_dir_all(home).map_err(|e| DbError::io(home, e))?;
+        let home = home.canonicalize().map_err(|e| DbError::io(home, e))?;
+        let mut replica = Self {
+            bindir: primary.bindir.clone(),
+            data_dir: home.join("pgdata"),
+            socket_dir: home.join("run"),
+            port: SOCKET_PORT,
+            as_postgres_user: primary.as_postgres_user,
+            started_here: false,
+            stopped: false,
+        };
+        std::fs::create_dir_all(&replica.socket_dir)
+            .map_err(|e| DbError::io(&replica.socket_dir, e))?;
+        if replica.as_postgres_user {
+            replica.hand_to_postgres_user(&home)?;
+        }
+        if !replica.data_dir.join("PG_VERSION").exists() {
+            let data = replica.data_dir.to_string_lossy().into_owned();
+            let host = primary.socket_dir.to_string_lossy().into_owned();
+            let port = primary.port.to_string();
+            let args =
+                ["-D", &data, "-h", &host, "-p", &port, "-U", "postgres", "-R", "-X", "stream"];
+            replica.run("pg_basebackup", &args)?;
+        }
+        if !replica.reuse_running()? {
+            replica.launch(Durability::Throwaway, &home)?;
+        }
+        Ok(replica)
+    }
+
     /// Options to connect to `database` on this cluster as the `postgres` superuser.
     pub fn connect_options(&self, database: &str) -> PgConnectOptions {
         PgConnectOptions::new()

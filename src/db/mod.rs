@@ -156,6 +156,20 @@ pub fn application_name() -> String {
     format!("dealledger-{}", std::process::id())
 }
 
+/// How far a streaming replica's data is behind its primary: the time since the last
+/// transaction it replayed was committed, or `None` on a server that is not a replica.
+/// (An idle primary makes this grow although nothing is missing; it is an upper bound.)
+pub async fn replica_lag(pool: &sqlx::PgPool) -> Result<Option<std::time::Duration>, sqlx::Error> {
+    let lag: Option<f64> = sqlx::query_scalar(
+        "SELECT CASE WHEN pg_is_in_recovery() \
+           THEN extract(epoch FROM now() - coalesce(pg_last_xact_replay_timestamp(), now())) \
+           END::float8",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(lag.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))))
+}
+
 /// Pool settings shared by every way of opening the database.
 pub fn pool_options() -> PgPoolOptions {
     PgPoolOptions::new().max_connections(16).after_connect(|conn, _| {

@@ -266,21 +266,21 @@ pub async fn diff_row(
     row: &RowValues,
 ) -> Result<Vec<RowDiff>, ProjectionError> {
     let key = row.first().cloned().flatten().unwrap_or_default();
-    let mut tx = pool.begin().await?;
-    let create = format!("CREATE TEMP TABLE audit_row (LIKE {}) ON COMMIT DROP", table.name);
-    sqlx::query(sqlx::AssertSqlSafe(create)).execute(&mut *tx).await?;
-    table.copy_into(&mut tx, "audit_row", [row]).await?;
     let compare = format!(
-        "SELECT 'missing or different in live', row_to_json(d)::text \
-           FROM (SELECT * FROM audit_row EXCEPT SELECT * FROM {name} WHERE {key}::text = $1) d \
+        "WITH computed AS (SELECT {values}) \
+         SELECT 'missing or different in live', row_to_json(d)::text \
+           FROM (SELECT * FROM computed EXCEPT SELECT * FROM {name} WHERE {key}::text = $1) d \
          UNION ALL \
          SELECT 'unexpected in live', row_to_json(d)::text \
-           FROM (SELECT * FROM {name} WHERE {key}::text = $1 EXCEPT SELECT * FROM audit_row) d",
+           FROM (SELECT * FROM {name} WHERE {key}::text = $1 EXCEPT SELECT * FROM computed) d",
+        values = table.row_from_params(2),
         name = table.name,
         key = table.key
     );
-    let found: Vec<(String, String)> =
-        sqlx::query_as(sqlx::AssertSqlSafe(compare)).bind(key).fetch_all(&mut *tx).await?;
-    tx.rollback().await?;
+    let mut query = sqlx::query_as(sqlx::AssertSqlSafe(compare)).bind(key);
+    for value in row {
+        query = query.bind(value.as_deref());
+    }
+    let found: Vec<(String, String)> = query.fetch_all(pool).await?;
     Ok(found.into_iter().map(|(kind, row)| RowDiff { table: table.name, kind, row }).collect())
 }

@@ -53,6 +53,18 @@ pub struct TableSpec {
 pub type RowValues = Vec<Option<String>>;
 
 impl TableSpec {
+    /// `$first::type AS column, ...`: one row of this table from bound text parameters, for
+    /// comparing a computed row with a live one without writing anything (so it also runs on
+    /// a read-only replica).
+    pub(crate) fn row_from_params(&self, first: usize) -> String {
+        self.columns
+            .iter()
+            .enumerate()
+            .map(|(i, (name, ty))| format!("${}::{} AS {name}", first + i, ty.cast()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The column list, comma-separated.
     pub fn column_list(&self) -> String {
         self.columns.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
