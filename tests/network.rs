@@ -553,3 +553,26 @@ async fn only_a_deals_client_can_cancel_it_over_the_network_and_a_refusal_is_log
     let answer = nodes.client.request(nodes.provider_peer, cancel).await.unwrap();
     assert_eq!(answer, MarketResponse::CancelAcknowledged { state: "Failing".into() });
 }
+
+#[tokio::test]
+async fn a_proposal_for_another_provider_is_refused_logged_and_touches_no_deal() {
+    let (provider_deals, _, client) = two_nodes(MarketCodec::default()).await;
+    let provider = PartyKey::of(&provider_key()).peer_id().unwrap();
+    let before = events(&provider_deals).await;
+    // Given a valid proposal of this client, made out to another provider
+    let mut terms = proposal();
+    terms.provider = PartyKey::of(&stranger_key());
+    let elsewhere = ClientDealProposal::sign(terms, &client_key());
+    // When it is sent to this provider
+    let answer =
+        client.request(provider, MarketRequest::Propose(Box::new(elsewhere))).await.unwrap();
+    // Then it is refused and logged, and no deal was touched
+    assert!(
+        matches!(&answer, MarketResponse::Rejected { reason } if reason.contains("another provider")),
+        "{answer:?}"
+    );
+    assert_eq!(events(&provider_deals).await, before);
+    let logged = refused(&provider_deals).await;
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert!(logged[0].2.contains("another provider"));
+}

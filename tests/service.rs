@@ -211,5 +211,19 @@ async fn a_client_node_stopped_with_sigterm_under_load_loses_no_acknowledged_dea
         .unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
     assert!(provider.terminate().success());
+    // No secret reached a log: not the API token, not either node's identity key.
+    for node in [&client, &provider] {
+        let logs: String = std::fs::read_dir(&node.home)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect();
+        assert!(!logs.contains(TOKEN), "the API token is in a log");
+        let key = std::fs::read(node.home.join("identity.key")).unwrap();
+        for form in [hex::encode(&key), String::from_utf8_lossy(&key).trim().to_owned()] {
+            assert!(form.len() < 16 || !logs.contains(&form), "the node key is in a log");
+        }
+    }
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -171,18 +171,42 @@ pub async fn replica_lag(pool: &sqlx::PgPool) -> Result<Option<std::time::Durati
 }
 
 /// Pool settings shared by every way of opening the database.
+///
+/// Every connection coming back to the pool is checked for a transaction still open on the
+/// server, and closed if it has one. sqlx 0.9.0 can leave one behind when a `begin()` is
+/// cancelled during its round trip (transact-rs/sqlx#4385, #4393): the next borrower's
+/// statements would then run inside it — stale reads, held locks, and writes lost with its
+/// eventual rollback. One tiny statement per release buys the guarantee that a pooled
+/// connection is always in autocommit.
 pub fn pool_options() -> PgPoolOptions {
-    PgPoolOptions::new().max_connections(16).after_connect(|conn, _| {
-        Box::pin(async move {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SET application_name = '{}'",
-                application_name()
-            )))
-            .execute(conn)
-            .await
-            .map(|_| ())
+    PgPoolOptions::new()
+        .max_connections(16)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SET application_name = '{}'",
+                    application_name()
+                )))
+                .execute(conn)
+                .await
+                .map(|_| ())
+            })
         })
-    })
+        .after_release(|conn, _| {
+            Box::pin(async move {
+                // Outside a transaction a simple-protocol statement is its own transaction, so
+                // it starts when the statement does; inside a leftover one, it started before.
+                use sqlx::Row;
+                let row = sqlx::raw_sql("SELECT now() = statement_timestamp()")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                let idle: bool = row.try_get(0)?;
+                if !idle {
+                    tracing::warn!("closing a pooled connection left inside a transaction");
+                }
+                Ok(idle)
+            })
+        })
 }
 
 /// Creates `name` unless it exists. `name` must be a plain identifier chosen by this crate.
