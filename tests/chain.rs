@@ -139,6 +139,33 @@ impl Market {
         (c.state.name(), p.state.name())
     }
 
+    /// A piece of 64 KiB in the provider's store, and a client retrieval deal for all of it
+    /// (3 attoFIL a byte, paid every 16 KiB) proposed and accepted. Returns the client's and
+    /// the provider's deal streams.
+    async fn proposed_retrieval(&self, seed: u8) -> (Uuid, Uuid) {
+        let original = data(64 * 1024, seed);
+        let (piece, size) = dealledger::adapters::piece::commp::commp_of(&original);
+        self.nodes.pieces.put(piece, size, original.as_slice()).await.unwrap();
+        let terms = RetrievalDealProposal {
+            payload_cid: dealledger::events::chain::cid_of_bytes(b"payload"),
+            piece_cid: Some(piece),
+            part: ByteRange { offset: 0, length: 64 * 1024 },
+            price_per_byte: TokenAmount(3),
+            payment_interval: 16 * 1024,
+            payment_interval_increase: 0,
+            unseal_price: TokenAmount(0),
+            client: PartyKey::of(&client_key()),
+            provider: PartyKey::of(&provider_key()),
+        };
+        let stream = Uuid::now_v7();
+        let deals = &self.nodes.client_deals;
+        let proposed = RC::DealProposed { proposal: Box::new(terms), part_of: None };
+        deals.handle::<RetrievalClient>(stream, proposed, &ctx(), None).await.unwrap();
+        let (_, provider_stream) =
+            propose_retrieval(&self.nodes.client, deals, stream, &ctx()).await.unwrap();
+        (stream, provider_stream.expect("the provider accepted the terms"))
+    }
+
     /// A storage deal of 64 KiB proposed and pushed: the client waits for the provider's
     /// publish. Returns the proposal and the client's stream.
     async fn pushed_deal(&self, seed: u8) -> (ClientDealProposal, Uuid) {
@@ -729,27 +756,8 @@ async fn a_deal_that_is_not_paused_refuses_a_retry_and_records_nothing() {
 async fn a_pull_without_a_funded_channel_or_with_a_foreign_voucher_is_refused() {
     use dealledger::adapters::network::message::{MarketRequest, MarketResponse};
     let m = market().await;
-    let original = data(64 * 1024, 15);
-    let (piece, size) = dealledger::adapters::piece::commp::commp_of(&original);
-    m.nodes.pieces.put(piece, size, original.as_slice()).await.unwrap();
-    let terms = RetrievalDealProposal {
-        payload_cid: dealledger::events::chain::cid_of_bytes(b"payload"),
-        piece_cid: Some(piece),
-        part: ByteRange { offset: 0, length: 64 * 1024 },
-        price_per_byte: TokenAmount(3),
-        payment_interval: 16 * 1024,
-        payment_interval_increase: 0,
-        unseal_price: TokenAmount(0),
-        client: PartyKey::of(&client_key()),
-        provider: PartyKey::of(&provider_key()),
-    };
-    let stream = Uuid::now_v7();
+    let (stream, provider_stream) = m.proposed_retrieval(15).await;
     let deals = &m.nodes.client_deals;
-    let proposed = RC::DealProposed { proposal: Box::new(terms.clone()), part_of: None };
-    deals.handle::<RetrievalClient>(stream, proposed, &ctx(), None).await.unwrap();
-    let (_, provider_stream) =
-        propose_retrieval(&m.nodes.client, deals, stream, &ctx()).await.unwrap();
-    let provider_stream = provider_stream.unwrap();
     // Given no payment channel on chain yet: the provider sends nothing
     let pull = MarketRequest::RetrievalPull { deal_stream: provider_stream, offset: 0 };
     let answer = m.nodes.client.request(m.nodes.provider_peer, pull.clone()).await.unwrap();
@@ -1033,27 +1041,8 @@ async fn an_operator_fails_a_sealing_deal_by_hand_and_it_goes_through_failing() 
 async fn a_retrieval_whose_transfer_dies_ends_errored_on_both_sides_never_stuck_ongoing() {
     use dealledger::runner::{TimeoutPolicy, time_out_stuck_deals};
     let m = market().await;
-    let original = data(64 * 1024, 23);
-    let (piece, size) = dealledger::adapters::piece::commp::commp_of(&original);
-    m.nodes.pieces.put(piece, size, original.as_slice()).await.unwrap();
-    let terms = RetrievalDealProposal {
-        payload_cid: dealledger::events::chain::cid_of_bytes(b"payload"),
-        piece_cid: Some(piece),
-        part: ByteRange { offset: 0, length: 64 * 1024 },
-        price_per_byte: TokenAmount(3),
-        payment_interval: 16 * 1024,
-        payment_interval_increase: 0,
-        unseal_price: TokenAmount(0),
-        client: PartyKey::of(&client_key()),
-        provider: PartyKey::of(&provider_key()),
-    };
-    let stream = Uuid::now_v7();
+    let (stream, provider_stream) = m.proposed_retrieval(23).await;
     let deals = &m.nodes.client_deals;
-    let proposed = RC::DealProposed { proposal: Box::new(terms), part_of: None };
-    deals.handle::<RetrievalClient>(stream, proposed, &ctx(), None).await.unwrap();
-    let (_, provider_stream) =
-        propose_retrieval(&m.nodes.client, deals, stream, &ctx()).await.unwrap();
-    let provider_stream = provider_stream.unwrap();
     m.settle().await;
     assert_eq!(deals.load::<RetrievalClient>(stream).await.unwrap().state.name(), "Ongoing");
     // Given the provider can no longer be reached (its address now leads nowhere)
