@@ -361,6 +361,39 @@ impl Ledger {
         Ok(self.deals.initiate_retrieval(request, max_attempts, &self.context().await?).await?)
     }
 
+    /// An operator cancels a deal or a retrieval request (who and why are recorded); the
+    /// runner closes its transfer, gives its funds back and tells the counterparty. Returns
+    /// the new state; a state that cannot be cancelled is a rejection.
+    pub async fn cancel(
+        &self,
+        stream_id: Uuid,
+        operator: &str,
+        reason: &str,
+    ) -> Result<&'static str, LedgerError> {
+        Ok(self.deals.cancel(stream_id, operator, reason, &self.context().await?).await?)
+    }
+
+    /// An operator fails a deal by hand: through `Failing`, never straight to the error state.
+    pub async fn fail(
+        &self,
+        stream_id: Uuid,
+        operator: &str,
+        reason: &str,
+    ) -> Result<&'static str, LedgerError> {
+        Ok(self.deals.fail(stream_id, operator, reason, &self.context().await?).await?)
+    }
+
+    /// An operator retries a deal paused in a recoverable failure: the state before the
+    /// failure is re-entered and its effect runs again, idempotently.
+    pub async fn retry(
+        &self,
+        stream_id: Uuid,
+        operator: &str,
+        reason: &str,
+    ) -> Result<&'static str, LedgerError> {
+        Ok(self.deals.retry(stream_id, operator, reason, &self.context().await?).await?)
+    }
+
     /// The status of a retrieval request.
     pub async fn get_retrieval_status(
         &self,

@@ -305,3 +305,29 @@ async fn a_chunked_retrieval_completes_through_several_paid_deals() {
     assert!(payments >= 6, "each 1,000-byte part pays at 300 and 700 bytes and at the end");
     assert_projections_match_the_journal(&pool).await;
 }
+
+#[tokio::test]
+async fn an_embedded_ledger_takes_the_operators_cancel_fail_and_retry() {
+    use dealledger::ledger::{DatabaseChoice, Ledger};
+    let home = std::env::temp_dir().join(format!("dealledger-ledger-{}", uuid::Uuid::new_v4()));
+    let ledger = Ledger::builder()
+        .database(DatabaseChoice::Embedded(home.clone()))
+        .key(client_key())
+        .build()
+        .await
+        .expect("an embedded ledger starts");
+    // Given two deals started through the facade
+    let first = ledger.initiate_deal(vec![7u8; 2048].as_slice(), proposal()).await.unwrap();
+    let mut other = proposal();
+    other.label = "second".into();
+    let second = ledger.initiate_deal(vec![8u8; 2048].as_slice(), other).await.unwrap();
+    // Then a deal that is not paused refuses a retry, and the others are recorded with who
+    // and why, through Failing
+    assert!(ledger.retry(first.stream_id, "gil", "nothing is paused").await.is_err());
+    assert_eq!(ledger.cancel(first.stream_id, "gil", "changed plans").await.unwrap(), "Failing");
+    assert_eq!(ledger.fail(second.stream_id, "gil", "bad data").await.unwrap(), "Failing");
+    let status = ledger.get_storage_deal_status(second.stream_id).await.unwrap();
+    assert_eq!(status.message.as_deref(), Some("failed by gil: bad data"));
+    ledger.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&home);
+}
