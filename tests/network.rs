@@ -576,3 +576,41 @@ async fn a_proposal_for_another_provider_is_refused_logged_and_touches_no_deal()
     assert_eq!(logged.len(), 1, "{logged:?}");
     assert!(logged[0].2.contains("another provider"));
 }
+
+#[tokio::test]
+async fn a_provider_that_stopped_before_its_verdict_gives_it_when_the_client_pushes_again() {
+    use dealledger::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
+    let n = nodes(MarketCodec::default()).await;
+    let bytes = data(256 * 1024, 9);
+    let proposal = proposal_for(&bytes);
+    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
+    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    let provider_stream = Deals::storage_stream_id("storage_provider", &proposal);
+    // Given every byte reached the provider and it recorded the transfer complete, but it
+    // stopped before the commitment's verdict (the deal waits in VerifyData)
+    let proposal_cid = proposal.cid();
+    let total = bytes.len() as u64;
+    let open = MarketRequest::TransferOpen { proposal_cid, total_bytes: total };
+    n.client.request(n.provider_peer, open).await.unwrap();
+    let chunk = MarketRequest::TransferChunk { proposal_cid, offset: 0, bytes: bytes.clone() };
+    let answer = n.client.request(n.provider_peer, chunk).await.unwrap();
+    assert_eq!(answer, MarketResponse::ChunkAcknowledged { received: total });
+    let completed = SP::DataTransferCompleted { bytes: total };
+    n.provider_deals
+        .handle::<StorageProvider>(provider_stream, completed, &ctx(), None)
+        .await
+        .unwrap();
+    let waiting = n.provider_deals.get_storage_deal_status(provider_stream).await.unwrap();
+    assert_eq!(waiting.state, "VerifyData");
+    // When the client pushes again
+    let cursor = std::io::Cursor::new(&bytes);
+    let state =
+        push(&n.client, &n.client_deals, stream, cursor, total, TransferOptions::default(), &ctx())
+            .await
+            .unwrap();
+    // Then the provider verifies what it received, keeps the piece, and both sides move on
+    assert_eq!(state, "CheckForAcceptance");
+    let provider = n.provider_deals.get_storage_deal_status(provider_stream).await.unwrap();
+    assert_eq!(provider.state, "ReserveProviderFunds");
+    assert_eq!(n.pieces.read_range(&proposal.proposal.piece_cid, 0, total).await.unwrap(), bytes);
+}

@@ -274,6 +274,13 @@ impl ProviderTransfers {
                         self.record(stream_id, P::DataTransferRestarted, ctx).await?;
                     }
                     ProviderState::Transferring => {}
+                    // Every byte arrived but the node stopped before its verdict: give it now.
+                    ProviderState::VerifyData => {
+                        self.verify_again(stream_id, &deal, ctx).await?;
+                        return Ok(MarketResponse::TransferAccepted {
+                            resume_from: deal.data.bytes_received,
+                        });
+                    }
                     // Every byte already arrived and was checked (the client restarted before
                     // it saw the verdict): nothing more to send; the finish repeats the verdict.
                     state if settled(state) => {
@@ -330,6 +337,9 @@ impl ProviderTransfers {
                         .load::<StorageProvider>(stream_id)
                         .await
                         .map_err(|e| text(&e))?;
+                    if deal.state == ProviderState::VerifyData {
+                        return self.verify_again(stream_id, &deal, ctx).await;
+                    }
                     if !settled(deal.state) {
                         return Err("no open transfer for this deal".into());
                     }
@@ -344,39 +354,75 @@ impl ProviderTransfers {
                     .await?;
                 // VerifyData's effect, performed: the commitment of the bytes received.
                 let terms = &proposal.proposal;
-                let verdict = match session.hasher.finish_at(terms.piece_size) {
-                    Ok(actual) if actual == terms.piece_cid => Ok(()),
-                    Ok(actual) => {
-                        Err(format!("the data's commitment is {actual}, not {}", terms.piece_cid))
-                    }
-                    Err(e) => Err(e.to_string()),
-                };
-                self.store
-                    .settle_partial(&key, &terms.piece_cid, verdict.is_ok())
-                    .await
-                    .map_err(|e| text(&e))?;
-                match verdict {
-                    Ok(()) => {
-                        self.record(stream_id, P::DataVerified { piece_cid: terms.piece_cid }, ctx)
-                            .await?;
-                        Ok(MarketResponse::TransferVerified { verified: true, reason: None })
-                    }
-                    Err(reason) => {
-                        self.record(
-                            stream_id,
-                            P::DataVerificationFailed { reason: reason.clone() },
-                            ctx,
-                        )
-                        .await?;
-                        Ok(MarketResponse::TransferVerified {
-                            verified: false,
-                            reason: Some(reason),
-                        })
-                    }
-                }
+                let verdict = commitment_verdict(session.hasher, terms);
+                self.settle_verdict(stream_id, &key, terms, verdict, ctx).await
             }
             other => Err(format!("{} is not a transfer request", other.protocol())),
         }
+    }
+
+    /// VerifyData's effect, performed again for a deal left in VerifyData (the node stopped
+    /// between recording the completed transfer and the verdict): from the received data if
+    /// it is still partial, or — when the store already kept it as the piece, which it does
+    /// only after the commitment matched — from that.
+    async fn verify_again(
+        &self,
+        stream_id: Uuid,
+        deal: &crate::fsm::Deal<StorageProvider>,
+        ctx: &DecideContext,
+    ) -> Result<MarketResponse, String> {
+        // Whatever session this process still holds for the deal is over.
+        self.sessions.lock().await.remove(&stream_id);
+        let proposal = deal.data.proposal.clone().ok_or("no proposal")?;
+        let key = proposal.cid().to_string();
+        let terms = &proposal.proposal;
+        if self.store.size(&terms.piece_cid).await.is_some() {
+            self.record(stream_id, P::DataVerified { piece_cid: terms.piece_cid }, ctx).await?;
+            return Ok(MarketResponse::TransferVerified { verified: true, reason: None });
+        }
+        let verdict = match self.store.open_partial(&key, deal.data.bytes_received).await {
+            Ok((_, _, hasher)) => commitment_verdict(hasher, terms),
+            Err(e) => Err(format!("the received data is gone: {e}")),
+        };
+        self.settle_verdict(stream_id, &key, terms, verdict, ctx).await
+    }
+
+    /// Keeps or drops the received data by `verdict` and records it on the deal.
+    async fn settle_verdict(
+        &self,
+        stream_id: Uuid,
+        key: &str,
+        terms: &crate::domain::storage::StorageDealProposal,
+        verdict: Result<(), String>,
+        ctx: &DecideContext,
+    ) -> Result<MarketResponse, String> {
+        self.store
+            .settle_partial(key, &terms.piece_cid, verdict.is_ok())
+            .await
+            .map_err(|e| e.to_string())?;
+        match verdict {
+            Ok(()) => {
+                self.record(stream_id, P::DataVerified { piece_cid: terms.piece_cid }, ctx).await?;
+                Ok(MarketResponse::TransferVerified { verified: true, reason: None })
+            }
+            Err(reason) => {
+                self.record(stream_id, P::DataVerificationFailed { reason: reason.clone() }, ctx)
+                    .await?;
+                Ok(MarketResponse::TransferVerified { verified: false, reason: Some(reason) })
+            }
+        }
+    }
+}
+
+/// Whether the commitment of the bytes `hasher` saw is the proposal's piece CID.
+fn commitment_verdict(
+    hasher: CommP,
+    terms: &crate::domain::storage::StorageDealProposal,
+) -> Result<(), String> {
+    match hasher.finish_at(terms.piece_size) {
+        Ok(actual) if actual == terms.piece_cid => Ok(()),
+        Ok(actual) => Err(format!("the data's commitment is {actual}, not {}", terms.piece_cid)),
+        Err(e) => Err(e.to_string()),
     }
 }
 
