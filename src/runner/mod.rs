@@ -333,8 +333,11 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
         } else {
             let factor = 1u32 << (pending.attempts.clamp(1, 16) - 1) as u32;
             let delay = self.config.backoff.saturating_mul(factor);
-            let retry_at = chrono::Utc::now()
-                + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            let now = chrono::Utc::now();
+            let retry_at = chrono::Duration::from_std(delay)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .unwrap_or(now);
             let failed = AttemptFailed {
                 effect: pending.effect_type.clone(),
                 attempt,
