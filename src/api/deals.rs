@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{ApiError, ApiState};
+use crate::deals::OperatorAction;
 use crate::domain::storage::{ClientDealProposal, StorageDealProposal};
 use crate::domain::{ChainEpoch, PartyKey, TokenAmount};
 use crate::fsm::DecideContext;
@@ -336,7 +337,7 @@ pub async fn cancel(
     id: Path<String>,
     body: Result<Json<Cancel>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    by_operator(state, id, body, OperatorVerb::Cancel).await
+    by_operator(state, id, body, OperatorAction::Cancel).await
 }
 
 /// An operator fails a deal by hand: it goes through Failing (funds released, transfer
@@ -347,7 +348,7 @@ pub async fn fail(
     id: Path<String>,
     body: Result<Json<Cancel>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    by_operator(state, id, body, OperatorVerb::Fail).await
+    by_operator(state, id, body, OperatorAction::Fail).await
 }
 
 /// An operator retries a deal paused in a recoverable failure (`*Paused` states): it
@@ -358,22 +359,14 @@ pub async fn retry(
     id: Path<String>,
     body: Result<Json<Cancel>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    by_operator(state, id, body, OperatorVerb::Retry).await
-}
-
-/// What an operator asks.
-#[derive(Debug, Clone, Copy)]
-enum OperatorVerb {
-    Cancel,
-    Fail,
-    Retry,
+    by_operator(state, id, body, OperatorAction::Retry).await
 }
 
 async fn by_operator(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     body: Result<Json<Cancel>, JsonRejection>,
-    verb: OperatorVerb,
+    action: OperatorAction,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -383,11 +376,6 @@ async fn by_operator(
     let operator = body.operator.unwrap_or_else(|| "api".into());
     let ctx =
         DecideContext { epoch: state.head().await.unwrap_or_default(), ..DecideContext::default() };
-    let d = &state.deals;
-    let now = match verb {
-        OperatorVerb::Cancel => d.cancel(id, &operator, &body.reason, &ctx).await?,
-        OperatorVerb::Fail => d.fail(id, &operator, &body.reason, &ctx).await?,
-        OperatorVerb::Retry => d.retry(id, &operator, &body.reason, &ctx).await?,
-    };
+    let now = state.deals.by_operator(id, action, &operator, &body.reason, &ctx).await?;
     Ok(Json(json!({ "id": id, "state": now })))
 }

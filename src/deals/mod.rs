@@ -70,9 +70,12 @@ impl From<sqlx::Error> for DealsError {
 
 /// What an operator asks of a deal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OperatorAction {
+pub enum OperatorAction {
+    /// [`Deals::cancel`].
     Cancel,
+    /// [`Deals::fail`].
     Fail,
+    /// [`Deals::retry`].
     Retry,
 }
 
@@ -214,7 +217,9 @@ impl Deals {
         self.by_operator(stream_id, OperatorAction::Retry, operator, reason, ctx).await
     }
 
-    async fn by_operator(
+    /// `action` on a deal by `operator`, for `reason`: [`Deals::cancel`], [`Deals::fail`] or
+    /// [`Deals::retry`], for callers that take the action as data (the HTTP API).
+    pub async fn by_operator(
         &self,
         stream_id: Uuid,
         action: OperatorAction,
