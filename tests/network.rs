@@ -614,3 +614,80 @@ async fn a_provider_that_stopped_before_its_verdict_gives_it_when_the_client_pus
     assert_eq!(provider.state, "ReserveProviderFunds");
     assert_eq!(n.pieces.read_range(&proposal.proposal.piece_cid, 0, total).await.unwrap(), bytes);
 }
+
+#[tokio::test]
+async fn only_a_deals_client_can_push_its_data_and_a_refusal_is_logged() {
+    use dealledger::adapters::network;
+    let n = nodes(MarketCodec::default()).await;
+    let bytes = data(1 << 20, 5);
+    let proposal = proposal_for(&bytes);
+    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
+    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    let before = events(&n.provider_deals).await;
+    // Given another peer that knows the accepted proposal's CID
+    let (stranger, _events, stranger_loop) =
+        network::new(&stranger_key(), MarketCodec::default(), Duration::from_secs(10)).unwrap();
+    tokio::spawn(stranger_loop.run());
+    stranger.add_address(n.provider_peer, n.provider_address.clone()).await.unwrap();
+    // When it opens the deal's transfer and sends bytes of its own
+    let proposal_cid = proposal.cid();
+    let open = MarketRequest::TransferOpen { proposal_cid, total_bytes: 4 };
+    let opened = stranger.request(n.provider_peer, open).await.unwrap();
+    let chunk = MarketRequest::TransferChunk { proposal_cid, offset: 0, bytes: vec![1, 2, 3, 4] };
+    let chunked = stranger.request(n.provider_peer, chunk).await.unwrap();
+    // Then both are refused and logged with its peer, and the deal records nothing
+    for answer in [&opened, &chunked] {
+        assert!(
+            matches!(answer, MarketResponse::Rejected { reason } if reason.contains("is not the client")),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(events(&n.provider_deals).await, before);
+    let logged = refused(&n.provider_deals).await;
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    assert!(logged.iter().all(|(peer, protocol, _)| peer == &stranger.peer_id().to_string()
+        && protocol == "/dealledger/transfer/1"));
+    // And the deal's own client still pushes its data
+    let total = bytes.len() as u64;
+    let cursor = std::io::Cursor::new(&bytes);
+    let state =
+        push(&n.client, &n.client_deals, stream, cursor, total, TransferOptions::default(), &ctx())
+            .await
+            .unwrap();
+    assert_eq!(state, "CheckForAcceptance");
+}
+
+#[tokio::test]
+async fn a_malformed_frame_on_a_transfer_stream_is_refused_logged_and_ends_only_that_stream() {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let n = nodes(MarketCodec::default()).await;
+    // Given a transfer stream open to the provider
+    let mut stream = n.client.open_transfer_stream(n.provider_peer).await.unwrap();
+    // When the client writes a frame whose body is not a message
+    let mut frame = 5u32.to_be_bytes().to_vec();
+    frame.extend([0xff; 5]);
+    stream.write_all(&frame).await.unwrap();
+    stream.flush().await.unwrap();
+    // Then the provider closes the stream without an answer
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    assert!(answer.is_empty(), "{answer:?}");
+    // And logs the refusal with the client's peer, recording nothing on any deal
+    let logged = refused(&n.provider_deals).await;
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0].0, n.client.peer_id().to_string());
+    assert_eq!(logged[0].1, "/dealledger/transfer/1");
+    assert_eq!(events(&n.provider_deals).await, 0);
+    // And a new stream is served as usual
+    let bytes = data(1 << 20, 6);
+    let proposal = proposal_for(&bytes);
+    let deal = funded_client_deal(&n.client_deals, proposal).await;
+    propose(&n.client, &n.client_deals, deal, &ctx()).await.unwrap();
+    let total = bytes.len() as u64;
+    let cursor = std::io::Cursor::new(&bytes);
+    let state =
+        push(&n.client, &n.client_deals, deal, cursor, total, TransferOptions::default(), &ctx())
+            .await
+            .unwrap();
+    assert_eq!(state, "CheckForAcceptance");
+}

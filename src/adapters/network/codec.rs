@@ -36,14 +36,14 @@ impl From<WireError> for io::Error {
 
 /// Encodes one message with its length prefix.
 pub fn encode<T: Serialize>(message: &T, max: u32) -> Result<Vec<u8>, WireError> {
-    let body = postcard::to_stdvec(message).map_err(|e| WireError::Malformed(e.to_string()))?;
-    let length = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    // Serialised behind a placeholder prefix, so the body is never copied.
+    let mut framed = postcard::to_extend(message, vec![0u8; 4])
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    let length = u32::try_from(framed.len() - 4).unwrap_or(u32::MAX);
     if length > max {
         return Err(WireError::TooLarge { length, max });
     }
-    let mut framed = Vec::with_capacity(4 + body.len());
-    framed.extend_from_slice(&length.to_be_bytes());
-    framed.extend(body);
+    framed[..4].copy_from_slice(&length.to_be_bytes());
     Ok(framed)
 }
 
@@ -57,7 +57,9 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
     Ok(message)
 }
 
-async fn read_framed<T: DeserializeOwned, R: AsyncRead + Unpin + Send>(
+/// Reads one length-prefixed message of at most `max` bytes: an oversized prefix is refused
+/// before anything is allocated, and bytes that do not decode are `InvalidData`.
+pub(crate) async fn read_framed<T: DeserializeOwned, R: AsyncRead + Unpin + Send>(
     io: &mut R,
     max: u32,
 ) -> io::Result<T> {
@@ -70,6 +72,31 @@ async fn read_framed<T: DeserializeOwned, R: AsyncRead + Unpin + Send>(
     let mut body = vec![0u8; length as usize];
     io.read_exact(&mut body).await?;
     Ok(decode(&body)?)
+}
+
+/// Writes one frame (length prefix and postcard body) of at most `max` bytes and flushes it,
+/// leaving the stream open for the next.
+pub(crate) async fn write_frame<T: Serialize, W: AsyncWrite + Unpin + Send>(
+    io: &mut W,
+    message: &T,
+    max: u32,
+) -> io::Result<()> {
+    let framed = encode(message, max)?;
+    io.write_all(&framed).await?;
+    io.flush().await
+}
+
+/// `request`, if it belongs to `protocol`: a peer cannot slip, say, a proposal into a
+/// transfer stream, where it would skip the proposal protocol's checks.
+pub(crate) fn on_protocol(
+    request: MarketRequest,
+    protocol: &str,
+) -> Result<MarketRequest, WireError> {
+    if request.protocol() == protocol {
+        Ok(request)
+    } else {
+        Err(WireError::WrongProtocol { request: request.protocol(), protocol: protocol.to_owned() })
+    }
 }
 
 async fn write_framed<W: AsyncWrite + Unpin + Send>(io: &mut W, framed: Vec<u8>) -> io::Result<()> {
@@ -131,17 +158,7 @@ impl libp2p::request_response::Codec for MarketCodec {
         T: AsyncRead + Unpin + Send,
     {
         let read = read_framed::<MarketRequest, _>(io, self.max_message_bytes).await;
-        let checked = read.and_then(|request| {
-            if request.protocol() == protocol.as_ref() {
-                Ok(request)
-            } else {
-                Err(WireError::WrongProtocol {
-                    request: request.protocol(),
-                    protocol: protocol.to_string(),
-                }
-                .into())
-            }
-        });
+        let checked = read.and_then(|request| Ok(on_protocol(request, protocol.as_ref())?));
         if let (Err(e), Some(sink)) = (&checked, &self.unreadable) {
             let _ = sink
                 .send(UnreadableRequest { protocol: protocol.to_string(), reason: e.to_string() });

@@ -1,5 +1,5 @@
-//! The market's wire messages: what peers ask each other, one request and one response per
-//! substream. postcard on the wire; append variants only (postcard stores the position).
+//! The market's wire messages: what peers ask each other — one request and one response per
+//! substream, except on the transfer stream, where a push or pull sends many in order. postcard on the wire; append variants only (postcard stores the position).
 
 use cid::Cid;
 use serde::{Deserialize, Serialize};
@@ -149,7 +149,13 @@ pub enum MarketRequest {
     /// Opens (or reopens) the push of a deal's data; the answer says where to resume.
     TransferOpen { proposal_cid: Cid, total_bytes: u64 },
     /// The bytes at `offset` of the deal's data.
-    TransferChunk { proposal_cid: Cid, offset: u64, bytes: Vec<u8> },
+    TransferChunk {
+        proposal_cid: Cid,
+        offset: u64,
+        /// As bytes, not a sequence: the same wire format, copied at once, not byte by byte.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
     /// Every byte was sent: verify the piece.
     TransferFinish { proposal_cid: Cid },
     /// Does the provider have this piece, and at what price?
@@ -248,6 +254,7 @@ pub enum MarketResponse {
     /// `last` for the final one); `complete` once everything is sent and paid.
     RetrievalBlocks {
         offset: u64,
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
         payment_due: Option<(TokenAmount, bool)>,
         complete: bool,

@@ -54,7 +54,9 @@ struct MarketBehaviour {
     ask: request_response::Behaviour<MarketCodec>,
     propose: request_response::Behaviour<MarketCodec>,
     status: request_response::Behaviour<MarketCodec>,
-    transfer: request_response::Behaviour<MarketCodec>,
+    /// `/dealledger/transfer/1` is a stream protocol, not request-response: a push or a pull
+    /// keeps one stream open and pipelines its frames (see `adapters::transfer::channel`).
+    transfer: libp2p_stream::Behaviour,
     retrieval_query: request_response::Behaviour<MarketCodec>,
     retrieval_propose: request_response::Behaviour<MarketCodec>,
     cancel: request_response::Behaviour<MarketCodec>,
@@ -67,7 +69,6 @@ impl MarketBehaviour {
         match protocol {
             ASK_PROTOCOL => &mut self.ask,
             PROPOSE_PROTOCOL => &mut self.propose,
-            TRANSFER_PROTOCOL => &mut self.transfer,
             RETRIEVAL_QUERY_PROTOCOL => &mut self.retrieval_query,
             RETRIEVAL_PROPOSE_PROTOCOL => &mut self.retrieval_propose,
             CANCEL_PROTOCOL => &mut self.cancel,
@@ -103,6 +104,7 @@ enum Command {
     AddAddress {
         peer: PeerId,
         address: Multiaddr,
+        done: oneshot::Sender<()>,
     },
     Request {
         peer: PeerId,
@@ -117,10 +119,22 @@ enum Command {
 }
 
 /// A handle on the node; cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     commands: mpsc::Sender<Command>,
     peer_id: PeerId,
+    /// Opens and accepts `/dealledger/transfer/1` streams.
+    streams: libp2p_stream::Control,
+    /// How long a request (or one frame of a transfer) may wait for its answer.
+    request_timeout: Duration,
+    /// Largest message sent or accepted, in bytes (the codec's limit).
+    max_message_bytes: u32,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("peer_id", &self.peer_id).finish()
+    }
 }
 
 impl Client {
@@ -140,20 +154,73 @@ impl Client {
         answer.await.map_err(|_| NetworkError::Stopped)?
     }
 
-    /// Tells the node where a peer can be reached.
+    /// Tells the node where a peer can be reached; returns once the node knows, so that a
+    /// transfer stream opened next (which dials outside the command queue) finds it.
     pub async fn add_address(&self, peer: PeerId, address: Multiaddr) -> Result<(), NetworkError> {
-        self.send(Command::AddAddress { peer, address }).await
+        let (done, applied) = oneshot::channel();
+        self.send(Command::AddAddress { peer, address, done }).await?;
+        applied.await.map_err(|_| NetworkError::Stopped)
     }
 
-    /// Sends a request and waits for the answer.
+    /// Sends a request and waits for the answer. A transfer request goes on a transfer
+    /// stream of its own (a push or a pull that sends many keeps one open with
+    /// `adapters::transfer::channel::TransferChannel` instead).
     pub async fn request(
         &self,
         peer: PeerId,
         request: MarketRequest,
     ) -> Result<MarketResponse, NetworkError> {
+        if request.protocol() == TRANSFER_PROTOCOL {
+            let stream = self.open_transfer_stream(peer).await?;
+            let max = self.max_message_bytes;
+            let mut channel = crate::adapters::transfer::channel::TransferChannel::over(
+                stream,
+                peer,
+                self.request_timeout,
+                max,
+            );
+            let answer = channel.request(&request).await;
+            channel.close().await;
+            return answer;
+        }
         let (reply, answer) = oneshot::channel();
         self.send(Command::Request { peer, request, reply }).await?;
         answer.await.map_err(|_| NetworkError::Stopped)?
+    }
+
+    /// Opens a `/dealledger/transfer/1` stream to `peer`, dialing it if needed.
+    pub async fn open_transfer_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NetworkError> {
+        let mut streams = self.streams.clone();
+        let open = streams.open_stream(peer, StreamProtocol::new(TRANSFER_PROTOCOL));
+        match tokio::time::timeout(self.request_timeout, open).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => {
+                Err(NetworkError::Request { peer: peer.to_string(), reason: e.to_string() })
+            }
+            Err(_) => Err(NetworkError::Request {
+                peer: peer.to_string(),
+                reason: "timed out opening the transfer stream".into(),
+            }),
+        }
+    }
+
+    /// The transfer streams peers open to this node. Only one taker: a second call is an
+    /// error, since each stream must be served exactly once.
+    pub fn accept_transfer_streams(&self) -> Result<libp2p_stream::IncomingStreams, NetworkError> {
+        self.streams
+            .clone()
+            .accept(StreamProtocol::new(TRANSFER_PROTOCOL))
+            .map_err(|e| NetworkError::Setup(e.to_string()))
+    }
+
+    /// How long one request, or one frame of a transfer, may wait for its answer.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// Largest message this node sends or accepts, in bytes.
+    pub fn max_message_bytes(&self) -> u32 {
+        self.max_message_bytes
     }
 
     /// Answers an inbound `request` through its channel.
@@ -193,6 +260,7 @@ pub fn new(
     let keypair =
         libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes()).map_err(|e| setup(&e))?;
     let (unreadable_tx, unreadable) = mpsc::unbounded_channel();
+    let max_message_bytes = codec.max_message_bytes;
     let codec = codec.reporting_to(unreadable_tx);
     let behaviour = |protocol: &'static str| {
         request_response::Behaviour::with_codec(
@@ -209,7 +277,7 @@ pub fn new(
             ask: behaviour(ASK_PROTOCOL),
             propose: behaviour(PROPOSE_PROTOCOL),
             status: behaviour(STATUS_PROTOCOL),
-            transfer: behaviour(TRANSFER_PROTOCOL),
+            transfer: libp2p_stream::Behaviour::new(),
             retrieval_query: behaviour(RETRIEVAL_QUERY_PROTOCOL),
             retrieval_propose: behaviour(RETRIEVAL_PROPOSE_PROTOCOL),
             cancel: behaviour(CANCEL_PROTOCOL),
@@ -223,6 +291,7 @@ pub fn new(
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
     let peer_id = *swarm.local_peer_id();
+    let streams = swarm.behaviour().transfer.new_control();
     let (command_tx, command_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (event_tx, event_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let event_loop = EventLoop {
@@ -233,7 +302,9 @@ pub fn new(
         pending_requests: HashMap::new(),
         unreadable,
     };
-    Ok((Client { commands: command_tx, peer_id }, event_rx, event_loop))
+    let client =
+        Client { commands: command_tx, peer_id, streams, request_timeout, max_message_bytes };
+    Ok((client, event_rx, event_loop))
 }
 
 impl EventLoop {
@@ -269,7 +340,10 @@ impl EventLoop {
                     }));
                 }
             },
-            Command::AddAddress { peer, address } => self.swarm.add_peer_address(peer, address),
+            Command::AddAddress { peer, address, done } => {
+                self.swarm.add_peer_address(peer, address);
+                let _ = done.send(());
+            }
             Command::Request { peer, request, reply } => {
                 let protocol = request.protocol();
                 let id =
@@ -302,9 +376,6 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(MarketBehaviourEvent::Status(event)) => {
                 self.on_market(STATUS_PROTOCOL, event).await
-            }
-            SwarmEvent::Behaviour(MarketBehaviourEvent::Transfer(event)) => {
-                self.on_market(TRANSFER_PROTOCOL, event).await
             }
             SwarmEvent::Behaviour(MarketBehaviourEvent::RetrievalQuery(event)) => {
                 self.on_market(RETRIEVAL_QUERY_PROTOCOL, event).await

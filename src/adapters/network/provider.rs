@@ -84,13 +84,12 @@ impl ProviderService {
             MarketRequest::Ask => MarketResponse::Ask(self.ask.clone()),
             MarketRequest::Propose(proposal) => self.on_proposal(peer, *proposal, ctx).await,
             MarketRequest::Status(query) => self.status(&query).await,
-            MarketRequest::TransferOpen { proposal_cid, .. }
-            | MarketRequest::TransferChunk { proposal_cid, .. }
-            | MarketRequest::TransferFinish { proposal_cid } => {
-                match self.provider_stream(proposal_cid).await {
-                    Ok(stream) => self.transfers.answer(stream, request, ctx).await,
-                    Err(response) => response,
-                }
+            request @ (MarketRequest::TransferOpen { .. }
+            | MarketRequest::TransferChunk { .. }
+            | MarketRequest::TransferFinish { .. }
+            | MarketRequest::RetrievalPull { .. }
+            | MarketRequest::RetrievalPay { .. }) => {
+                self.answer_transfer(peer, request, &mut None, ctx).await
             }
             MarketRequest::RetrievalQuery { piece_cid } => {
                 let bytes = self.transfers.pieces().size(&piece_cid).await;
@@ -107,11 +106,117 @@ impl ProviderService {
                 let deal_stream = provider_retrieval_stream(&peer, client_deal);
                 self.on_retrieval(peer, *terms, deal_stream, ctx).await
             }
+            MarketRequest::Cancel { deal, reason } => self.on_cancel(peer, deal, reason, ctx).await,
+        }
+    }
+
+    /// The answer to one request on a transfer stream from `peer`. `pushing` remembers the
+    /// provider deal the stream pushes to, found (and its client checked) on the first
+    /// request, so that chunks cost no lookup.
+    async fn answer_transfer(
+        &self,
+        peer: PeerId,
+        request: MarketRequest,
+        pushing: &mut Option<(cid::Cid, Uuid)>,
+        ctx: &DecideContext,
+    ) -> MarketResponse {
+        match request {
+            MarketRequest::TransferOpen { proposal_cid, .. }
+            | MarketRequest::TransferChunk { proposal_cid, .. }
+            | MarketRequest::TransferFinish { proposal_cid } => {
+                let stream = match *pushing {
+                    Some((cid, stream)) if cid == proposal_cid => stream,
+                    _ => match self.pushed_deal(peer, proposal_cid).await {
+                        Ok(stream) => pushing.insert((proposal_cid, stream)).1,
+                        Err(refusal) => return refusal,
+                    },
+                };
+                self.transfers.answer(stream, request, ctx).await
+            }
             request
             @ (MarketRequest::RetrievalPull { .. } | MarketRequest::RetrievalPay { .. }) => {
                 self.retrievals.answer(peer, request, ctx).await
             }
-            MarketRequest::Cancel { deal, reason } => self.on_cancel(peer, deal, reason, ctx).await,
+            other => MarketResponse::Rejected {
+                reason: format!("{} is not a transfer request", other.protocol()),
+            },
+        }
+    }
+
+    /// The provider deal `peer` may push data to for `proposal_cid` (the seed's
+    /// PushValidator): there must be one, and `peer` must be its client — nobody else can
+    /// fill a deal with their bytes.
+    async fn pushed_deal(
+        &self,
+        peer: PeerId,
+        proposal_cid: cid::Cid,
+    ) -> Result<Uuid, MarketResponse> {
+        let stream = self.provider_stream(proposal_cid).await?;
+        let deal = self
+            .deals
+            .load::<StorageProvider>(stream)
+            .await
+            .map_err(|e| MarketResponse::Error { reason: e.to_string() })?;
+        let client = deal.data.proposal.and_then(|p| p.proposal.client.peer_id());
+        if client != Some(peer) {
+            return Err(MarketResponse::Rejected {
+                reason: format!("peer {peer} is not the client of deal {proposal_cid}"),
+            });
+        }
+        Ok(stream)
+    }
+
+    /// Serves every transfer stream peers open to this node until the network stops.
+    async fn accept_transfers(
+        self,
+        mut incoming: libp2p_stream::IncomingStreams,
+        max_message_bytes: u32,
+        ctx: DecideContext,
+    ) {
+        use futures::StreamExt;
+        while let Some((peer, stream)) = incoming.next().await {
+            let service = self.clone();
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                service.serve_transfer_stream(peer, stream, max_message_bytes, &ctx).await
+            });
+        }
+    }
+
+    /// Answers the requests of one transfer stream, in order, until the peer closes it. A
+    /// frame that cannot be read (oversized, malformed, not a transfer request) is logged as
+    /// refused and ends the stream: after it, frame boundaries cannot be trusted.
+    async fn serve_transfer_stream(
+        &self,
+        peer: PeerId,
+        mut stream: libp2p::Stream,
+        max_message_bytes: u32,
+        ctx: &DecideContext,
+    ) {
+        use crate::adapters::network::codec::{on_protocol, read_framed, write_frame};
+        use crate::adapters::network::message::TRANSFER_PROTOCOL;
+        let pool = self.deals.journal().pool();
+        let mut pushing = None;
+        loop {
+            let read = read_framed::<MarketRequest, _>(&mut stream, max_message_bytes).await;
+            let request = match read.and_then(|r| Ok(on_protocol(r, TRANSFER_PROTOCOL)?)) {
+                Ok(request) => request,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    tracing::info!(%peer, reason = %e, "refused an unreadable transfer frame");
+                    let reason = e.to_string();
+                    refusals::record(pool, Some(peer), TRANSFER_PROTOCOL, &reason, None).await;
+                    return;
+                }
+                // The peer closed the stream, or the connection went away.
+                Err(_) => return,
+            };
+            let response = self.answer_transfer(peer, request.clone(), &mut pushing, ctx).await;
+            if let Some(reason) = refusals::refusal(&response) {
+                refusals::record(pool, Some(peer), TRANSFER_PROTOCOL, reason, Some(&request)).await;
+            }
+            if write_frame(&mut stream, &response, max_message_bytes).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -350,6 +455,21 @@ impl ProviderService {
         mut events: mpsc::Receiver<NetworkEvent>,
         ctx: DecideContext,
     ) {
+        let transfers = match client.accept_transfer_streams() {
+            Ok(incoming) => {
+                let accept = self.clone().accept_transfers(
+                    incoming,
+                    client.max_message_bytes(),
+                    ctx.clone(),
+                );
+                Some(tokio::spawn(accept))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serve transfers");
+                None
+            }
+        };
+        let _stop_transfers = transfers.map(AbortOnDrop);
         while let Some(event) = events.recv().await {
             match event {
                 NetworkEvent::InboundRequest { peer, request, channel } => {
@@ -373,6 +493,15 @@ impl ProviderService {
                 }
             }
         }
+    }
+}
+
+/// Aborts a task when dropped, so that the transfers stop being served when `serve` returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

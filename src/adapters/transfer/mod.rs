@@ -1,16 +1,18 @@
 //! Data transfer for storage deals (seed storage flow steps 4-8): the client pushes the deal's
-//! bytes over `/dealledger/transfer/1` in chunks, each acknowledged with the bytes the provider
-//! keeps. Transfer events become machine inputs; progress is recorded every
+//! bytes over one `/dealledger/transfer/1` stream ([`channel`]) in chunks, each acknowledged
+//! with the bytes the provider keeps, with up to [`CHUNKS_IN_FLIGHT`] sent ahead of their
+//! acknowledgements. Transfer events become machine inputs; progress is recorded every
 //! [`TransferOptions::progress_every`] bytes, not per chunk, so the journal does not bloat.
 //! After a dropped connection either side reopens the transfer and it resumes from the last
 //! offset recorded in the provider's journal, not from zero.
 
+pub mod channel;
 pub mod retrieval;
+mod session;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
@@ -25,9 +27,15 @@ use crate::fsm::storage_provider::{
     State as ProviderState, StorageProvider, StorageProviderEvent as P,
 };
 use crate::fsm::{DecideContext, Label, Machine};
+use channel::TransferChannel;
+use session::{ProgressRecorder, RecordProgress, Session};
 
 /// Bytes per chunk.
 pub const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Chunks a push keeps sent but not yet acknowledged: enough to keep the stream busy while
+/// the provider writes, hashes and acknowledges, few enough that a refusal stops it soon.
+pub const CHUNKS_IN_FLIGHT: usize = 16;
 
 /// How a transfer is carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,65 +117,94 @@ where
         record(C::DataTransferInterrupted { reason: e.to_string() }).await?;
         Err::<&'static str, PushError>(PushError::Interrupted(e))
     };
-    let open = MarketRequest::TransferOpen { proposal_cid, total_bytes: total };
-    let mut offset = match client.request(provider, open).await {
-        Ok(MarketResponse::TransferAccepted { resume_from }) => resume_from,
-        Ok(other) => return Err(PushError::Refused(format!("{other:?}"))),
+    let opened = match TransferChannel::open(client, provider).await {
+        Ok(mut channel) => {
+            let open = MarketRequest::TransferOpen { proposal_cid, total_bytes: total };
+            channel.request(&open).await.map(|answer| (channel, answer))
+        }
+        Err(e) => Err(e),
+    };
+    let (mut channel, mut offset) = match opened {
+        Ok((channel, MarketResponse::TransferAccepted { resume_from })) => (channel, resume_from),
+        Ok((_, other)) => return Err(PushError::Refused(format!("{other:?}"))),
         Err(e) if started.is_none() => return interrupted(e).await,
         Err(e) => return Err(PushError::Unreachable(e)),
     };
     if let Some(event) = started {
         record(event).await?;
     }
+    // Acknowledged offsets are recorded every `progress_every` bytes, off the data path.
     let mut recorded = deal.data.bytes_sent;
-    while offset < total {
-        let end = (offset + options.chunk_bytes as u64).min(total);
-        let mut bytes = vec![0u8; (end - offset) as usize];
-        let read = async {
-            data.seek(std::io::SeekFrom::Start(offset)).await?;
-            data.read_exact(&mut bytes).await
-        };
-        if let Err(e) = read.await {
-            return Err(PushError::Source(e));
+    let (acknowledged, progress) = ProgressRecorder::start(recorded, {
+        let (deals, ctx) = (deals.clone(), ctx.clone());
+        Box::new(move |bytes| {
+            let (deals, ctx) = (deals.clone(), ctx.clone());
+            Box::pin(async move {
+                let progressed = C::DataTransferProgressed { bytes };
+                let decision = deals.handle::<StorageClient>(stream_id, progressed, &ctx, None);
+                decision.await.map(|_| ()).map_err(|e| e.to_string())
+            })
+        })
+    });
+    // Chunks go out while earlier ones are still being acknowledged; each acknowledgement
+    // must name exactly the end of its chunk, so a provider that kept less stops the push.
+    let mut unacknowledged = std::collections::VecDeque::with_capacity(CHUNKS_IN_FLIGHT);
+    let mut sent = offset;
+    if offset < total {
+        data.seek(std::io::SeekFrom::Start(offset)).await.map_err(PushError::Source)?;
+    }
+    let stopped = loop {
+        if offset >= total {
+            break None;
         }
-        match client
-            .request(provider, MarketRequest::TransferChunk { proposal_cid, offset, bytes })
-            .await
-        {
-            Ok(MarketResponse::ChunkAcknowledged { received })
-                if received > offset && received <= total =>
-            {
+        if sent < total && unacknowledged.len() < CHUNKS_IN_FLIGHT {
+            let end = (sent + options.chunk_bytes as u64).min(total);
+            let mut bytes = vec![0u8; (end - sent) as usize];
+            if let Err(e) = data.read_exact(&mut bytes).await {
+                break Some(Err(PushError::Source(e)));
+            }
+            let chunk = MarketRequest::TransferChunk { proposal_cid, offset: sent, bytes };
+            if let Err(e) = channel.send(&chunk).await {
+                break Some(Ok(e));
+            }
+            unacknowledged.push_back(end);
+            sent = end;
+            continue;
+        }
+        let expected = unacknowledged.pop_front().unwrap_or(total);
+        match channel.recv().await {
+            Ok(MarketResponse::ChunkAcknowledged { received }) if received == expected => {
                 offset = received;
             }
-            Ok(other) => return Err(PushError::Refused(format!("{other:?}"))),
-            Err(e) => return interrupted(e).await,
+            Ok(other) => break Some(Err(PushError::Refused(format!("{other:?}")))),
+            Err(e) => break Some(Ok(e)),
         }
         if offset - recorded >= options.progress_every && offset < total {
-            record(C::DataTransferProgressed { bytes: offset }).await?;
+            acknowledged.send_replace(offset);
             recorded = offset;
         }
+    };
+    // Whichever way the loop ended, the progress already published is recorded first, so
+    // the journal keeps its order: progress, then the interruption or the completion.
+    drop(acknowledged);
+    let recorded = progress.finish().await;
+    match stopped {
+        Some(Err(error)) => return Err(error),
+        Some(Ok(lost)) => return interrupted(lost).await,
+        None => recorded.map_err(|reason| PushError::Refused(format!("progress: {reason}")))?,
     }
-    let verdict =
-        match client.request(provider, MarketRequest::TransferFinish { proposal_cid }).await {
-            Ok(MarketResponse::TransferVerified { verified, reason }) => (verified, reason),
-            Ok(other) => return Err(PushError::Refused(format!("{other:?}"))),
-            Err(e) => return interrupted(e).await,
-        };
+    let verdict = match channel.request(&MarketRequest::TransferFinish { proposal_cid }).await {
+        Ok(MarketResponse::TransferVerified { verified, reason }) => (verified, reason),
+        Ok(other) => return Err(PushError::Refused(format!("{other:?}"))),
+        Err(e) => return interrupted(e).await,
+    };
+    channel.close().await;
     let mut state = record(C::DataTransferCompleted { bytes: total }).await?.deal.state;
     if let (false, reason) = verdict {
         let reason = reason.unwrap_or_else(|| "the provider could not verify the data".into());
         state = record(C::ProviderFailedDeal { reason }).await?.deal.state;
     }
     Ok(state.name())
-}
-
-/// One open push on the provider: the file being appended to and the commitment so far, so
-/// that chunks neither replay the deal nor reopen the file, and the end needs no second read.
-struct Session {
-    file: tokio::fs::File,
-    hasher: CommP,
-    received: u64,
-    recorded: u64,
 }
 
 /// The provider's side of pushes: validates them against its deals (the seed's
@@ -214,6 +251,19 @@ impl ProviderTransfers {
         }
     }
 
+    /// Records a push's durable progress on the provider deal `stream_id`.
+    fn progress(&self, stream_id: Uuid, ctx: &DecideContext) -> RecordProgress {
+        let (deals, ctx) = (self.deals.clone(), ctx.clone());
+        Box::new(move |bytes| {
+            let (deals, ctx) = (deals.clone(), ctx.clone());
+            Box::pin(async move {
+                let progressed = P::DataTransferProgressed { bytes };
+                let decision = deals.handle::<StorageProvider>(stream_id, progressed, &ctx, None);
+                decision.await.map(|_| ()).map_err(|e| e.to_string())
+            })
+        })
+    }
+
     async fn record(
         &self,
         stream_id: Uuid,
@@ -241,7 +291,11 @@ impl ProviderTransfers {
             Err(e) => return tracing::warn!(%peer, error = %e, "could not find its transfers"),
         };
         for stream in streams {
-            self.sessions.lock().await.remove(&stream);
+            // Its last durable progress is recorded before the interruption.
+            let session = self.sessions.lock().await.remove(&stream);
+            if let Some(session) = session {
+                let _ = session.finish().await;
+            }
             let reason = format!("the connection to the client {peer} closed");
             let interrupted = P::DataTransferInterrupted { reason };
             // A push that finished meanwhile has moved on: nothing to record.
@@ -293,11 +347,19 @@ impl ProviderTransfers {
                     }
                 }
                 let key = proposal.cid().to_string();
+                let mut sessions = self.sessions.lock().await;
+                // A push reopened over one still open: the old one's last writes land first.
+                if let Some(previous) = sessions.remove(&stream_id) {
+                    let _ = previous.finish().await;
+                }
                 let recorded = deal.data.bytes_received;
                 let (file, received, hasher) =
                     self.store.open_partial(&key, recorded).await.map_err(|e| text(&e))?;
-                let session = Session { file, hasher, received, recorded };
-                self.sessions.lock().await.insert(stream_id, session);
+                let file = file.into_std().await;
+                let every = self.options.progress_every;
+                let session =
+                    Session::start(file, hasher, received, every, self.progress(stream_id, ctx));
+                sessions.insert(stream_id, session);
                 Ok(MarketResponse::TransferAccepted { resume_from: received })
             }
             MarketRequest::TransferChunk { offset, bytes, .. } => {
@@ -311,26 +373,19 @@ impl ProviderTransfers {
                         session.received
                     ));
                 }
-                session.file.write_all(&bytes).await.map_err(|e| text(&e))?;
-                session.hasher.update(&bytes);
-                session.received += bytes.len() as u64;
-                let received = session.received;
-                if received - session.recorded >= self.options.progress_every {
-                    session.file.flush().await.map_err(|e| text(&e))?;
-                    session.file.sync_data().await.map_err(|e| text(&e))?;
-                    if let Err(e) = self
-                        .record(stream_id, P::DataTransferProgressed { bytes: received }, ctx)
-                        .await
-                    {
-                        sessions.remove(&stream_id);
-                        return Err(e);
+                let received = match session.accept(bytes).await {
+                    Ok(received) => received,
+                    Err(reason) => {
+                        if let Some(failed) = sessions.remove(&stream_id) {
+                            let _ = failed.finish().await;
+                        }
+                        return Err(reason);
                     }
-                    session.recorded = received;
-                }
+                };
                 Ok(MarketResponse::ChunkAcknowledged { received })
             }
             MarketRequest::TransferFinish { .. } => {
-                let Some(mut session) = self.sessions.lock().await.remove(&stream_id) else {
+                let Some(session) = self.sessions.lock().await.remove(&stream_id) else {
                     // A finish repeated after the verdict: the same verdict.
                     let deal = self
                         .deals
@@ -345,16 +400,16 @@ impl ProviderTransfers {
                     }
                     return Ok(MarketResponse::TransferVerified { verified: true, reason: None });
                 };
-                session.file.flush().await.map_err(|e| text(&e))?;
+                let received = session.finish().await?;
                 let deal =
                     self.deals.load::<StorageProvider>(stream_id).await.map_err(|e| text(&e))?;
                 let proposal = deal.data.proposal.clone().ok_or("no proposal")?;
                 let key = proposal.cid().to_string();
-                self.record(stream_id, P::DataTransferCompleted { bytes: session.received }, ctx)
+                self.record(stream_id, P::DataTransferCompleted { bytes: received.bytes }, ctx)
                     .await?;
                 // VerifyData's effect, performed: the commitment of the bytes received.
                 let terms = &proposal.proposal;
-                let verdict = commitment_verdict(session.hasher, terms);
+                let verdict = commitment_verdict(received.hasher, terms);
                 self.settle_verdict(stream_id, &key, terms, verdict, ctx).await
             }
             other => Err(format!("{} is not a transfer request", other.protocol())),
@@ -372,7 +427,10 @@ impl ProviderTransfers {
         ctx: &DecideContext,
     ) -> Result<MarketResponse, String> {
         // Whatever session this process still holds for the deal is over.
-        self.sessions.lock().await.remove(&stream_id);
+        let session = self.sessions.lock().await.remove(&stream_id);
+        if let Some(session) = session {
+            let _ = session.finish().await;
+        }
         let proposal = deal.data.proposal.clone().ok_or("no proposal")?;
         let key = proposal.cid().to_string();
         let terms = &proposal.proposal;

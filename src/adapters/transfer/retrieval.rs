@@ -7,6 +7,7 @@ use ed25519_dalek::SigningKey;
 use libp2p::PeerId;
 use uuid::Uuid;
 
+use super::channel::TransferChannel;
 use super::{CHUNK_BYTES, PushError};
 use crate::adapters::chain::PaymentChannels;
 use crate::adapters::network::Client;
@@ -260,6 +261,7 @@ pub async fn pull_into(
     let mut received = Vec::with_capacity((terms.part.length - start) as usize);
     let mut deal = deal;
     let mut idle = 0;
+    let mut stream = None;
     loop {
         let outcome = |deal: &crate::fsm::Deal<RetrievalClient>, received: Vec<u8>| PullOutcome {
             state: deal.state.name(),
@@ -288,7 +290,9 @@ pub async fn pull_into(
                     key,
                 ));
                 let paid = record(C::PaymentSent { voucher: voucher.clone() }).await?;
-                pay(client, provider, provider_stream, voucher, &record).await?.unwrap_or(paid)
+                pay(&mut stream, client, provider, provider_stream, voucher, &record)
+                    .await?
+                    .unwrap_or(paid)
             }
             ClientState::CheckComplete => {
                 // VerifyData's effect, performed: every byte of the part arrived.
@@ -307,13 +311,8 @@ pub async fn pull_into(
             }
             ClientState::Ongoing | ClientState::BlocksComplete | ClientState::Finalizing => {
                 let offset = deal.data.bytes_received;
-                let pulled = client
-                    .request(
-                        provider,
-                        MarketRequest::RetrievalPull { deal_stream: provider_stream, offset },
-                    )
-                    .await
-                    .map_err(PushError::Interrupted)?;
+                let pull = MarketRequest::RetrievalPull { deal_stream: provider_stream, offset };
+                let pulled = ask(&mut stream, client, provider, &pull).await?;
                 let MarketResponse::RetrievalBlocks { bytes, payment_due, complete, .. } = pulled
                 else {
                     return Err(PushError::Refused(format!("{pulled:?}")));
@@ -345,7 +344,8 @@ pub async fn pull_into(
                         })?;
                         let voucher = Box::new(voucher);
                         if let Some(done) =
-                            pay(client, provider, provider_stream, voucher, &record).await?
+                            pay(&mut stream, client, provider, provider_stream, voucher, &record)
+                                .await?
                         {
                             after = done;
                         }
@@ -372,9 +372,32 @@ pub async fn pull_into(
     }
 }
 
+/// Asks `request` on the pull's transfer stream, opening it first if there is none; a stream
+/// that failed is dropped, so the next ask (after the failure is recorded) opens a new one.
+async fn ask(
+    channel: &mut Option<TransferChannel>,
+    client: &Client,
+    provider: PeerId,
+    request: &MarketRequest,
+) -> Result<MarketResponse, PushError> {
+    let open = match channel.take() {
+        Some(open) => open,
+        None => TransferChannel::open(client, provider).await.map_err(PushError::Interrupted)?,
+    };
+    let open = channel.insert(open);
+    match open.request(request).await {
+        Ok(response) => Ok(response),
+        Err(e) => {
+            *channel = None;
+            Err(PushError::Interrupted(e))
+        }
+    }
+}
+
 /// Sends a voucher; when the provider says the part is complete, records it. Returns the
 /// deal after recording, if anything was recorded.
 async fn pay<F, Fut>(
+    channel: &mut Option<TransferChannel>,
     client: &Client,
     provider: PeerId,
     provider_stream: Uuid,
@@ -387,10 +410,8 @@ where
             Output = Result<crate::fsm::Deal<RetrievalClient>, crate::deals::DealsError>,
         >,
 {
-    let paid = client
-        .request(provider, MarketRequest::RetrievalPay { deal_stream: provider_stream, voucher })
-        .await
-        .map_err(PushError::Interrupted)?;
+    let pay = MarketRequest::RetrievalPay { deal_stream: provider_stream, voucher };
+    let paid = ask(channel, client, provider, &pay).await?;
     match paid {
         MarketResponse::PaymentAccepted { complete: true, .. } => {
             Ok(Some(record(C::ProviderCompleted).await?))
