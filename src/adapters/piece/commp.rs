@@ -6,7 +6,6 @@
 //! (sha2-256-trunc254-padded); the tree is completed to a power of two with zero subtrees.
 //! The root is the commitment, written as a fil-commitment-unsealed CID ([`PieceCid`]).
 
-
 use crate::domain::{PaddedPieceSize, PieceCid};
 
 /// Bytes of data per Fr32 quad.
@@ -16,7 +15,13 @@ const MAX_LEVELS: usize = 41;
 
 /// SHA-256's initial state.
 const SHA256_IV: [u32; 8] = [
-    0x6a09_e667, 0xbb67_ae85, 0x3c6e_f372, 0xa54f_f53a, 0x510e_527f, 0x9b05_688c, 0x1f83_d9ab,
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
     0x5be0_cd19,
 ];
 
