@@ -3,8 +3,9 @@
 //!
 //! The server is the throwaway test cluster (fsync off) unless `DATABASE_URL` names another,
 //! so the figures measure the ledger's own cost per event, not the disk. The plain table has the
-//! journal's columns and indexes, so the ratio is what the ledger's checks cost: the CID chain,
-//! the in-statement head check and the commit notifications. Sizes scale with `BENCH_SCALE`
+//! journal's columns and indexes and is written through a default sqlx pool, so the ratio is
+//! what the ledger's checks cost: the CID chain, the in-statement head check, the commit
+//! notifications, and the ledger pool's check of every released connection (`db::pool_options`). Sizes scale with `BENCH_SCALE`
 //! (default 1.0).
 
 use std::time::{Duration, Instant};
@@ -211,6 +212,12 @@ async fn main() {
     let (pool, _) = fresh_database(40).await.expect("benchmark database");
     let journal = Journal::new(pool.clone());
     sqlx::raw_sql(PLAIN_TABLE).execute(&pool).await.expect("plain table");
+    // Plain SQL gets a default sqlx pool: it pays none of the ledger's pool checks.
+    let plain_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(40)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .expect("plain pool");
 
     let mut rows = Vec::new();
     let single = n(5_000);
@@ -218,7 +225,7 @@ async fn main() {
         workload: "append, 1 event/tx, 1 writer",
         events: single as u64,
         ledger: ledger_single(&journal, 1, single).await,
-        plain: plain_single(&pool, 1, single).await,
+        plain: plain_single(&plain_pool, 1, single).await,
         plain_label: "INSERT",
     });
     let per_writer = n(500);
@@ -226,7 +233,7 @@ async fn main() {
         workload: "append, 1 event/tx, 32 writers",
         events: (32 * per_writer) as u64,
         ledger: ledger_single(&journal, 32, per_writer).await,
-        plain: plain_single(&pool, 32, per_writer).await,
+        plain: plain_single(&plain_pool, 32, per_writer).await,
         plain_label: "INSERT",
     });
     let batches = n(300);
@@ -234,7 +241,7 @@ async fn main() {
         workload: "append, 100 events/tx, 1 writer",
         events: (batches * 100) as u64,
         ledger: ledger_batches(&journal, batches, 100).await,
-        plain: plain_copy_batches(&pool, batches, 100).await,
+        plain: plain_copy_batches(&plain_pool, batches, 100).await,
         plain_label: "COPY",
     });
     let (read_pool, _) = fresh_database(4).await.expect("read database");
