@@ -10,6 +10,7 @@ use dealledger::adapters::network::codec::MarketCodec;
 use dealledger::adapters::network::message::{MarketRequest, MarketResponse, SignedStatusQuery};
 use dealledger::adapters::network::provider::propose;
 use dealledger::adapters::piece::commp::commp_of;
+use dealledger::adapters::transfer::channel::TransferChannel;
 use dealledger::adapters::transfer::{PushError, TransferOptions, push};
 use dealledger::deals::Deals;
 use dealledger::domain::storage::ClientDealProposal;
@@ -591,9 +592,10 @@ async fn a_provider_that_stopped_before_its_verdict_gives_it_when_the_client_pus
     let proposal_cid = proposal.cid();
     let total = bytes.len() as u64;
     let open = MarketRequest::TransferOpen { proposal_cid, total_bytes: total };
-    n.client.request(n.provider_peer, open).await.unwrap();
+    let mut channel = TransferChannel::open(&n.client, n.provider_peer).await.unwrap();
+    channel.request(&open).await.unwrap();
     let chunk = MarketRequest::TransferChunk { proposal_cid, offset: 0, bytes: bytes.clone() };
-    let answer = n.client.request(n.provider_peer, chunk).await.unwrap();
+    let answer = channel.request(&chunk).await.unwrap();
     assert_eq!(answer, MarketResponse::ChunkAcknowledged { received: total });
     let completed = SP::DataTransferCompleted { bytes: total };
     n.provider_deals
@@ -690,4 +692,50 @@ async fn a_malformed_frame_on_a_transfer_stream_is_refused_logged_and_ends_only_
             .await
             .unwrap();
     assert_eq!(state, "CheckForAcceptance");
+}
+
+#[tokio::test]
+async fn a_push_stream_reset_midway_is_recorded_as_interrupted_and_the_push_resumes() {
+    let n = nodes(MarketCodec::default()).await;
+    let bytes = data(1 << 20, 7);
+    let proposal = proposal_for(&bytes);
+    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
+    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    let provider_stream = Deals::storage_stream_id("storage_provider", &proposal);
+    // Given a push opened on a stream, with a first chunk acknowledged
+    let proposal_cid = proposal.cid();
+    let mut channel = TransferChannel::open(&n.client, n.provider_peer).await.unwrap();
+    let open = MarketRequest::TransferOpen { proposal_cid, total_bytes: bytes.len() as u64 };
+    assert_eq!(
+        channel.request(&open).await.unwrap(),
+        MarketResponse::TransferAccepted { resume_from: 0 }
+    );
+    let chunk =
+        MarketRequest::TransferChunk { proposal_cid, offset: 0, bytes: bytes[..4096].to_vec() };
+    assert_eq!(
+        channel.request(&chunk).await.unwrap(),
+        MarketResponse::ChunkAcknowledged { received: 4096 }
+    );
+    // When the client drops the stream without closing it (the connection stays up)
+    drop(channel);
+    // Then the provider records the push as interrupted and waits for a restart
+    let mut state = String::new();
+    for _ in 0..400 {
+        state =
+            n.provider_deals.get_storage_deal_status(provider_stream).await.unwrap().state.into();
+        if state == "ProviderTransferAwaitRestart" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(state, "ProviderTransferAwaitRestart");
+    // And the client's push restarts it and the piece verifies
+    let total = bytes.len() as u64;
+    let cursor = std::io::Cursor::new(&bytes);
+    let state =
+        push(&n.client, &n.client_deals, stream, cursor, total, TransferOptions::default(), &ctx())
+            .await
+            .unwrap();
+    assert_eq!(state, "CheckForAcceptance");
+    assert_eq!(n.pieces.read_range(&proposal.proposal.piece_cid, 0, total).await.unwrap(), bytes);
 }

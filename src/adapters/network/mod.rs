@@ -91,8 +91,6 @@ pub enum NetworkEvent {
     /// `peer` is unknown when the request could not even be read (libp2p does not say who
     /// sent it).
     InboundFailure { peer: Option<PeerId>, protocol: String, reason: String },
-    /// The last connection to `peer` closed: whatever it was transferring stopped midway.
-    PeerDisconnected { peer: PeerId },
 }
 
 #[derive(Debug)]
@@ -385,9 +383,6 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(MarketBehaviourEvent::Cancel(event)) => {
                 self.on_market(CANCEL_PROTOCOL, event).await
-            }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                let _ = self.events.send(NetworkEvent::PeerDisconnected { peer: peer_id }).await;
             }
             SwarmEvent::ListenerError { error, .. } => {
                 if let Some(reply) = self.pending_listen.take() {

@@ -185,7 +185,9 @@ impl ProviderService {
 
     /// Answers the requests of one transfer stream, in order, until the peer closes it. A
     /// frame that cannot be read (oversized, malformed, not a transfer request) is logged as
-    /// refused and ends the stream: after it, frame boundaries cannot be trusted.
+    /// refused and ends the stream: after it, frame boundaries cannot be trusted. A push whose
+    /// stream ends before its finish is recorded as interrupted (yamux reads a reset stream as
+    /// an end, so a closed and a reset stream are one case).
     async fn serve_transfer_stream(
         &self,
         peer: PeerId,
@@ -197,26 +199,32 @@ impl ProviderService {
         use crate::adapters::network::message::TRANSFER_PROTOCOL;
         let pool = self.deals.journal().pool();
         let mut pushing = None;
-        loop {
+        let ended = loop {
             let read = read_framed::<MarketRequest, _>(&mut stream, max_message_bytes).await;
             let request = match read.and_then(|r| Ok(on_protocol(r, TRANSFER_PROTOCOL)?)) {
                 Ok(request) => request,
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    tracing::info!(%peer, reason = %e, "refused an unreadable transfer frame");
-                    let reason = e.to_string();
-                    refusals::record(pool, Some(peer), TRANSFER_PROTOCOL, &reason, None).await;
-                    return;
+                Err(e) => {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        tracing::info!(%peer, reason = %e, "refused an unreadable transfer frame");
+                        let reason = e.to_string();
+                        refusals::record(pool, Some(peer), TRANSFER_PROTOCOL, &reason, None).await;
+                    }
+                    break e;
                 }
-                // The peer closed the stream, or the connection went away.
-                Err(_) => return,
             };
             let response = self.answer_transfer(peer, request.clone(), &mut pushing, ctx).await;
             if let Some(reason) = refusals::refusal(&response) {
                 refusals::record(pool, Some(peer), TRANSFER_PROTOCOL, reason, Some(&request)).await;
             }
-            if write_frame(&mut stream, &response, max_message_bytes).await.is_err() {
-                return;
+            if let Err(e) = write_frame(&mut stream, &response, max_message_bytes).await {
+                break e;
             }
+        };
+        // A push lives on one stream: one that ends (closed, reset, broken, or cut off by a
+        // bad frame) before its finish stopped midway.
+        if let Some((_, deal)) = pushing {
+            let reason = format!("the transfer stream from {peer} ended: {ended}");
+            self.transfers.stream_reset(deal, reason, ctx).await;
         }
     }
 
@@ -487,9 +495,6 @@ impl ProviderService {
                     tracing::info!(?peer, %reason, "refused an unreadable request");
                     let pool = self.deals.journal().pool();
                     refusals::record(pool, peer, &protocol, &reason, None).await;
-                }
-                NetworkEvent::PeerDisconnected { peer } => {
-                    self.transfers.connection_lost(peer, &ctx).await;
                 }
             }
         }

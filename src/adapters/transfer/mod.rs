@@ -26,7 +26,7 @@ use crate::fsm::storage_client::{State as ClientState, StorageClient, StorageCli
 use crate::fsm::storage_provider::{
     State as ProviderState, StorageProvider, StorageProviderEvent as P,
 };
-use crate::fsm::{DecideContext, Label, Machine};
+use crate::fsm::{DecideContext, Label};
 use channel::TransferChannel;
 use session::{ProgressRecorder, RecordProgress, Session};
 
@@ -274,34 +274,26 @@ impl ProviderTransfers {
         decision.map(|d| d.deal.state).map_err(|e| e.to_string())
     }
 
-    /// The client `peer` went away: each of its pushes still in flight is recorded as
-    /// interrupted, as the client records its side, and its deal waits for the client to
-    /// restart the push (from the offset recorded here) or times out with that reason.
-    pub async fn connection_lost(&self, peer: libp2p::PeerId, ctx: &DecideContext) {
-        let transferring: Result<Vec<Uuid>, sqlx::Error> = sqlx::query_scalar(
-            "SELECT stream_id FROM storage_deals \
-             WHERE side = $1 AND state = 'Transferring' AND client = $2",
-        )
-        .bind(StorageProvider::NAME)
-        .bind(peer.to_base58())
-        .fetch_all(self.deals.journal().pool())
-        .await;
-        let streams = match transferring {
-            Ok(streams) => streams,
-            Err(e) => return tracing::warn!(%peer, error = %e, "could not find its transfers"),
-        };
-        for stream in streams {
-            // Its last durable progress is recorded before the interruption.
-            let session = self.sessions.lock().await.remove(&stream);
-            if let Some(session) = session {
-                let _ = session.finish().await;
-            }
-            let reason = format!("the connection to the client {peer} closed");
-            let interrupted = P::DataTransferInterrupted { reason };
-            // A push that finished meanwhile has moved on: nothing to record.
-            if let Err(e) = self.record(stream, interrupted, ctx).await {
-                tracing::debug!(%stream, error = %e, "transfer not interrupted");
-            }
+    /// The stream carrying the push to `stream_id` ended: if the push was still open (not
+    /// finished), it stopped midway and is recorded as interrupted.
+    pub async fn stream_reset(&self, stream_id: Uuid, reason: String, ctx: &DecideContext) {
+        if self.sessions.lock().await.contains_key(&stream_id) {
+            self.interrupted(stream_id, reason, ctx).await;
+        }
+    }
+
+    /// The push to the provider deal `stream_id` stopped midway for `reason`: recorded as
+    /// interrupted, after the last durable progress, and the deal waits for the client to
+    /// restart the push.
+    async fn interrupted(&self, stream_id: Uuid, reason: String, ctx: &DecideContext) {
+        let session = self.sessions.lock().await.remove(&stream_id);
+        if let Some(session) = session {
+            let _ = session.finish().await;
+        }
+        let interrupted = P::DataTransferInterrupted { reason };
+        // A push that finished meanwhile has moved on: nothing to record.
+        if let Err(e) = self.record(stream_id, interrupted, ctx).await {
+            tracing::debug!(stream = %stream_id, error = %e, "transfer not interrupted");
         }
     }
 
