@@ -739,3 +739,39 @@ async fn a_push_stream_reset_midway_is_recorded_as_interrupted_and_the_push_resu
     assert_eq!(state, "CheckForAcceptance");
     assert_eq!(n.pieces.read_range(&proposal.proposal.piece_cid, 0, total).await.unwrap(), bytes);
 }
+
+#[tokio::test]
+async fn the_end_of_an_abandoned_stream_does_not_interrupt_the_push_reopened_on_another() {
+    let n = nodes(MarketCodec::default()).await;
+    let bytes = data(256 << 10, 8);
+    let proposal = proposal_for(&bytes);
+    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
+    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    let provider_stream = Deals::storage_stream_id("storage_provider", &proposal);
+    let proposal_cid = proposal.cid();
+    let open = MarketRequest::TransferOpen { proposal_cid, total_bytes: bytes.len() as u64 };
+    // Given a push opened on one stream, then reopened on a second one
+    let mut first = TransferChannel::open(&n.client, n.provider_peer).await.unwrap();
+    first.request(&open).await.unwrap();
+    let mut second = TransferChannel::open(&n.client, n.provider_peer).await.unwrap();
+    assert_eq!(
+        second.request(&open).await.unwrap(),
+        MarketResponse::TransferAccepted { resume_from: 0 }
+    );
+    // When the first stream is dropped
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Then the push on the second goes on: not interrupted, chunks acknowledged
+    let state = n.provider_deals.get_storage_deal_status(provider_stream).await.unwrap().state;
+    assert_eq!(state, "Transferring");
+    let chunk = MarketRequest::TransferChunk { proposal_cid, offset: 0, bytes: bytes.clone() };
+    assert_eq!(
+        second.request(&chunk).await.unwrap(),
+        MarketResponse::ChunkAcknowledged { received: bytes.len() as u64 }
+    );
+    let finish = MarketRequest::TransferFinish { proposal_cid };
+    assert_eq!(
+        second.request(&finish).await.unwrap(),
+        MarketResponse::TransferVerified { verified: true, reason: None }
+    );
+}

@@ -89,7 +89,8 @@ impl ProviderService {
             | MarketRequest::TransferFinish { .. }
             | MarketRequest::RetrievalPull { .. }
             | MarketRequest::RetrievalPay { .. }) => {
-                self.answer_transfer(peer, request, &mut None, ctx).await
+                // Not on a transfer stream of its own: nothing ends with it.
+                self.answer_transfer(peer, request, &mut None, 0, ctx).await
             }
             MarketRequest::RetrievalQuery { piece_cid } => {
                 let bytes = self.transfers.pieces().size(&piece_cid).await;
@@ -118,6 +119,7 @@ impl ProviderService {
         peer: PeerId,
         request: MarketRequest,
         pushing: &mut Option<(cid::Cid, Uuid)>,
+        carrier: u64,
         ctx: &DecideContext,
     ) -> MarketResponse {
         match request {
@@ -131,7 +133,7 @@ impl ProviderService {
                         Err(refusal) => return refusal,
                     },
                 };
-                self.transfers.answer(stream, request, ctx).await
+                self.transfers.answer(stream, carrier, request, ctx).await
             }
             request
             @ (MarketRequest::RetrievalPull { .. } | MarketRequest::RetrievalPay { .. }) => {
@@ -197,6 +199,8 @@ impl ProviderService {
     ) {
         use crate::adapters::network::codec::{on_protocol, read_framed, write_frame};
         use crate::adapters::network::message::TRANSFER_PROTOCOL;
+        static CARRIERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let carrier = CARRIERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pool = self.deals.journal().pool();
         let mut pushing = None;
         let ended = loop {
@@ -212,7 +216,8 @@ impl ProviderService {
                     break e;
                 }
             };
-            let response = self.answer_transfer(peer, request.clone(), &mut pushing, ctx).await;
+            let response =
+                self.answer_transfer(peer, request.clone(), &mut pushing, carrier, ctx).await;
             if let Some(reason) = refusals::refusal(&response) {
                 refusals::record(pool, Some(peer), TRANSFER_PROTOCOL, reason, Some(&request)).await;
             }
@@ -224,7 +229,7 @@ impl ProviderService {
         // bad frame) before its finish stopped midway.
         if let Some((_, deal)) = pushing {
             let reason = format!("the transfer stream from {peer} ended: {ended}");
-            self.transfers.stream_reset(deal, reason, ctx).await;
+            self.transfers.stream_ended(deal, carrier, reason, ctx).await;
         }
     }
 

@@ -238,14 +238,16 @@ impl ProviderTransfers {
         &self.store
     }
 
-    /// Answers one transfer request about the provider deal `stream_id`.
+    /// Answers one transfer request about the provider deal `stream_id`, arriving on the
+    /// transfer stream numbered `carrier` (0: none), which a push it opens then belongs to.
     pub async fn answer(
         &self,
         stream_id: Uuid,
+        carrier: u64,
         request: MarketRequest,
         ctx: &DecideContext,
     ) -> MarketResponse {
-        match self.try_answer(stream_id, request, ctx).await {
+        match self.try_answer(stream_id, carrier, request, ctx).await {
             Ok(response) => response,
             Err(reason) => MarketResponse::Rejected { reason },
         }
@@ -274,10 +276,18 @@ impl ProviderTransfers {
         decision.map(|d| d.deal.state).map_err(|e| e.to_string())
     }
 
-    /// The stream carrying the push to `stream_id` ended: if the push was still open (not
-    /// finished), it stopped midway and is recorded as interrupted.
-    pub async fn stream_reset(&self, stream_id: Uuid, reason: String, ctx: &DecideContext) {
-        if self.sessions.lock().await.contains_key(&stream_id) {
+    /// The transfer stream `carrier` ended: if the push to `stream_id` it carried is still
+    /// open (not finished, and not already reopened on another stream), it stopped midway
+    /// and is recorded as interrupted.
+    pub async fn stream_ended(
+        &self,
+        stream_id: Uuid,
+        carrier: u64,
+        reason: String,
+        ctx: &DecideContext,
+    ) {
+        let carried = self.sessions.lock().await.get(&stream_id).map(|s| s.carrier);
+        if carried == Some(carrier) {
             self.interrupted(stream_id, reason, ctx).await;
         }
     }
@@ -300,6 +310,7 @@ impl ProviderTransfers {
     async fn try_answer(
         &self,
         stream_id: Uuid,
+        carrier: u64,
         request: MarketRequest,
         ctx: &DecideContext,
     ) -> Result<MarketResponse, String> {
@@ -349,8 +360,9 @@ impl ProviderTransfers {
                     self.store.open_partial(&key, recorded).await.map_err(|e| text(&e))?;
                 let file = file.into_std().await;
                 let every = self.options.progress_every;
-                let session =
+                let mut session =
                     Session::start(file, hasher, received, every, self.progress(stream_id, ctx));
+                session.carrier = carrier;
                 sessions.insert(stream_id, session);
                 Ok(MarketResponse::TransferAccepted { resume_from: received })
             }

@@ -66,6 +66,8 @@ pub(crate) struct Session {
     recorder: ProgressRecorder,
     /// Bytes accepted so far (queued or written).
     pub received: u64,
+    /// The transfer stream the push came on (0: none): only that stream's end interrupts it.
+    pub carrier: u64,
 }
 
 impl Session {
@@ -83,7 +85,7 @@ impl Session {
         let writer = tokio::task::spawn_blocking(move || {
             write_chunks(file, hasher, received, progress_every, queue, durable)
         });
-        Self { chunks, writer, recorder, received }
+        Self { chunks, writer, recorder, received, carrier: 0 }
     }
 
     /// Why the push cannot go on, if something failed behind it (a progress the deal
