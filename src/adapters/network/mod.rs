@@ -1,5 +1,7 @@
-//! The libp2p node: one swarm (TCP, noise, yamux, identify, ping and the market's
-//! request-response protocols), owned by one task, the [`EventLoop`]. Others talk to it
+//! The libp2p node: one swarm (TCP, noise, yamux, identify, ping, the market's
+//! request-response protocols and the `/dealledger/transfer/1` stream protocol), owned by one
+//! task, the [`EventLoop`]. Transfer streams are opened and accepted through the [`Client`]
+//! without a round through the loop (`libp2p-stream`'s control). Others talk to it
 //! through a [`Client`] whose commands carry a oneshot reply, and hear from it through a
 //! bounded stream of [`NetworkEvent`]s — as in rust-libp2p's file-sharing example. This module
 //! only moves messages; deciding what they mean is the machines' job.

@@ -262,114 +262,135 @@ pub async fn pull_into(
     let mut deal = deal;
     let mut idle = 0;
     let mut stream = None;
-    loop {
-        let outcome = |deal: &crate::fsm::Deal<RetrievalClient>, received: Vec<u8>| PullOutcome {
-            state: deal.state.name(),
-            offset: start,
-            bytes: received,
-            paid: deal.data.paid,
-        };
-        deal = match deal.state {
-            ClientState::FundsNeeded | ClientState::FundsNeededLastPayment => {
-                if deal.data.owed > funds_limit {
-                    let reason =
-                        format!("{} owed is over the funds limit of {funds_limit}", deal.data.owed);
-                    let stopped = record(C::FundsInsufficient { reason }).await?;
-                    return Ok(outcome(&stopped, received));
+    // One transfer stream for the whole pull, closed cleanly however the pull ends.
+    let pulled = async {
+        loop {
+            let outcome =
+                |deal: &crate::fsm::Deal<RetrievalClient>, received: Vec<u8>| PullOutcome {
+                    state: deal.state.name(),
+                    offset: start,
+                    bytes: received,
+                    paid: deal.data.paid,
+                };
+            deal = match deal.state {
+                ClientState::FundsNeeded | ClientState::FundsNeededLastPayment => {
+                    if deal.data.owed > funds_limit {
+                        let reason = format!(
+                            "{} owed is over the funds limit of {funds_limit}",
+                            deal.data.owed
+                        );
+                        let stopped = record(C::FundsInsufficient { reason }).await?;
+                        return Ok(outcome(&stopped, received));
+                    }
+                    record(C::FundsAvailable).await?
                 }
-                record(C::FundsAvailable).await?
-            }
-            ClientState::SendFunds | ClientState::SendFundsLastPayment => {
-                let voucher = Box::new(SignedVoucher::sign(
-                    PaymentVoucher {
-                        channel: channel.clone(),
-                        lane,
-                        nonce: deal.data.payments.into(),
-                        amount: deal.data.owed,
-                    },
-                    key,
-                ));
-                let paid = record(C::PaymentSent { voucher: voucher.clone() }).await?;
-                pay(&mut stream, client, provider, provider_stream, voucher, &record)
-                    .await?
-                    .unwrap_or(paid)
-            }
-            ClientState::CheckComplete => {
-                // VerifyData's effect, performed: every byte of the part arrived.
-                let event = if deal.data.bytes_received == terms.part.length {
-                    C::CompletionVerified
-                } else {
-                    C::CompletionVerificationFailed {
-                        reason: format!(
-                            "{} of {} bytes arrived",
-                            deal.data.bytes_received, terms.part.length
-                        ),
-                    }
-                };
-                let after = record(event).await?;
-                return Ok(outcome(&after, received));
-            }
-            ClientState::Ongoing | ClientState::BlocksComplete | ClientState::Finalizing => {
-                let offset = deal.data.bytes_received;
-                let pull = MarketRequest::RetrievalPull { deal_stream: provider_stream, offset };
-                let pulled = ask(&mut stream, client, provider, &pull).await?;
-                let MarketResponse::RetrievalBlocks { bytes, payment_due, complete, .. } = pulled
-                else {
-                    return Err(PushError::Refused(format!("{pulled:?}")));
-                };
-                let mut after = deal;
-                let progressed = !bytes.is_empty() || payment_due.is_some() || complete;
-                if !bytes.is_empty() {
-                    if let Some(sink) = sink.as_mut() {
-                        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
-                        let at = std::io::SeekFrom::Start(sink.base + offset);
-                        sink.file.seek(at).await.map_err(PushError::Source)?;
-                        sink.file.write_all(&bytes).await.map_err(PushError::Source)?;
-                        sink.file.flush().await.map_err(PushError::Source)?;
-                    }
-                    received.extend_from_slice(&bytes);
-                    let total = offset + bytes.len() as u64;
-                    after = record(if total == terms.part.length {
-                        C::AllBlocksReceived { bytes: total }
+                ClientState::SendFunds | ClientState::SendFundsLastPayment => {
+                    let voucher = Box::new(SignedVoucher::sign(
+                        PaymentVoucher {
+                            channel: channel.clone(),
+                            lane,
+                            nonce: deal.data.payments.into(),
+                            amount: deal.data.owed,
+                        },
+                        key,
+                    ));
+                    let paid = record(C::PaymentSent { voucher: voucher.clone() }).await?;
+                    pay(&mut stream, client, provider, provider_stream, voucher, &record)
+                        .await?
+                        .unwrap_or(paid)
+                }
+                ClientState::CheckComplete => {
+                    // VerifyData's effect, performed: every byte of the part arrived.
+                    let event = if deal.data.bytes_received == terms.part.length {
+                        C::CompletionVerified
                     } else {
-                        C::BlocksReceived { bytes: total }
-                    })
-                    .await?;
-                }
-                match payment_due {
-                    // Asked again for what was already paid: the voucher was lost on the way.
-                    Some((owed, _)) if owed <= after.data.paid => {
-                        let voucher = after.data.last_voucher.clone().ok_or_else(|| {
-                            PushError::Refused("payment asked again, no voucher recorded".into())
-                        })?;
-                        let voucher = Box::new(voucher);
-                        if let Some(done) =
-                            pay(&mut stream, client, provider, provider_stream, voucher, &record)
-                                .await?
-                        {
-                            after = done;
+                        C::CompletionVerificationFailed {
+                            reason: format!(
+                                "{} of {} bytes arrived",
+                                deal.data.bytes_received, terms.part.length
+                            ),
                         }
-                    }
-                    Some((owed, last)) => {
-                        after = record(if last {
-                            C::LastPaymentRequested { owed }
+                    };
+                    let after = record(event).await?;
+                    return Ok(outcome(&after, received));
+                }
+                ClientState::Ongoing | ClientState::BlocksComplete | ClientState::Finalizing => {
+                    let offset = deal.data.bytes_received;
+                    let pull =
+                        MarketRequest::RetrievalPull { deal_stream: provider_stream, offset };
+                    let pulled = ask(&mut stream, client, provider, &pull).await?;
+                    let MarketResponse::RetrievalBlocks { bytes, payment_due, complete, .. } =
+                        pulled
+                    else {
+                        return Err(PushError::Refused(format!("{pulled:?}")));
+                    };
+                    let mut after = deal;
+                    let progressed = !bytes.is_empty() || payment_due.is_some() || complete;
+                    if !bytes.is_empty() {
+                        if let Some(sink) = sink.as_mut() {
+                            use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+                            let at = std::io::SeekFrom::Start(sink.base + offset);
+                            sink.file.seek(at).await.map_err(PushError::Source)?;
+                            sink.file.write_all(&bytes).await.map_err(PushError::Source)?;
+                            sink.file.flush().await.map_err(PushError::Source)?;
+                        }
+                        received.extend_from_slice(&bytes);
+                        let total = offset + bytes.len() as u64;
+                        after = record(if total == terms.part.length {
+                            C::AllBlocksReceived { bytes: total }
                         } else {
-                            C::PaymentRequested { owed }
+                            C::BlocksReceived { bytes: total }
                         })
                         .await?;
                     }
-                    None if complete => after = record(C::ProviderCompleted).await?,
-                    None => {}
+                    match payment_due {
+                        // Asked again for what was already paid: the voucher was lost on the way.
+                        Some((owed, _)) if owed <= after.data.paid => {
+                            let voucher = after.data.last_voucher.clone().ok_or_else(|| {
+                                PushError::Refused(
+                                    "payment asked again, no voucher recorded".into(),
+                                )
+                            })?;
+                            let voucher = Box::new(voucher);
+                            if let Some(done) = pay(
+                                &mut stream,
+                                client,
+                                provider,
+                                provider_stream,
+                                voucher,
+                                &record,
+                            )
+                            .await?
+                            {
+                                after = done;
+                            }
+                        }
+                        Some((owed, last)) => {
+                            after = record(if last {
+                                C::LastPaymentRequested { owed }
+                            } else {
+                                C::PaymentRequested { owed }
+                            })
+                            .await?;
+                        }
+                        None if complete => after = record(C::ProviderCompleted).await?,
+                        None => {}
+                    }
+                    idle = if progressed { 0 } else { idle + 1 };
+                    if idle > 3 {
+                        return Err(PushError::Refused("the provider sends nothing".into()));
+                    }
+                    after
                 }
-                idle = if progressed { 0 } else { idle + 1 };
-                if idle > 3 {
-                    return Err(PushError::Refused("the provider sends nothing".into()));
-                }
-                after
-            }
-            _ => return Ok(outcome(&deal, received)),
-        };
+                _ => return Ok(outcome(&deal, received)),
+            };
+        }
     }
+    .await;
+    if let Some(open) = stream.take() {
+        open.close().await;
+    }
+    pulled
 }
 
 /// Asks `request` on the pull's transfer stream, opening it first if there is none; a stream
