@@ -128,7 +128,7 @@ impl ProviderService {
             | MarketRequest::TransferFinish { proposal_cid } => {
                 let stream = match *pushing {
                     Some((cid, stream)) if cid == proposal_cid => stream,
-                    _ => match self.pushed_deal(peer, proposal_cid).await {
+                    _ => match self.clients_deal(peer, proposal_cid, "push its data").await {
                         Ok(stream) => pushing.insert((proposal_cid, stream)).1,
                         Err(refusal) => return refusal,
                     },
@@ -145,13 +145,14 @@ impl ProviderService {
         }
     }
 
-    /// The provider deal `peer` may push data to for `proposal_cid` (the seed's
-    /// PushValidator): there must be one, and `peer` must be its client — nobody else can
-    /// fill a deal with their bytes.
-    async fn pushed_deal(
+    /// The provider deal of `proposal_cid`, if `peer` is its client: only the client may
+    /// `act` on it (push its data — the seed's PushValidator — or cancel it). Otherwise the
+    /// response refusing it.
+    async fn clients_deal(
         &self,
         peer: PeerId,
         proposal_cid: cid::Cid,
+        act: &str,
     ) -> Result<Uuid, MarketResponse> {
         let stream = self.provider_stream(proposal_cid).await?;
         let deal = self
@@ -162,7 +163,10 @@ impl ProviderService {
         let client = deal.data.proposal.and_then(|p| p.proposal.client.peer_id());
         if client != Some(peer) {
             return Err(MarketResponse::Rejected {
-                reason: format!("peer {peer} is not the client of deal {proposal_cid}"),
+                reason: format!(
+                    "only the deal's client may {act}: peer {peer} is not the client of deal \
+                     {proposal_cid}"
+                ),
             });
         }
         Ok(stream)
@@ -216,10 +220,10 @@ impl ProviderService {
                     break e;
                 }
             };
-            let response =
-                self.answer_transfer(peer, request.clone(), &mut pushing, carrier, ctx).await;
+            let subject = refusals::subject(&request);
+            let response = self.answer_transfer(peer, request, &mut pushing, carrier, ctx).await;
             if let Some(reason) = refusals::refusal(&response) {
-                refusals::record(pool, Some(peer), TRANSFER_PROTOCOL, reason, Some(&request)).await;
+                refusals::record(pool, Some(peer), TRANSFER_PROTOCOL, reason, subject).await;
             }
             if let Err(e) = write_frame(&mut stream, &response, max_message_bytes).await {
                 break e;
@@ -246,19 +250,10 @@ impl ProviderService {
         let reason = format!("cancelled by the client: {reason}");
         let decided = match deal {
             CancelledDeal::Storage { proposal_cid } => {
-                let stream = match self.provider_stream(proposal_cid).await {
+                let stream = match self.clients_deal(peer, proposal_cid, "cancel it").await {
                     Ok(stream) => stream,
-                    Err(response) => return response,
+                    Err(refusal) => return refusal,
                 };
-                let client = match self.deals.load::<StorageProvider>(stream).await {
-                    Ok(deal) => deal.data.proposal.and_then(|p| p.proposal.client.peer_id()),
-                    Err(e) => return MarketResponse::Error { reason: e.to_string() },
-                };
-                if client != Some(peer) {
-                    return MarketResponse::Rejected {
-                        reason: "only the deal's client may cancel it".into(),
-                    };
-                }
                 let command = StorageProviderEvent::DealCancelled { reason };
                 self.deals
                     .handle::<StorageProvider>(stream, command, ctx, None)
@@ -490,7 +485,8 @@ impl ProviderService {
                     if let Some(reason) = refusals::refusal(&response) {
                         let pool = self.deals.journal().pool();
                         let protocol = request.protocol();
-                        refusals::record(pool, Some(peer), protocol, reason, Some(&request)).await;
+                        let subject = refusals::subject(&request);
+                        refusals::record(pool, Some(peer), protocol, reason, subject).await;
                     }
                     if client.respond(&request, channel, response).await.is_err() {
                         return;

@@ -6,8 +6,9 @@ use sqlx::PgPool;
 
 use super::message::{CancelledDeal, MarketRequest, MarketResponse};
 
-/// What a refusal is about, for the log.
-fn subject(request: &MarketRequest) -> Option<String> {
+/// What a refusal of `request` is about, for the log: taken before the request is answered,
+/// so that answering can consume it (a transfer chunk is not copied to be logged).
+pub fn subject(request: &MarketRequest) -> Option<String> {
     match request {
         MarketRequest::Propose(proposal) => Some(proposal.cid().to_string()),
         MarketRequest::Status(query) => Some(query.query.proposal_cid.to_string()),
@@ -46,9 +47,8 @@ pub async fn record(
     peer: Option<PeerId>,
     protocol: &str,
     reason: &str,
-    request: Option<&MarketRequest>,
+    subject: Option<String>,
 ) {
-    let subject = request.and_then(subject);
     let written = sqlx::query(
         "INSERT INTO refused_messages (peer, protocol, reason, subject) VALUES ($1, $2, $3, $4)",
     )
