@@ -1,5 +1,6 @@
 //! The market's wire messages: what peers ask each other — one request and one response per
-//! substream, except on the transfer stream, where a push or pull sends many in order. postcard on the wire; append variants only (postcard stores the position).
+//! substream, except on the transfer stream, where a push or pull sends many in order.
+//! postcard on the wire; append variants only (postcard stores the position).
 
 use cid::Cid;
 use serde::{Deserialize, Serialize};

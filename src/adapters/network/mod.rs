@@ -171,14 +171,8 @@ impl Client {
         request: MarketRequest,
     ) -> Result<MarketResponse, NetworkError> {
         if request.protocol() == TRANSFER_PROTOCOL {
-            let stream = self.open_transfer_stream(peer).await?;
-            let max = self.max_message_bytes;
-            let mut channel = crate::adapters::transfer::channel::TransferChannel::over(
-                stream,
-                peer,
-                self.request_timeout,
-                max,
-            );
+            use crate::adapters::transfer::channel::TransferChannel;
+            let mut channel = TransferChannel::open(self, peer).await?;
             let answer = channel.request(&request).await;
             channel.close().await;
             return answer;

@@ -37,12 +37,8 @@ impl TransferChannel {
     /// timeout per frame and its message size limit.
     pub async fn open(client: &Client, peer: PeerId) -> Result<Self, NetworkError> {
         let stream = client.open_transfer_stream(peer).await?;
-        Ok(Self::over(stream, peer, client.request_timeout(), client.max_message_bytes()))
-    }
-
-    /// A channel over a transfer stream already open to `peer`.
-    pub(crate) fn over(stream: libp2p::Stream, peer: PeerId, timeout: Duration, max: u32) -> Self {
-        Self { stream, peer, timeout, max }
+        let (timeout, max) = (client.request_timeout(), client.max_message_bytes());
+        Ok(Self { stream, peer, timeout, max })
     }
 
     fn failed(&self, reason: impl std::fmt::Display) -> NetworkError {

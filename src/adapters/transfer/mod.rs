@@ -360,9 +360,8 @@ impl ProviderTransfers {
                     self.store.open_partial(&key, recorded).await.map_err(|e| text(&e))?;
                 let file = file.into_std().await;
                 let every = self.options.progress_every;
-                let mut session =
-                    Session::start(file, hasher, received, every, self.progress(stream_id, ctx));
-                session.carrier = carrier;
+                let record = self.progress(stream_id, ctx);
+                let session = Session::start(file, hasher, received, carrier, every, record);
                 sessions.insert(stream_id, session);
                 Ok(MarketResponse::TransferAccepted { resume_from: received })
             }

@@ -401,11 +401,11 @@ async fn ask(
     provider: PeerId,
     request: &MarketRequest,
 ) -> Result<MarketResponse, PushError> {
-    let open = match channel.take() {
+    let open = match channel {
         Some(open) => open,
-        None => TransferChannel::open(client, provider).await.map_err(PushError::Interrupted)?,
+        None => channel
+            .insert(TransferChannel::open(client, provider).await.map_err(PushError::Interrupted)?),
     };
-    let open = channel.insert(open);
     match open.request(request).await {
         Ok(response) => Ok(response),
         Err(e) => {

@@ -51,11 +51,9 @@ impl ProgressRecorder {
     }
 
     /// Waits until the last offset published is recorded. The sender must be dropped first.
-    pub(crate) async fn finish(self) -> Result<(), String> {
-        let Self { task, failure } = self;
-        let _ = task.await;
-        let failure = failure.lock().unwrap_or_else(|poison| poison.into_inner()).clone();
-        failure.map_or(Ok(()), Err)
+    pub(crate) async fn finish(mut self) -> Result<(), String> {
+        let _ = (&mut self.task).await;
+        self.failure().map_or(Ok(()), Err)
     }
 }
 
@@ -71,12 +69,14 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Starts receiving into `file` (which holds `received` bytes, already fed to `hasher`),
-    /// syncing and recording progress every `progress_every` bytes through `record`.
+    /// Starts receiving, from the transfer stream `carrier`, into `file` (which holds
+    /// `received` bytes, already fed to `hasher`), syncing and recording progress every
+    /// `progress_every` bytes through `record`.
     pub(crate) fn start(
         file: std::fs::File,
         hasher: CommP,
         received: u64,
+        carrier: u64,
         progress_every: u64,
         record: RecordProgress,
     ) -> Self {
@@ -85,7 +85,7 @@ impl Session {
         let writer = tokio::task::spawn_blocking(move || {
             write_chunks(file, hasher, received, progress_every, queue, durable)
         });
-        Self { chunks, writer, recorder, received, carrier: 0 }
+        Self { chunks, writer, recorder, received, carrier }
     }
 
     /// Why the push cannot go on, if something failed behind it (a progress the deal
