@@ -36,6 +36,21 @@ async fn funded_client_deal(deals: &Deals, proposal: ClientDealProposal) -> Uuid
     stream
 }
 
+/// A client deal for `bytes`, funded and proposed to (and accepted by) the provider.
+async fn proposed_deal(n: &Nodes, bytes: &[u8]) -> (ClientDealProposal, Uuid) {
+    let proposal = proposal_for(bytes);
+    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
+    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    (proposal, stream)
+}
+
+/// Pushes all of `bytes` for the client deal `stream`; the client deal's state after.
+async fn push_all(n: &Nodes, stream: Uuid, bytes: &[u8]) -> Result<&'static str, PushError> {
+    let (cursor, total) = (std::io::Cursor::new(bytes), bytes.len() as u64);
+    push(&n.client, &n.client_deals, stream, cursor, total, TransferOptions::default(), &ctx())
+        .await
+}
+
 #[tokio::test]
 async fn a_storage_deal_is_proposed_and_accepted_over_the_network() {
     let (provider_deals, client_deals, client) = two_nodes(MarketCodec::default()).await;
@@ -229,9 +244,7 @@ async fn data_that_does_not_match_the_piece_commitment_fails_the_deal_on_both_si
 async fn a_transfer_killed_midway_resumes_from_the_recorded_offset() {
     let n = nodes(MarketCodec::default()).await;
     let bytes = data(EIGHT_MIB, 3);
-    let proposal = proposal_for(&bytes);
-    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
-    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    let (proposal, stream) = proposed_deal(&n, &bytes).await;
     let provider_stream = Deals::storage_stream_id("storage_provider", &proposal);
     // Given a push under way
     let (client, deals, copy) = (n.client.clone(), n.client_deals.clone(), bytes.clone());
@@ -497,15 +510,10 @@ async fn the_same_proposal_sent_again_gets_the_same_answer_and_records_nothing()
 async fn a_client_that_lost_the_verdict_pushes_again_and_gets_the_same_verdict() {
     let n = nodes(MarketCodec::default()).await;
     let bytes = data(300 * 1024, 9);
-    let proposal = proposal_for(&bytes);
-    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
-    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    let (proposal, stream) = proposed_deal(&n, &bytes).await;
     // Given the provider received and verified every byte
-    let cursor = std::io::Cursor::new(&bytes);
+    push_all(&n, stream, &bytes).await.unwrap();
     let total = bytes.len() as u64;
-    push(&n.client, &n.client_deals, stream, cursor, total, TransferOptions::default(), &ctx())
-        .await
-        .unwrap();
     let provider_events = events(&n.provider_deals).await;
     // When the client, having lost the answer, opens and finishes the transfer again
     let proposal_cid = proposal.cid();
@@ -583,9 +591,7 @@ async fn a_provider_that_stopped_before_its_verdict_gives_it_when_the_client_pus
     use dealledger::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
     let n = nodes(MarketCodec::default()).await;
     let bytes = data(256 * 1024, 9);
-    let proposal = proposal_for(&bytes);
-    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
-    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    let (proposal, stream) = proposed_deal(&n, &bytes).await;
     let provider_stream = Deals::storage_stream_id("storage_provider", &proposal);
     // Given every byte reached the provider and it recorded the transfer complete, but it
     // stopped before the commitment's verdict (the deal waits in VerifyData)
@@ -622,9 +628,7 @@ async fn only_a_deals_client_can_push_its_data_and_a_refusal_is_logged() {
     use dealledger::adapters::network;
     let n = nodes(MarketCodec::default()).await;
     let bytes = data(1 << 20, 5);
-    let proposal = proposal_for(&bytes);
-    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
-    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    let (proposal, stream) = proposed_deal(&n, &bytes).await;
     let before = events(&n.provider_deals).await;
     // Given another peer that knows the accepted proposal's CID
     let (stranger, _events, stranger_loop) =
@@ -650,12 +654,7 @@ async fn only_a_deals_client_can_push_its_data_and_a_refusal_is_logged() {
     assert!(logged.iter().all(|(peer, protocol, _)| peer == &stranger.peer_id().to_string()
         && protocol == "/dealledger/transfer/1"));
     // And the deal's own client still pushes its data
-    let total = bytes.len() as u64;
-    let cursor = std::io::Cursor::new(&bytes);
-    let state =
-        push(&n.client, &n.client_deals, stream, cursor, total, TransferOptions::default(), &ctx())
-            .await
-            .unwrap();
+    let state = push_all(&n, stream, &bytes).await.unwrap();
     assert_eq!(state, "CheckForAcceptance");
 }
 
@@ -682,15 +681,8 @@ async fn a_malformed_frame_on_a_transfer_stream_is_refused_logged_and_ends_only_
     assert_eq!(events(&n.provider_deals).await, 0);
     // And a new stream is served as usual
     let bytes = data(1 << 20, 6);
-    let proposal = proposal_for(&bytes);
-    let deal = funded_client_deal(&n.client_deals, proposal).await;
-    propose(&n.client, &n.client_deals, deal, &ctx()).await.unwrap();
-    let total = bytes.len() as u64;
-    let cursor = std::io::Cursor::new(&bytes);
-    let state =
-        push(&n.client, &n.client_deals, deal, cursor, total, TransferOptions::default(), &ctx())
-            .await
-            .unwrap();
+    let (_, deal) = proposed_deal(&n, &bytes).await;
+    let state = push_all(&n, deal, &bytes).await.unwrap();
     assert_eq!(state, "CheckForAcceptance");
 }
 
@@ -698,9 +690,7 @@ async fn a_malformed_frame_on_a_transfer_stream_is_refused_logged_and_ends_only_
 async fn a_push_stream_reset_midway_is_recorded_as_interrupted_and_the_push_resumes() {
     let n = nodes(MarketCodec::default()).await;
     let bytes = data(1 << 20, 7);
-    let proposal = proposal_for(&bytes);
-    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
-    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    let (proposal, stream) = proposed_deal(&n, &bytes).await;
     let provider_stream = Deals::storage_stream_id("storage_provider", &proposal);
     // Given a push opened on a stream, with a first chunk acknowledged
     let proposal_cid = proposal.cid();
@@ -730,13 +720,9 @@ async fn a_push_stream_reset_midway_is_recorded_as_interrupted_and_the_push_resu
     }
     assert_eq!(state, "ProviderTransferAwaitRestart");
     // And the client's push restarts it and the piece verifies
-    let total = bytes.len() as u64;
-    let cursor = std::io::Cursor::new(&bytes);
-    let state =
-        push(&n.client, &n.client_deals, stream, cursor, total, TransferOptions::default(), &ctx())
-            .await
-            .unwrap();
+    let state = push_all(&n, stream, &bytes).await.unwrap();
     assert_eq!(state, "CheckForAcceptance");
+    let total = bytes.len() as u64;
     assert_eq!(n.pieces.read_range(&proposal.proposal.piece_cid, 0, total).await.unwrap(), bytes);
 }
 
@@ -744,9 +730,7 @@ async fn a_push_stream_reset_midway_is_recorded_as_interrupted_and_the_push_resu
 async fn the_end_of_an_abandoned_stream_does_not_interrupt_the_push_reopened_on_another() {
     let n = nodes(MarketCodec::default()).await;
     let bytes = data(256 << 10, 8);
-    let proposal = proposal_for(&bytes);
-    let stream = funded_client_deal(&n.client_deals, proposal.clone()).await;
-    propose(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    let (proposal, _) = proposed_deal(&n, &bytes).await;
     let provider_stream = Deals::storage_stream_id("storage_provider", &proposal);
     let proposal_cid = proposal.cid();
     let open = MarketRequest::TransferOpen { proposal_cid, total_bytes: bytes.len() as u64 };
