@@ -282,7 +282,15 @@ async fn a_node_killed_at_random_points_completes_its_deals_after_restarts() {
         if let Some(status) = node.try_wait().unwrap() {
             break status;
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "the node did not finish");
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = node.kill();
+            let log = tail(RUNS);
+            let last: Vec<&str> = log.lines().rev().take(60).collect();
+            panic!(
+                "the node did not finish; its log ends:\n{}",
+                last.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "the last run failed ({kills} kills before):\n{}", tail(RUNS));

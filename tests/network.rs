@@ -396,8 +396,37 @@ async fn accepted_retrieval(
     part: dealledger::domain::retrieval::ByteRange,
     lane: u64,
 ) -> (Uuid, Uuid) {
+    let stream = proposed_retrieval(n, piece, part).await;
+    accepted_retrieval_of(n, stream, lane).await
+}
+
+/// Sends the client retrieval deal `stream`'s terms, expects them accepted, and records a
+/// payment channel with `lane`: the client deal and the provider's.
+async fn accepted_retrieval_of(n: &Nodes, stream: Uuid, lane: u64) -> (Uuid, Uuid) {
     use dealledger::adapters::network::provider::propose_retrieval;
-    use dealledger::domain::retrieval::{ChannelAddress, RetrievalDealProposal};
+    use dealledger::domain::retrieval::ChannelAddress;
+    use dealledger::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent as RC};
+    let (state, provider_stream) =
+        propose_retrieval(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
+    assert_eq!(state, "Accepted");
+    for event in [
+        RC::PaymentChannelCreateInitiated,
+        RC::PaymentChannelReady { channel: ChannelAddress("t2-test-channel".into()) },
+        RC::LaneAllocated { lane },
+    ] {
+        n.client_deals.handle::<RetrievalClient>(stream, event, &ctx(), None).await.unwrap();
+    }
+    (stream, provider_stream.unwrap())
+}
+
+/// Terms for `part` of `piece` at 2 attoFIL a byte, proposed on a new client retrieval deal
+/// (not yet sent).
+async fn proposed_retrieval(
+    n: &Nodes,
+    piece: dealledger::domain::PieceCid,
+    part: dealledger::domain::retrieval::ByteRange,
+) -> Uuid {
+    use dealledger::domain::retrieval::RetrievalDealProposal;
     use dealledger::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent as RC};
     let terms = RetrievalDealProposal {
         payload_cid: dealledger::events::chain::cid_of_bytes(b"payload"),
@@ -413,17 +442,45 @@ async fn accepted_retrieval(
     let stream = Uuid::now_v7();
     let proposed = RC::DealProposed { proposal: Box::new(terms), part_of: None };
     n.client_deals.handle::<RetrievalClient>(stream, proposed, &ctx(), None).await.unwrap();
-    let (state, provider_stream) =
-        propose_retrieval(&n.client, &n.client_deals, stream, &ctx()).await.unwrap();
-    assert_eq!(state, "Accepted");
-    for event in [
-        RC::PaymentChannelCreateInitiated,
-        RC::PaymentChannelReady { channel: ChannelAddress("t2-test-channel".into()) },
-        RC::LaneAllocated { lane },
-    ] {
-        n.client_deals.handle::<RetrievalClient>(stream, event, &ctx(), None).await.unwrap();
-    }
-    (stream, provider_stream.unwrap())
+    stream
+}
+
+#[tokio::test]
+async fn a_provider_that_stopped_before_unsealing_unseals_on_the_first_pull() {
+    use dealledger::adapters::network::message::provider_retrieval_stream;
+    use dealledger::adapters::transfer::retrieval::pull;
+    use dealledger::domain::retrieval::ByteRange;
+    use dealledger::fsm::retrieval_client::RetrievalClient;
+    use dealledger::fsm::retrieval_provider::{RetrievalProvider, RetrievalProviderEvent as RP};
+    // Given a provider that recorded a retrieval deal as accepted and stopped before it
+    // recorded the unsealing (the client never saw the answer)
+    let n = nodes(MarketCodec::default()).await;
+    let original = data(1 << 20, 8);
+    let (piece, size) = commp_of(&original);
+    n.pieces.put(piece, size, original.as_slice()).await.unwrap();
+    let part = ByteRange { offset: 0, length: 1 << 20 };
+    let stream = proposed_retrieval(&n, piece, part).await;
+    let terms = n.client_deals.load::<RetrievalClient>(stream).await.unwrap().data.proposal;
+    let provider_stream = provider_retrieval_stream(&n.client.peer_id(), stream);
+    let accepted = RP::DealAccepted { proposal: Box::new(terms.unwrap()) };
+    n.provider_deals
+        .handle::<RetrievalProvider>(provider_stream, accepted, &ctx(), None)
+        .await
+        .unwrap();
+    let provider = n.provider_deals.load::<RetrievalProvider>(provider_stream).await.unwrap();
+    assert_eq!(dealledger::fsm::Label::name(provider.state), "Unsealing");
+    // When the client proposes again, gets the same acceptance, sets up payment and pulls
+    let (stream, accepted_stream) = accepted_retrieval_of(&n, stream, 0).await;
+    assert_eq!(accepted_stream, provider_stream);
+    let (key, limit) = (client_key(), TokenAmount(u128::MAX));
+    let outcome =
+        pull(&n.client, &n.client_deals, stream, provider_stream, &key, limit, &ctx()).await;
+    // Then the first pull unseals the piece and the whole part arrives, paid
+    let outcome = outcome.unwrap();
+    assert_eq!(outcome.state, "Completed");
+    assert!(outcome.bytes == original, "the retrieved bytes differ from the original");
+    let provider = n.provider_deals.load::<RetrievalProvider>(provider_stream).await.unwrap();
+    assert_eq!(dealledger::fsm::Label::name(provider.state), "Completed");
 }
 
 #[tokio::test]

@@ -114,6 +114,12 @@ impl ProviderRetrievals {
             }
             MarketRequest::RetrievalPull { offset, .. } => {
                 let mut state = deal.state;
+                if state == ProviderState::Unsealing {
+                    // The node stopped between accepting the deal and unsealing its piece
+                    // (the piece store keeps unsealed copies, so there is nothing to do but
+                    // record it): the client's first pull finishes it.
+                    state = record(P::PieceUnsealed).await?.deal.state;
+                }
                 if state == ProviderState::Unsealed {
                     // The pull validator: the client's channel must be funded for the deal.
                     if let Some(channels) = &self.channels {
