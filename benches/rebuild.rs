@@ -2,18 +2,26 @@
 //! 100k deals, beside a raw `COPY ... TO` of the same events on the same server; then `verify`
 //! of the same journal. Prints a table
 //! and writes `target/bench/rebuild.json`. Sizes scale with `BENCH_SCALE` (default 1.0).
+//!
+//! Beside it, esrs 0.18.0's `PgRebuilder::by_aggregate_id` rebuilding the same status view
+//! (`benches/peers/esrs`) from the same events per deal (at most `BENCH_PEER_DEALS` deals,
+//! default 20,000: it goes deal by deal, so its rate does not depend on the count), in a fresh
+//! database of the same cluster; `BENCH_PEERS=0` skips it.
 
 use std::time::Instant;
 
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use dealledger::db::testing::fresh_database;
+use dealledger::db::testing::{fresh_database, url_of};
 use dealledger::deals::script::storage_deal_commands;
 use dealledger::domain::storage::ClientDealProposal;
 use dealledger::events::{EventCodec, Journal, NewEvent};
 use dealledger::fsm::fixtures::{client_key, proposal, provider_key};
 use dealledger::projections::rebuild::{check_inline, inline_tables, rebuild_inline};
+
+#[path = "peers/run.rs"]
+mod peers;
 
 /// Writes `deals` client deals of 10 events each, one append per deal, from 16 writers.
 async fn fill(journal: &Journal, deals: usize) {
@@ -91,6 +99,17 @@ async fn main() {
         dealledger::audit::verify::verify_all(&journal, None, &mut |_| {}).await.expect("verify");
     assert!(verified.broken.is_empty(), "a fresh journal verifies");
 
+    let (peer_pool, _) = fresh_database(40).await.expect("peer database");
+    let per_deal = events as usize / deals;
+    // esrs rebuilds deal by deal, so its rate does not depend on the count: it runs on at
+    // most BENCH_PEER_DEALS deals (default 20,000) to keep the bench in minutes.
+    let cap = std::env::var("BENCH_PEER_DEALS").ok().and_then(|s| s.parse().ok());
+    let peer_deals = deals.min(cap.unwrap_or(20_000));
+    let args = ["rebuild".into(), url_of(&peer_pool), peer_deals.to_string(), per_deal.to_string()];
+    let esrs = peers::run("esrs", &args);
+    let esrs_seconds = esrs.as_ref().and_then(|e| e["seconds"].as_f64());
+    let esrs_events = esrs.as_ref().and_then(|e| e["events"].as_u64());
+
     let copy_rate = events as f64 / copy_seconds;
     let rebuild_rate = report.events as f64 / report.seconds;
     println!("\nrebuild benchmark (embedded throwaway cluster, fsync off, scale {scale})");
@@ -117,13 +136,27 @@ async fn main() {
         verified.seconds,
         verified.events as f64 / verified.seconds
     );
+    if let (Some(seconds), Some(peer_events)) = (esrs_seconds, esrs_events) {
+        println!(
+            "{:<36} {:>10} {:>9.2} {:>14.0}",
+            "esrs PgRebuilder::by_aggregate_id",
+            peer_events,
+            seconds,
+            peer_events as f64 / seconds
+        );
+    }
     println!("rebuild / raw COPY: {:.2} ({} streams)", rebuild_rate / copy_rate, report.streams);
+    let esrs_ratio = esrs_seconds.zip(esrs_events).map(|(s, e)| rebuild_rate / (e as f64 / s));
+    if let Some(ratio) = esrs_ratio {
+        println!("rebuild / esrs PgRebuilder: {ratio:.1}x");
+    }
     let json = serde_json::json!({
         "events": events, "streams": report.streams,
         "raw_copy_seconds": copy_seconds, "raw_copy_events_per_s": copy_rate,
         "rebuild_seconds": report.seconds, "rebuild_events_per_s": rebuild_rate,
         "check_seconds": check_seconds, "ratio": rebuild_rate / copy_rate,
         "verify_seconds": verified.seconds, "verify_events_per_s": verified.events as f64 / verified.seconds,
+        "esrs": esrs, "ratio_to_esrs": esrs_ratio,
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");

@@ -98,6 +98,27 @@ enum Event {
 }
 
 impl Event {
+    /// The state a deal is in after this event (on the path these workloads play).
+    fn target(&self) -> Status {
+        match self {
+            Event::ProposalReceived { .. } => Status::Validating,
+            Event::ProposalValidated => Status::AcceptWait,
+            Event::DealAccepted { .. } => Status::WaitingForData,
+            Event::DataTransferStarted | Event::DataTransferProgressed { .. } => {
+                Status::Transferring
+            }
+            Event::DataTransferCompleted { .. } => Status::VerifyData,
+            Event::DataVerified { .. } => Status::ReserveProviderFunds,
+            Event::FundsReserved { .. } => Status::Publish,
+            Event::PublishSent { .. } => Status::Publishing,
+            Event::DealPublished { .. } => Status::Staged,
+            Event::DealHandedOff => Status::AwaitingPreCommit,
+            Event::DealPreCommitted { .. } => Status::Sealing,
+            Event::DealActivated { .. } => Status::Finalizing,
+            Event::DealFinalized => Status::Active,
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Event::ProposalReceived { .. } => "proposal-received",
@@ -271,8 +292,12 @@ fn check_bytes(state: &DealState, bytes: u64) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// The status view (one row per deal) and the outbox, written in the append's transaction.
+/// The status view: one row per deal, written in the append's transaction.
 struct StatusView;
+
+/// The outbox: one row per effect a new state asks for, written in the append's transaction
+/// (commands only: a rebuild must not enqueue effects again).
+struct Outbox;
 
 const VIEW: &str = "CREATE TABLE IF NOT EXISTS esrs_storage_deals (
     stream_id uuid PRIMARY KEY, state text NOT NULL, last_event_type text NOT NULL,
@@ -292,16 +317,17 @@ impl TransactionalEventHandler<ProviderDeal, PgStoreError, PgConnection> for Sta
         executor: &mut PgConnection,
     ) -> Result<(), PgStoreError> {
         let (id, version, at) = (event.aggregate_id, event.sequence_number, event.occurred_on);
-        let name = event.payload.name();
+        let (name, state) = (event.payload.name(), format!("{:?}", event.payload.target()));
         if let Event::ProposalReceived { proposal } = &event.payload {
             let p = &proposal.proposal;
             sqlx::query(
                 "INSERT INTO esrs_storage_deals (stream_id, state, last_event_type, version,
                    piece_cid, piece_size, client, provider, label, start_epoch, end_epoch,
                    price_per_epoch, collateral, first_event_at, last_event_at)
-                 VALUES ($1, 'Validating', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)",
             )
             .bind(id)
+            .bind(state)
             .bind(name)
             .bind(version)
             .bind(&p.piece_cid)
@@ -318,44 +344,25 @@ impl TransactionalEventHandler<ProviderDeal, PgStoreError, PgConnection> for Sta
             .await?;
             return Ok(());
         }
-        // The view keeps the state, so the next one is found from it, as apply_event does.
-        let state: String =
-            sqlx::query_scalar("SELECT state FROM esrs_storage_deals WHERE stream_id = $1")
-                .bind(id)
-                .fetch_one(&mut *executor)
-                .await?;
-        let status: Status = serde_json::from_value(serde_json::Value::String(state))?;
-        let next = ProviderDeal::next(status, &event.payload).unwrap_or(status);
         let bytes = match event.payload {
             Event::DataTransferProgressed { bytes } | Event::DataTransferCompleted { bytes } => {
                 Some(bytes as i64)
             }
             _ => None,
         };
-        let next_name = serde_json::to_value(next)?;
         sqlx::query(
             "UPDATE esrs_storage_deals SET state = $2, last_event_type = $3, version = $4,
                bytes_transferred = coalesce($5, bytes_transferred), last_event_at = $6
              WHERE stream_id = $1",
         )
         .bind(id)
-        .bind(next_name.as_str())
+        .bind(state)
         .bind(name)
         .bind(version)
         .bind(bytes)
         .bind(at)
         .execute(&mut *executor)
         .await?;
-        if let Some(effect) = next.effect().filter(|_| next != status) {
-            sqlx::query(
-                "INSERT INTO esrs_outbox (stream_id, version, effect_type) VALUES ($1, $2, $3)",
-            )
-            .bind(id)
-            .bind(version)
-            .bind(effect)
-            .execute(&mut *executor)
-            .await?;
-        }
         Ok(())
     }
 
@@ -364,6 +371,32 @@ impl TransactionalEventHandler<ProviderDeal, PgStoreError, PgConnection> for Sta
             .bind(aggregate_id)
             .execute(&mut *executor)
             .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TransactionalEventHandler<ProviderDeal, PgStoreError, PgConnection> for Outbox {
+    async fn handle(
+        &self,
+        event: &StoreEvent<Event>,
+        executor: &mut PgConnection,
+    ) -> Result<(), PgStoreError> {
+        let effect = match event.payload {
+            // Progress stays in Transferring: no new effect.
+            Event::DataTransferProgressed { .. } => None,
+            ref other => other.target().effect(),
+        };
+        if let Some(effect) = effect {
+            sqlx::query(
+                "INSERT INTO esrs_outbox (stream_id, version, effect_type) VALUES ($1, $2, $3)",
+            )
+            .bind(event.aggregate_id)
+            .bind(event.sequence_number)
+            .bind(effect)
+            .execute(&mut *executor)
+            .await?;
+        }
         Ok(())
     }
 }
@@ -421,6 +454,7 @@ async fn store(pool: &PgPool) -> PgStore<ProviderDeal> {
     sqlx::raw_sql(VIEW).execute(pool).await.expect("status view");
     PgStoreBuilder::new(pool.clone())
         .add_transactional_event_handler(StatusView)
+        .add_transactional_event_handler(Outbox)
         .try_build()
         .await
         .expect("esrs store")
