@@ -23,6 +23,7 @@ pub mod deals;
 pub mod domain;
 pub mod events;
 pub mod fsm;
+pub mod fuzzing;
 pub mod ledger;
 pub mod projections;
 pub mod runner;

@@ -46,6 +46,24 @@ fn start(home: &Path, args: &[&str], api: u16, run: usize) -> Node {
     Node { home: home.to_owned(), api, log, child }
 }
 
+/// A node still running when its test ends (it failed midway) is stopped like an operator
+/// would, so that it also stops the database it started, instead of running on.
+impl Drop for Node {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+            let started = Instant::now();
+            while matches!(self.child.try_wait(), Ok(None)) {
+                if started.elapsed() > Duration::from_secs(20) {
+                    let _ = self.child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
 impl Node {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
