@@ -21,8 +21,11 @@ use crate::fsm::retrieval_request::RetrievalRequestEvent;
 use crate::fsm::storage_client::StorageClientEvent;
 use crate::fsm::storage_provider::StorageProviderEvent;
 
+/// A fuzz target: takes any bytes; panics only on a broken invariant.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, as `cargo fuzz run <name>` and the CI driver know them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("wire_request", wire_request),
     ("wire_response", wire_response),
     ("event_payload", event_payload),
