@@ -3,7 +3,8 @@
 //! duplicated, deleted or inserted runs, splices of two seeds), seeded so a failure is
 //! reproducible. A panic fails with the target and the input in hex; so does any single
 //! allocation above `MAX_ALLOCATION` while a target runs. `FUZZ_ROUNDS` (default 20,000 per
-//! target) runs longer by hand; `fuzz/` runs the same targets under libFuzzer.
+//! target) runs longer by hand; `fuzz/` runs the same targets under libFuzzer, and
+//! `FUZZ_CORPUS=fuzz/corpus` makes this test write its seeds there as libFuzzer's corpus.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -103,6 +104,13 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
 
 /// Runs `target` on every seed, then on `rounds` mutations of them.
 fn fuzz(name: &str, target: fn(&[u8]), seeds: &[Vec<u8>], rounds: usize, seed: u64) {
+    if let Ok(corpus) = std::env::var("FUZZ_CORPUS") {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(corpus).join(name);
+        std::fs::create_dir_all(&dir).expect("corpus directory");
+        for (i, input) in seeds.iter().enumerate() {
+            std::fs::write(dir.join(format!("seed-{i}")), input).expect("corpus file");
+        }
+    }
     let mut rng = Rng(seed);
     let inputs = seeds.iter().cloned().chain((0..rounds).map(|_| mutate(&mut rng, seeds)));
     for input in inputs {
