@@ -170,6 +170,9 @@ pub async fn replica_lag(pool: &sqlx::PgPool) -> Result<Option<std::time::Durati
     Ok(lag.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))))
 }
 
+/// How long a released connection stays trusted without a new liveness check.
+pub const TRUSTED_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Pool settings shared by every way of opening the database.
 ///
 /// Every connection coming back to the pool is checked for a transaction still open on the
@@ -178,9 +181,25 @@ pub async fn replica_lag(pool: &sqlx::PgPool) -> Result<Option<std::time::Durati
 /// statements would then run inside it — stale reads, held locks, and writes lost with its
 /// eventual rollback. One tiny statement per release buys the guarantee that a pooled
 /// connection is always in autocommit.
+///
+/// A connection is checked for liveness (a ping) before it is handed out only when it sat
+/// idle for longer than [`TRUSTED_IDLE`]: one used a moment ago was pinged when it came back
+/// to the pool, and sqlx's default — a ping before every acquire — would add a round trip to
+/// every use. A server restart takes longer than that, so connections left over from before
+/// one are still caught and replaced before a caller sees them fail.
 pub fn pool_options() -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(16)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for <= TRUSTED_IDLE {
+                    return Ok(true);
+                }
+                use sqlx::Connection;
+                Ok(conn.ping().await.is_ok())
+            })
+        })
         .after_connect(|conn, _| {
             Box::pin(async move {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
