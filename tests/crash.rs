@@ -32,7 +32,7 @@ use dealledger::fsm::{DecideContext, Label, Machine};
 use dealledger::runner::{EffectRunner, RunnerConfig, RunnerNetwork};
 
 mod common;
-use common::{ask, data, proposal_for};
+use common::{Xorshift, ask, data, proposal_for};
 
 const CHILD: &str = "DEALLEDGER_CRASH_CHILD";
 const LEDGER_URL: &str = "DEALLEDGER_CRASH_LEDGER";
@@ -230,14 +230,6 @@ fn spawn_node(
         .unwrap()
 }
 
-/// xorshift: reproducible kill moments.
-fn next(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
 #[tokio::test]
 async fn a_node_killed_at_random_points_completes_its_deals_after_restarts() {
     if std::env::var(CHILD).is_ok() {
@@ -256,14 +248,15 @@ async fn a_node_killed_at_random_points_completes_its_deals_after_restarts() {
     let pieces = std::env::temp_dir().join(format!("dealledger-crash-{}", Uuid::new_v4()));
     let (ledger_url, devnet_url) = (url_of(&ledger), url_of(&devnet_pool));
     // When the node is killed with SIGKILL at seeded random moments, and restarted each time
-    let mut seed = 0x5eed_cafe_u64;
+    // (reproducible kill moments)
+    let mut seed = Xorshift(0x5eed_cafe);
     let mut kills = 0;
     std::fs::create_dir_all(&pieces).unwrap();
     let log = |run: usize| pieces.join(format!("node-{run}.log"));
     let tail = |run: usize| std::fs::read_to_string(log(run)).unwrap_or_default();
     for run in 0..RUNS {
         let mut node = spawn_node(&ledger_url, &devnet_url, &pieces, &log(run));
-        let after = Duration::from_millis(30 + next(&mut seed) % 120);
+        let after = Duration::from_millis(30 + seed.next() % 120);
         tokio::time::sleep(after).await;
         if node.try_wait().unwrap().is_none() {
             node.kill().unwrap();

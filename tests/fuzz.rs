@@ -16,12 +16,14 @@ use dealledger::adapters::network::message::{
 use dealledger::audit::{bundle, checkpoint};
 use dealledger::db::testing::fresh_database;
 use dealledger::deals::Deals;
-use dealledger::deals::script::storage_deal_commands;
+use dealledger::deals::script::{Parties, Script, storage_deal_commands};
 use dealledger::domain::storage::{ClientDealProposal, StorageDeal};
 use dealledger::events::{EventCodec, Journal};
+use dealledger::fsm::DecideContext;
 use dealledger::fsm::fixtures::{NOW, client_key, proposal, provider_key};
-use dealledger::fsm::storage_provider::StorageProvider;
-use dealledger::fsm::{DecideContext, Machine};
+
+mod common;
+use common::Xorshift;
 
 /// The largest single allocation a target may make for an input of a few KiB.
 const MAX_ALLOCATION: usize = 16 << 20;
@@ -48,23 +50,8 @@ unsafe impl GlobalAlloc for Tracking {
 #[global_allocator]
 static ALLOCATOR: Tracking = Tracking;
 
-/// xorshift64: reproducible mutations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
-    }
-}
-
 /// One to four mutations of a seed, sometimes spliced with another.
-fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
+fn mutate(rng: &mut Xorshift, seeds: &[Vec<u8>]) -> Vec<u8> {
     let mut data = seeds[rng.below(seeds.len())].clone();
     for _ in 0..=rng.below(4) {
         let at = rng.below(data.len() + 1);
@@ -111,7 +98,7 @@ fn fuzz(name: &str, target: fn(&[u8]), seeds: &[Vec<u8>], rounds: usize, seed: u
             std::fs::write(dir.join(format!("seed-{i}")), input).expect("corpus file");
         }
     }
-    let mut rng = Rng(seed);
+    let mut rng = Xorshift(seed);
     let inputs = seeds.iter().cloned().chain((0..rounds).map(|_| mutate(&mut rng, seeds)));
     for input in inputs {
         LARGEST.store(0, Ordering::Relaxed);
@@ -197,14 +184,12 @@ async fn bundle_seed() -> Vec<u8> {
     let (pool, _) = fresh_database(4).await.expect("database");
     let deals = Deals::new(Journal::new(pool));
     let ctx = DecideContext { epoch: dealledger::domain::ChainEpoch(NOW), ..Default::default() };
-    let stream = Deals::storage_stream_id(StorageProvider::NAME, &signed());
-    let (_, commands) = storage_deal_commands(signed(), &provider_key());
-    for command in commands {
-        deals.handle::<StorageProvider>(stream, command, &ctx, None).await.expect("played");
-    }
+    let parties = Parties { client: &client_key(), provider: &provider_key() };
+    let mut script = Script::new(&deals, ctx, false);
+    let (_, provider) = script.storage_deal_to_active(signed(), &parties).await.expect("played");
     let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
     checkpoint::create(deals.journal(), &key, chrono::Utc::now()).await.expect("checkpoint");
-    let exported = bundle::export(deals.journal(), stream).await.expect("export");
+    let exported = bundle::export(deals.journal(), provider).await.expect("export");
     exported.to_bytes().expect("bytes")
 }
 

@@ -336,9 +336,7 @@ async fn retrieval_terms_are_quoted_then_accepted_or_refused_over_the_network() 
     use dealledger::fsm::retrieval_client::{RetrievalClient, RetrievalClientEvent};
     use dealledger::fsm::retrieval_provider::RetrievalProvider;
     let n = nodes(MarketCodec::default()).await;
-    let bytes = data(64 * 1024, 4);
-    let (piece, size) = commp_of(&bytes);
-    n.pieces.put(piece, size, bytes.as_slice()).await.unwrap();
+    let (_, piece) = stored_piece(&n, 64 * 1024, 4).await;
     let quote = n
         .client
         .request(n.provider_peer, MarketRequest::RetrievalQuery { piece_cid: piece })
@@ -385,6 +383,15 @@ async fn retrieval_terms_are_quoted_then_accepted_or_refused_over_the_network() 
             assert_eq!(states.first().map(String::as_str), provider_state);
         }
     }
+}
+
+/// `len` bytes of test data (from `seed`) kept by the provider as a piece: the bytes and
+/// their piece CID.
+async fn stored_piece(n: &Nodes, len: usize, seed: u8) -> (Vec<u8>, dealledger::domain::PieceCid) {
+    let bytes = data(len, seed);
+    let (piece, size) = commp_of(&bytes);
+    n.pieces.put(piece, size, bytes.as_slice()).await.unwrap();
+    (bytes, piece)
 }
 
 /// A client retrieval deal for `part` of `piece`, accepted by the provider over the network,
@@ -455,9 +462,7 @@ async fn a_provider_that_stopped_before_unsealing_unseals_on_the_first_pull() {
     // Given a provider that recorded a retrieval deal as accepted and stopped before it
     // recorded the unsealing (the client never saw the answer)
     let n = nodes(MarketCodec::default()).await;
-    let original = data(1 << 20, 8);
-    let (piece, size) = commp_of(&original);
-    n.pieces.put(piece, size, original.as_slice()).await.unwrap();
+    let (original, piece) = stored_piece(&n, 1 << 20, 8).await;
     let part = ByteRange { offset: 0, length: 1 << 20 };
     let stream = proposed_retrieval(&n, piece, part).await;
     let terms = n.client_deals.load::<RetrievalClient>(stream).await.unwrap().data.proposal;
@@ -489,9 +494,7 @@ async fn a_four_mib_piece_is_retrieved_through_two_paid_deals_and_matches() {
     use dealledger::domain::retrieval::ByteRange;
     use dealledger::fsm::retrieval_provider::RetrievalProvider;
     let n = nodes(MarketCodec::default()).await;
-    let original = data(4 << 20, 5);
-    let (piece, size) = commp_of(&original);
-    n.pieces.put(piece, size, original.as_slice()).await.unwrap();
+    let (original, piece) = stored_piece(&n, 4 << 20, 5).await;
     let mut retrieved = Vec::new();
     for (index, offset) in [0u64, 2 << 20].into_iter().enumerate() {
         let part = ByteRange { offset, length: 2 << 20 };
@@ -524,9 +527,7 @@ async fn a_client_at_its_funds_limit_stops_with_only_what_the_provider_sent() {
     use dealledger::domain::retrieval::ByteRange;
     use dealledger::fsm::retrieval_provider::RetrievalProvider;
     let n = nodes(MarketCodec::default()).await;
-    let original = data(2 << 20, 6);
-    let (piece, size) = commp_of(&original);
-    n.pieces.put(piece, size, original.as_slice()).await.unwrap();
+    let (original, piece) = stored_piece(&n, 2 << 20, 6).await;
     let (stream, provider_stream) =
         accepted_retrieval(&n, piece, ByteRange { offset: 0, length: 2 << 20 }, 0).await;
     // Enough for the first interval (512 KiB at 2 attoFIL a byte), not for the second.

@@ -104,17 +104,29 @@ pub async fn client_node(
     (client, handle)
 }
 
+/// xorshift64: the tests' reproducible randomness (data, kill moments, mutations). The state
+/// must not start at zero.
+pub struct Xorshift(pub u64);
+
+impl Xorshift {
+    /// The next value.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+    }
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn data(len: usize, seed: u8) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+    let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed));
+    (0..len).map(|_| rng.next() as u8).collect()
 }
 
 /// A signed proposal for `bytes`, priced to meet the ask.
