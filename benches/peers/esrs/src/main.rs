@@ -62,23 +62,8 @@ fn verify(key: &[u8; 32], message: &impl Serialize, signature: &[u8]) -> Result<
     key.verify(&bytes, &signature).map_err(|_| Rejection::BadSignature)
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum Command {
-    ProposalReceived { proposal: ClientProposal },
-    DealAccepted { deal: SignedDeal },
-    DataTransferStarted,
-    DataTransferProgressed { bytes: u64 },
-    DataTransferCompleted { bytes: u64 },
-    DataVerified { piece_cid: String },
-    FundsReserved { amount: String },
-    PublishSent { message: String },
-    DealPublished { deal_id: u64 },
-    DealHandedOff,
-    DealPreCommitted { sector: u64 },
-    DealActivated { epoch: i64 },
-    DealFinalized,
-}
-
+/// What happened to a deal. A command is the event it asks for, as in dealledger; the one
+/// event only the aggregate derives (`ProposalValidated`) is refused as a command.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum Event {
     ProposalReceived { proposal: ClientProposal },
@@ -98,6 +83,27 @@ enum Event {
 }
 
 impl Event {
+    /// The state the event applies in (on the path these workloads play).
+    fn source(&self) -> Status {
+        match self {
+            Event::ProposalReceived { .. } => Status::Unknown,
+            Event::ProposalValidated => Status::Validating,
+            Event::DealAccepted { .. } => Status::AcceptWait,
+            Event::DataTransferStarted => Status::WaitingForData,
+            Event::DataTransferProgressed { .. } | Event::DataTransferCompleted { .. } => {
+                Status::Transferring
+            }
+            Event::DataVerified { .. } => Status::VerifyData,
+            Event::FundsReserved { .. } => Status::ReserveProviderFunds,
+            Event::PublishSent { .. } => Status::Publish,
+            Event::DealPublished { .. } => Status::Publishing,
+            Event::DealHandedOff => Status::Staged,
+            Event::DealPreCommitted { .. } => Status::AwaitingPreCommit,
+            Event::DealActivated { .. } => Status::Sealing,
+            Event::DealFinalized => Status::Finalizing,
+        }
+    }
+
     /// The state a deal is in after this event (on the path these workloads play).
     fn target(&self) -> Status {
         match self {
@@ -191,6 +197,8 @@ enum Rejection {
     Illegal { command: &'static str, status: Status },
     #[error("bad signature")]
     BadSignature,
+    #[error("{0} is derived by the aggregate, not a command")]
+    Derived(&'static str),
     #[error("inconsistent: {0}")]
     Inconsistent(&'static str),
 }
@@ -198,68 +206,44 @@ enum Rejection {
 struct ProviderDeal;
 
 impl ProviderDeal {
+    /// Where `event` takes a deal in `status`, if it is legal there.
     fn next(status: Status, event: &Event) -> Option<Status> {
-        use Status as S;
-        Some(match (status, event) {
-            (S::Unknown, Event::ProposalReceived { .. }) => S::Validating,
-            (S::Validating, Event::ProposalValidated) => S::AcceptWait,
-            (S::AcceptWait, Event::DealAccepted { .. }) => S::WaitingForData,
-            (S::WaitingForData, Event::DataTransferStarted) => S::Transferring,
-            (S::Transferring, Event::DataTransferProgressed { .. }) => S::Transferring,
-            (S::Transferring, Event::DataTransferCompleted { .. }) => S::VerifyData,
-            (S::VerifyData, Event::DataVerified { .. }) => S::ReserveProviderFunds,
-            (S::ReserveProviderFunds, Event::FundsReserved { .. }) => S::Publish,
-            (S::Publish, Event::PublishSent { .. }) => S::Publishing,
-            (S::Publishing, Event::DealPublished { .. }) => S::Staged,
-            (S::Staged, Event::DealHandedOff) => S::AwaitingPreCommit,
-            (S::AwaitingPreCommit, Event::DealPreCommitted { .. }) => S::Sealing,
-            (S::Sealing, Event::DealActivated { .. }) => S::Finalizing,
-            (S::Finalizing, Event::DealFinalized) => S::Active,
-            _ => return None,
-        })
+        (event.source() == status).then(|| event.target())
     }
 }
 
 impl Aggregate for ProviderDeal {
     const NAME: &'static str = "storage_provider_deal";
     type State = DealState;
-    type Command = Command;
+    type Command = Event;
     type Event = Event;
     type Error = Rejection;
 
-    fn handle_command(state: &DealState, command: Command) -> Result<Vec<Event>, Rejection> {
-        let events = match command {
-            Command::ProposalReceived { proposal } => {
+    fn handle_command(state: &DealState, command: Event) -> Result<Vec<Event>, Rejection> {
+        match &command {
+            Event::ProposalValidated => return Err(Rejection::Derived(command.name())),
+            Event::ProposalReceived { proposal } => {
                 verify(&proposal.proposal.client, &proposal.proposal, &proposal.client_signature)?;
-                vec![Event::ProposalReceived { proposal }, Event::ProposalValidated]
             }
-            Command::DealAccepted { deal } => {
+            Event::DealAccepted { deal } => {
                 if Some(&deal.client_proposal) != state.proposal.as_ref() {
                     return Err(Rejection::Inconsistent("the signed deal is not the proposal"));
                 }
                 let terms = &deal.client_proposal.proposal;
                 verify(&terms.client, terms, &deal.client_proposal.client_signature)?;
                 verify(&terms.provider, &deal.client_proposal, &deal.provider_signature)?;
-                vec![Event::DealAccepted { deal }]
             }
-            Command::DataTransferStarted => vec![Event::DataTransferStarted],
-            Command::DataTransferProgressed { bytes } => {
-                check_bytes(state, bytes)?;
-                vec![Event::DataTransferProgressed { bytes }]
+            Event::DataTransferProgressed { bytes } | Event::DataTransferCompleted { bytes } => {
+                check_bytes(state, *bytes)?;
             }
-            Command::DataTransferCompleted { bytes } => {
-                check_bytes(state, bytes)?;
-                vec![Event::DataTransferCompleted { bytes }]
-            }
-            Command::DataVerified { piece_cid } => vec![Event::DataVerified { piece_cid }],
-            Command::FundsReserved { amount } => vec![Event::FundsReserved { amount }],
-            Command::PublishSent { message } => vec![Event::PublishSent { message }],
-            Command::DealPublished { deal_id } => vec![Event::DealPublished { deal_id }],
-            Command::DealHandedOff => vec![Event::DealHandedOff],
-            Command::DealPreCommitted { sector } => vec![Event::DealPreCommitted { sector }],
-            Command::DealActivated { epoch } => vec![Event::DealActivated { epoch }],
-            Command::DealFinalized => vec![Event::DealFinalized],
-        };
+            _ => {}
+        }
+        // A received proposal is validated at once (the checks above): two events.
+        let validated = matches!(command, Event::ProposalReceived { .. });
+        let mut events = vec![command];
+        if validated {
+            events.push(Event::ProposalValidated);
+        }
         // Every event must be a legal transition from where the previous one left the deal.
         let mut status = state.status;
         for event in &events {
@@ -366,7 +350,11 @@ impl TransactionalEventHandler<ProviderDeal, PgStoreError, PgConnection> for Sta
         Ok(())
     }
 
-    async fn delete(&self, aggregate_id: Uuid, executor: &mut PgConnection) -> Result<(), PgStoreError> {
+    async fn delete(
+        &self,
+        aggregate_id: Uuid,
+        executor: &mut PgConnection,
+    ) -> Result<(), PgStoreError> {
         sqlx::query("DELETE FROM esrs_storage_deals WHERE stream_id = $1")
             .bind(aggregate_id)
             .execute(&mut *executor)
@@ -406,7 +394,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// One deal's 13 commands, signed with fixed keys, as dealledger's `storage_deal_commands`.
-fn deal_commands(label: String) -> Vec<Command> {
+fn deal_commands(label: String) -> Vec<Event> {
     let client = SigningKey::from_bytes(&[7; 32]);
     let provider = SigningKey::from_bytes(&[9; 32]);
     let proposal = Proposal {
@@ -428,19 +416,19 @@ fn deal_commands(label: String) -> Vec<Command> {
     let deal = SignedDeal { client_proposal: client_proposal.clone(), provider_signature };
     let size = proposal.piece_size;
     vec![
-        Command::ProposalReceived { proposal: client_proposal },
-        Command::DealAccepted { deal },
-        Command::DataTransferStarted,
-        Command::DataTransferProgressed { bytes: size / 2 },
-        Command::DataTransferCompleted { bytes: size },
-        Command::DataVerified { piece_cid: proposal.piece_cid.clone() },
-        Command::FundsReserved { amount: proposal.provider_collateral.clone() },
-        Command::PublishSent { message: "bafkreipublishmessage".into() },
-        Command::DealPublished { deal_id: 42 },
-        Command::DealHandedOff,
-        Command::DealPreCommitted { sector: 7 },
-        Command::DealActivated { epoch: proposal.start_epoch },
-        Command::DealFinalized,
+        Event::ProposalReceived { proposal: client_proposal },
+        Event::DealAccepted { deal },
+        Event::DataTransferStarted,
+        Event::DataTransferProgressed { bytes: size / 2 },
+        Event::DataTransferCompleted { bytes: size },
+        Event::DataVerified { piece_cid: proposal.piece_cid.clone() },
+        Event::FundsReserved { amount: proposal.provider_collateral.clone() },
+        Event::PublishSent { message: "bafkreipublishmessage".into() },
+        Event::DealPublished { deal_id: 42 },
+        Event::DealHandedOff,
+        Event::DealPreCommitted { sector: 7 },
+        Event::DealActivated { epoch: proposal.start_epoch },
+        Event::DealFinalized,
     ]
 }
 
