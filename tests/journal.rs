@@ -135,6 +135,36 @@ async fn append_inside_a_rolled_back_transaction_leaves_nothing() {
 }
 
 #[tokio::test]
+async fn an_append_after_cancelled_begins_is_committed_not_swallowed_by_a_leftover_transaction() {
+    // Given a pool of one connection, and begins dropped while their BEGIN is on the wire
+    // (sqlx 0.9.0 alone hands the connection back inside that transaction)
+    let (pool, _name) = fresh_database(1).await.expect("a fresh test database");
+    let journal = Journal::new(pool.clone());
+    let mut cancelled = 0;
+    for _ in 0..20 {
+        use futures::FutureExt;
+        if pool.begin().now_or_never().is_none() {
+            cancelled += 1;
+        }
+    }
+    assert!(cancelled > 0, "no begin was caught in flight");
+    // When the journal appends through the same pool
+    let stream = Uuid::now_v7();
+    journal.append(stream, "s", 0, &[event("a", b"")]).await.unwrap();
+    // Then another connection sees the event: it was committed, not left in an open transaction
+    let observer = sqlx::postgres::PgPoolOptions::new()
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .expect("a second pool");
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE stream_id = $1")
+        .bind(stream)
+        .fetch_one(&observer)
+        .await
+        .unwrap();
+    assert_eq!(seen, 1);
+}
+
+#[tokio::test]
 async fn the_database_refuses_update_delete_and_truncate_on_events() {
     let (journal, pool) = journal().await;
     let stream = Uuid::now_v7();

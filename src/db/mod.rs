@@ -2,6 +2,7 @@
 //! none is named, a private cluster under `$DEALLEDGER_HOME` started from the system's binaries.
 
 pub mod embedded;
+mod release;
 pub mod testing;
 
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use std::str::FromStr;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use embedded::{Durability, EmbeddedPostgres};
+pub use release::release_clean;
 
 /// The database the embedded cluster keeps the ledger in.
 pub const EMBEDDED_DATABASE: &str = "dealledger";
@@ -176,11 +178,10 @@ pub const TRUSTED_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Pool settings shared by every way of opening the database.
 ///
 /// Every connection coming back to the pool is checked for a transaction still open on the
-/// server, and closed if it has one. sqlx 0.9.0 can leave one behind when a `begin()` is
-/// cancelled during its round trip (transact-rs/sqlx#4385, #4393): the next borrower's
-/// statements would then run inside it — stale reads, held locks, and writes lost with its
-/// eventual rollback. One tiny statement per release buys the guarantee that a pooled
-/// connection is always in autocommit.
+/// server, or replies out of step, and closed if so: a cancelled use can leave either behind
+/// (see [`release`]). One tiny statement per release buys the guarantee that a pooled
+/// connection is always idle and in step; the hot paths skip it through [`release_clean`]
+/// when their use ran to its end.
 ///
 /// A connection is checked for liveness (a ping) before it is handed out only when it sat
 /// idle for longer than [`TRUSTED_IDLE`]: one used a moment ago was pinged when it came back
@@ -213,6 +214,9 @@ pub fn pool_options() -> PgPoolOptions {
         })
         .after_release(|conn, _| {
             Box::pin(async move {
+                if release::released_clean() {
+                    return Ok(true);
+                }
                 // Outside a transaction a simple-protocol statement is its own transaction, so
                 // it starts when the statement does; inside a leftover one, it started before.
                 use sqlx::Row;

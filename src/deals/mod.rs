@@ -431,7 +431,8 @@ impl Deals {
                 Ok(NewEffect { version: *version, effect_type: effect.name(), payload })
             })
             .collect::<Result<Vec<_>, CodecError>>()?;
-        let mut tx = self.journal.pool().begin().await?;
+        let mut conn = self.journal.pool().acquire().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let appended =
             self.journal.append_in_tx(&mut tx, deal.id, M::NAME, deal.version, &events).await?;
         outbox::enqueue(&mut tx, deal.id, M::NAME, &effects).await?;
@@ -445,6 +446,7 @@ impl Deals {
         let last_type = events.last().map(|e| e.event_type.as_str()).unwrap_or_default();
         inline::project(&mut tx, &decision.deal, last_type, appended.recorded_at).await?;
         tx.commit().await?;
+        crate::db::release_clean(conn);
         self.journal.committed(&appended);
         Ok(())
     }

@@ -136,6 +136,7 @@ impl Journal {
         let mut conn = self.pool.acquire().await?;
         let appended =
             self.append_on(&mut conn, stream_id, stream_type, expected_version, events).await?;
+        crate::db::release_clean(conn);
         self.committed(&appended);
         Ok(appended)
     }
@@ -278,12 +279,14 @@ impl Journal {
             "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND version >= $2 \
              ORDER BY version"
         );
+        let mut conn = self.pool.acquire().await?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(hot))
             .bind(stream_id)
             .bind(from)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
         if !rows.is_empty() {
+            crate::db::release_clean(conn);
             return rows.iter().map(decode_row).collect();
         }
         let archived = format!(
@@ -293,8 +296,9 @@ impl Journal {
         let rows = sqlx::query(sqlx::AssertSqlSafe(archived))
             .bind(stream_id)
             .bind(from)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
+        crate::db::release_clean(conn);
         rows.iter().map(decode_row).collect()
     }
 

@@ -1,0 +1,42 @@
+//! Which connections coming back to the pool must be checked, and which are known clean.
+//!
+//! A use of a pooled connection that is cancelled halfway can leave it in a state the next
+//! borrower must never see. sqlx 0.9.0 hands such connections back as they are: a `begin`
+//! cancelled while its `BEGIN` is on the wire leaves a server-side transaction open
+//! (transact-rs/sqlx#4385, #4393; the fix, #4394, is not released yet), and a statement
+//! cancelled at the wrong moment can leave the connection reading another statement's
+//! replies ("expected ParseComplete, got BindComplete"). The next borrower's statements would
+//! then run inside a stale transaction — stale reads, held locks, "committed" writes lost — or
+//! read wrong replies. So the pool checks every released connection ([`super::pool_options`])
+//! and closes one that is not idle and in step.
+//!
+//! That check is a statement, the largest single cost of a one-statement append. A use that
+//! ran to its end (its last statement answered, its transaction committed) cannot have left
+//! anything behind, so the hot paths that know this hand their connection back through
+//! [`release_clean`], which skips the check. A cancelled use never reaches that call: its
+//! connection is dropped, and checked.
+
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
+
+tokio::task_local! {
+    /// Set while a connection released through [`release_clean`] goes back to the pool.
+    static FINISHED_USE: ();
+}
+
+/// Whether the connection being released comes from [`release_clean`].
+pub(crate) fn released_clean() -> bool {
+    FINISHED_USE.try_with(|_| ()).is_ok()
+}
+
+/// Hands `conn` back to the pool without the release check.
+///
+/// Call it only when every use of `conn` ran to its end with success: no future using it was
+/// dropped before finishing, and no transaction on it is open (committed or rolled back, and
+/// answered). Anything else must drop the connection instead, which gets it checked.
+pub fn release_clean(mut conn: PoolConnection<Postgres>) {
+    // `return_to_pool` is what dropping the connection spawns; running it inside the scope
+    // tells the pool's `after_release` hook that this release is a clean one.
+    let back = conn.return_to_pool();
+    tokio::spawn(FINISHED_USE.scope((), back));
+}
