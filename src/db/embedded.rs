@@ -147,6 +147,17 @@ impl EmbeddedPostgres {
         self.run("pg_ctl", args).map(|_| ())
     }
 
+    /// Restarts the server, whichever program started it: every connection to it drops, as
+    /// in a server crash or a failover. Programs using it must reconnect on their own; the
+    /// fault tests use this to check that they do.
+    pub fn restart(&self) -> Result<(), DbError> {
+        let data = self.data_dir.to_string_lossy().into_owned();
+        let home = self.data_dir.parent().unwrap_or(&self.data_dir);
+        let log = home.join("postgres.log").to_string_lossy().into_owned();
+        self.run("pg_ctl", &["-D", &data, "-l", &log, "-m", "fast", "-w", "-t", "60", "restart"])
+            .map(|_| ())
+    }
+
     /// A command that runs `tool` from the server binaries as the cluster's owner.
     fn command(&self, tool: &str) -> Command {
         let program = self.bindir.join(tool);

@@ -55,3 +55,11 @@ pub enum ProjectionError {
     )]
     UnknownProjection(String),
 }
+
+impl ProjectionError {
+    /// Whether the database failed (and trying again later may succeed), as opposed to an
+    /// error in the data that needs an operator.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Database(_) | Self::Journal(JournalError::Database(_)))
+    }
+}

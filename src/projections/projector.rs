@@ -23,6 +23,9 @@ pub const DEAL_TRANSITIONS: &str = "deal_transitions";
 /// Events applied per transaction at most.
 const BATCH: usize = 1_000;
 
+/// How long a projector that lost the database waits before it resumes.
+const RESUME_AFTER: Duration = Duration::from_secs(1);
+
 /// `deal_transitions`: one row per transition.
 pub static TRANSITIONS: TableSpec = TableSpec {
     name: "deal_transitions",
@@ -220,12 +223,40 @@ impl<P: Projection> Projector<P> {
     }
 
     /// Follows the journal until `stop` resolves, applying events as they commit, in batches
-    /// of what is ready.
+    /// of what is ready. When the database goes away (a restart, a failover, the network), it
+    /// waits and resumes from its checkpoint: nothing is lost or applied twice, since each
+    /// batch commits with its checkpoint. Only errors that need an operator (an event that
+    /// does not decode or replay) end it.
     pub async fn run(
         mut self,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<(), ProjectionError> {
         tokio::pin!(stop);
+        loop {
+            match self.follow(stop.as_mut()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(
+                        projection = self.projection.name(),
+                        error = %e,
+                        "the projector lost the database; resuming from its checkpoint"
+                    );
+                    tokio::select! {
+                        () = &mut stop => return Ok(()),
+                        () = tokio::time::sleep(RESUME_AFTER) => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Follows the journal from the stored checkpoint until `stop` resolves (`Ok`) or an
+    /// error.
+    async fn follow(
+        &mut self,
+        mut stop: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Result<(), ProjectionError> {
         loop {
             let at = checkpoint(self.journal.pool(), self.projection.name()).await?;
             let events = self.journal.subscribe(at).await?.ready_chunks(BATCH);

@@ -2,6 +2,8 @@
 //! with its own database, and deterministic test data.
 #![allow(dead_code)]
 
+pub mod node;
+
 use std::time::Duration;
 
 use libp2p::Multiaddr;
