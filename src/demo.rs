@@ -56,25 +56,191 @@ pub struct DemoArgs {
     pub size: u64,
 }
 
+/// Two ledgers on one server, as two machines would have: the provider writes to the node's
+/// database, the client to a database of its own. Each has a libp2p node on 127.0.0.1 and an
+/// effect runner; the devnet (the node database's `devnet` schema, which lives on between runs
+/// like a real chain) is their chain, its clock moved by the caller. The demo and
+/// `dealledger bench deals` play their deals on it.
+pub(crate) struct Market {
+    /// The provider's ledger (the node's database).
+    pub provider: Deals,
+    /// The client's ledger (its own database on the same server).
+    pub client: Deals,
+    pub client_key: SigningKey,
+    pub provider_key: SigningKey,
+    pub devnet: Devnet,
+    /// The devnet's head when the market opened; deals start after it.
+    pub genesis: ChainEpoch,
+    pub ctx: DecideContext,
+    pub client_net: network::Client,
+    pub provider_peer: libp2p::PeerId,
+    /// Where the provider listens.
+    pub address: Multiaddr,
+    /// The provider's answer to the ask.
+    pub ask: StorageAsk,
+    client_runner: EffectRunner<Devnet, DevnetSealer>,
+    provider_runner: EffectRunner<Devnet, DevnetSealer>,
+}
+
+impl Market {
+    /// Funds both parties on the devnet, starts both nodes and asks the provider its price.
+    pub async fn open(db: &Database, journal: &Journal) -> anyhow::Result<Self> {
+        let deals = Deals::new(journal.clone());
+        let client_pool = client_database(db).await?;
+        let client_deals = Deals::new(Journal::open(client_pool).await?);
+        let client_key = SigningKey::generate(&mut rand::rng());
+        let provider_key = SigningKey::generate(&mut rand::rng());
+        let devnet = Devnet::open(db.pool.clone(), DevnetConfig::default()).await?;
+        let genesis = devnet.head().await?;
+        for (key, name) in [(&client_key, "client"), (&provider_key, "provider")] {
+            let faucet = MessageKey::of("demo-faucet", &PartyKey::of(key).0);
+            devnet.fund(PartyKey::of(key), TokenAmount(10u128.pow(24)), faucet).await?;
+            tracing::debug!(party = name, "funded on the devnet");
+        }
+        let ctx = DecideContext { epoch: genesis, ..DecideContext::default() };
+        let pieces = PieceStore::new(db.home().join("pieces"));
+        // The provider serves the market protocols; the client knows where it listens.
+        let (provider_net, provider_events, provider_loop) =
+            network::new(&provider_key, MarketCodec::default(), Duration::from_secs(30))?;
+        tokio::spawn(provider_loop.run());
+        let address = provider_net.listen("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>()?).await?;
+        let ask = StorageAsk {
+            price_per_gib_epoch: TokenAmount(1_000_000),
+            min_piece_size: PaddedPieceSize(128),
+            max_piece_size: PaddedPieceSize(32 << 30),
+        };
+        let transfers = ProviderTransfers::new(deals.clone(), pieces, TransferOptions::default());
+        let provider = ProviderService::new(deals.clone(), provider_key.clone(), ask, transfers)
+            .with_payment_channels(std::sync::Arc::new(devnet.clone()));
+        tokio::spawn(provider.serve(provider_net.clone(), provider_events, ctx.clone()));
+        let (client_net, _client_events, client_loop) =
+            network::new(&client_key, MarketCodec::default(), Duration::from_secs(30))?;
+        tokio::spawn(client_loop.run());
+        let sealer = DevnetSealer::new(devnet.clone(), 2, 3);
+        let config =
+            RunnerConfig { watch_poll: Duration::from_millis(20), ..RunnerConfig::default() };
+        let client_runner =
+            EffectRunner::new(client_deals.clone(), devnet.clone(), sealer.clone(), config.clone())
+                .with_network(RunnerNetwork {
+                    client: client_net.clone(),
+                    key: client_key.clone(),
+                    pieces: None,
+                    retrieved: None,
+                });
+        let provider_runner = EffectRunner::new(deals.clone(), devnet.clone(), sealer, config);
+        let provider_peer = provider_net.peer_id();
+        client_net.add_address(provider_peer, address.clone()).await?;
+        let MarketResponse::Ask(ask) =
+            client_net.request(provider_peer, MarketRequest::Ask).await?
+        else {
+            anyhow::bail!("the provider did not answer the ask");
+        };
+        Ok(Self {
+            provider: deals,
+            client: client_deals,
+            client_key,
+            provider_key,
+            devnet,
+            genesis,
+            ctx,
+            client_net,
+            provider_peer,
+            address,
+            ask,
+            client_runner,
+            provider_runner,
+        })
+    }
+
+    /// Lets both nodes' runners perform everything due until the machines wait on the chain.
+    pub async fn settle(&self) -> anyhow::Result<()> {
+        loop {
+            let mut fed = 0;
+            for runner in [&self.client_runner, &self.provider_runner] {
+                runner.recover().await?;
+                fed += runner.run_until_idle().await?.fed;
+            }
+            if fed == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Moves the devnet's clock `epochs` ahead, then settles.
+    pub async fn advance(&self, epochs: i64) -> anyhow::Result<()> {
+        self.devnet.advance(epochs).await?;
+        self.settle().await
+    }
+
+    /// The client's signed proposal for `bytes` (its commP computed) at the provider's asking
+    /// price, starting 100 epochs after genesis.
+    pub fn proposal(&self, bytes: &[u8], label: String) -> ClientDealProposal {
+        let template = fixtures::proposal();
+        let duration = template.end_epoch.0 - template.start_epoch.0;
+        let (piece_cid, piece_size) = commp_of(bytes);
+        let price = (self.ask.price_per_gib_epoch.0 * u128::from(piece_size.0)).div_ceil(1 << 30);
+        let terms = StorageDealProposal {
+            piece_cid,
+            piece_size,
+            label,
+            client: PartyKey::of(&self.client_key),
+            provider: PartyKey::of(&self.provider_key),
+            storage_price_per_epoch: TokenAmount(price),
+            start_epoch: ChainEpoch(self.genesis.0 + 100),
+            end_epoch: ChainEpoch(self.genesis.0 + 100 + duration),
+            ..template
+        };
+        ClientDealProposal::sign(terms, &self.client_key)
+    }
+
+    /// Proposes a deal and pushes its data over the network; returns the client's state after
+    /// the push (`CheckForAcceptance` once the provider verified the piece).
+    pub async fn over_network(
+        &self,
+        signed: ClientDealProposal,
+        bytes: &[u8],
+    ) -> anyhow::Result<&'static str> {
+        let stream = self.client.initiate_deal(signed, &self.ctx).await?.stream_id;
+        // The runner deposits the client's funds in the market and proposes. With other deals
+        // in flight, another caller's round may be performing this deal's effects: wait for it.
+        let waited = std::time::Instant::now();
+        let state = loop {
+            self.settle().await?;
+            let state = self.client.get_storage_deal_status(stream).await?.state;
+            let pending = ["ReserveClientFunds", "ClientFunding", "FundsReserved"];
+            if !pending.contains(&state) || waited.elapsed() > Duration::from_secs(60) {
+                break state;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        anyhow::ensure!(state == "StartDataTransfer", "the provider did not accept: {state}");
+        Ok(push(
+            &self.client_net,
+            &self.client,
+            stream,
+            std::io::Cursor::new(bytes),
+            bytes.len() as u64,
+            TransferOptions::default(),
+            &self.ctx,
+        )
+        .await?)
+    }
+
+    /// The (client, provider) stream ids of a deal.
+    pub fn streams(signed: &ClientDealProposal) -> (Uuid, Uuid) {
+        (
+            Deals::storage_stream_id(StorageClient::NAME, signed),
+            Deals::storage_stream_id(StorageProvider::NAME, signed),
+        )
+    }
+}
+
 /// Runs the demo.
 pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Result<()> {
-    // The provider writes to the node's database, the client to a database of its own on
-    // the same server: two ledgers, as two machines would have.
-    let deals = Deals::new(journal.clone());
-    let client_pool = client_database(db).await?;
-    let client_deals = Deals::new(Journal::open(client_pool).await?);
-    let client_key = SigningKey::generate(&mut rand::rng());
-    let provider_key = SigningKey::generate(&mut rand::rng());
-    // The devnet lives on between runs like a real chain: deals start after its head.
-    let devnet = Devnet::open(db.pool.clone(), DevnetConfig::default()).await?;
-    let genesis = devnet.head().await?;
-    for (key, name) in [(&client_key, "client"), (&provider_key, "provider")] {
-        let faucet = MessageKey::of("demo-faucet", &PartyKey::of(key).0);
-        devnet.fund(PartyKey::of(key), TokenAmount(10u128.pow(24)), faucet).await?;
-        tracing::debug!(party = name, "funded on the devnet");
-    }
-    let ctx = DecideContext { epoch: genesis, ..DecideContext::default() };
-    let mut script = Script::new(&client_deals, ctx.clone(), true);
+    let market = Market::open(db, journal).await?;
+    let Market { provider: deals, client: client_deals, devnet, genesis, ctx, .. } = &market;
+    let (client_key, provider_key) = (&market.client_key, &market.provider_key);
+    let mut script = Script::new(client_deals, ctx.clone(), true);
     script.data_bytes = Some(args.size);
     let started = std::time::Instant::now();
     // Live progress on a terminal (hidden when the output is not one): every deal pushed,
@@ -91,8 +257,6 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
     };
     println!("dealledger demo: provider on {}", db.display_url);
     println!("                 client on the same server, database {CLIENT_DATABASE}\n");
-
-    let pieces = PieceStore::new(db.home().join("pieces"));
     let data = |n: u32| -> Vec<u8> {
         let mut bytes = vec![0u8; args.size as usize];
         rand::fill(&mut bytes[..]);
@@ -101,121 +265,26 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         bytes[..len].copy_from_slice(&tag[..len]);
         bytes
     };
-    // Two libp2p nodes on 127.0.0.1: the provider serves the market protocols, the client
-    // knows where it listens.
-    let (provider_net, provider_events, provider_loop) =
-        network::new(&provider_key, MarketCodec::default(), Duration::from_secs(30))?;
-    tokio::spawn(provider_loop.run());
-    let address = provider_net.listen("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>()?).await?;
-    let ask = StorageAsk {
-        price_per_gib_epoch: TokenAmount(1_000_000),
-        min_piece_size: PaddedPieceSize(128),
-        max_piece_size: PaddedPieceSize(32 << 30),
-    };
-    let transfers =
-        ProviderTransfers::new(deals.clone(), pieces.clone(), TransferOptions::default());
-    let provider = ProviderService::new(deals.clone(), provider_key.clone(), ask, transfers)
-        .with_payment_channels(std::sync::Arc::new(devnet.clone()));
-    tokio::spawn(provider.serve(provider_net.clone(), provider_events, ctx.clone()));
-    let (client_net, _client_events, client_loop) =
-        network::new(&client_key, MarketCodec::default(), Duration::from_secs(30))?;
-    tokio::spawn(client_loop.run());
-    let sealer = DevnetSealer::new(devnet.clone(), 2, 3);
-    let config = RunnerConfig { watch_poll: Duration::from_millis(20), ..RunnerConfig::default() };
-    let client_runner =
-        EffectRunner::new(client_deals.clone(), devnet.clone(), sealer.clone(), config.clone())
-            .with_network(RunnerNetwork {
-                client: client_net.clone(),
-                key: client_key.clone(),
-                pieces: None,
-                retrieved: None,
-            });
-    let provider_runner = EffectRunner::new(deals.clone(), devnet.clone(), sealer, config);
-    // Lets both nodes' runners perform everything due until the machines wait on the chain.
-    let settle = || async {
-        loop {
-            let mut fed = 0;
-            for runner in [&client_runner, &provider_runner] {
-                runner.recover().await?;
-                fed += runner.run_until_idle().await?.fed;
-            }
-            if fed == 0 {
-                return Ok::<_, anyhow::Error>(());
-            }
-        }
-    };
-    let advance = |epochs: i64| {
-        let devnet = devnet.clone();
-        async move {
-            devnet.advance(epochs).await?;
-            settle().await
-        }
-    };
-    let provider_peer = provider_net.peer_id();
-    client_net.add_address(provider_peer, address.clone()).await?;
-    println!("provider {provider_peer} listening on {address}");
+    let (ask, client_net, provider_peer) = (&market.ask, &market.client_net, market.provider_peer);
+    println!("provider {provider_peer} listening on {}", market.address);
     println!("client   {}", client_net.peer_id());
-    let MarketResponse::Ask(ask) = client_net.request(provider_peer, MarketRequest::Ask).await?
-    else {
-        anyhow::bail!("the provider did not answer the ask");
-    };
     println!(
         "ask: {} attoFIL per GiB-epoch, pieces of {}..={} bytes\n",
         ask.price_per_gib_epoch.0, ask.min_piece_size.0, ask.max_piece_size.0
     );
-
-    let template = fixtures::proposal();
-    let duration = template.end_epoch.0 - template.start_epoch.0;
-    let proposal = |bytes: &[u8], n: u32| {
-        let (piece_cid, piece_size) = commp_of(bytes);
-        let price = (ask.price_per_gib_epoch.0 * u128::from(piece_size.0)).div_ceil(1 << 30);
-        let terms = StorageDealProposal {
-            piece_cid,
-            piece_size,
-            label: format!("demo deal {n}"),
-            client: dealledger::domain::PartyKey::of(&client_key),
-            provider: dealledger::domain::PartyKey::of(&provider_key),
-            storage_price_per_epoch: TokenAmount(price),
-            start_epoch: ChainEpoch(genesis.0 + 100),
-            end_epoch: ChainEpoch(genesis.0 + 100 + duration),
-            ..fixtures::proposal()
-        };
-        ClientDealProposal::sign(terms, &client_key)
-    };
-    // Proposes and pushes a deal's data over the network; returns the client's state.
+    let proposal = |bytes: &[u8], n: u32| market.proposal(bytes, format!("demo deal {n}"));
     let over_network = |signed: ClientDealProposal, bytes: Vec<u8>| {
-        let (deals, client_net, ctx) = (client_deals.clone(), client_net.clone(), ctx.clone());
-        async move {
-            let stream = deals.initiate_deal(signed, &ctx).await?.stream_id;
-            // The runner deposits the client's funds in the market and proposes.
-            settle().await?;
-            let state = deals.get_storage_deal_status(stream).await?.state;
-            anyhow::ensure!(state == "StartDataTransfer", "the provider did not accept: {state}");
-            Ok::<_, anyhow::Error>(
-                push(
-                    &client_net,
-                    &deals,
-                    stream,
-                    std::io::Cursor::new(&bytes),
-                    bytes.len() as u64,
-                    TransferOptions::default(),
-                    &ctx,
-                )
-                .await?,
-            )
-        }
+        let market = &market;
+        async move { market.over_network(signed, &bytes).await }
     };
+    let settle = || market.settle();
+    let advance = |epochs: i64| market.advance(epochs);
+    let storage_pair = Market::streams;
 
     println!(
         "storage: {} deals of {} bytes each: proposed, pushed and commP-verified over libp2p",
         args.deals, args.size
     );
-    let storage_pair = |signed: &ClientDealProposal| {
-        (
-            Deals::storage_stream_id(StorageClient::NAME, signed),
-            Deals::storage_stream_id(StorageProvider::NAME, signed),
-        )
-    };
     let mut streams = Vec::new();
     let mut signed_deals = Vec::new();
     let mut first_piece = None;
@@ -276,11 +345,11 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
         piece_cid: Some(piece_cid),
         total_bytes: original.len() as u64,
         part_size: (original.len() as u64).div_ceil(3).max(1),
-        provider: PartyKey::of(&provider_key),
-        client: PartyKey::of(&client_key),
+        provider: PartyKey::of(provider_key),
+        client: PartyKey::of(client_key),
         max_price_per_byte: TokenAmount(2),
     };
-    let request_id = client_deals.initiate_retrieval(request.clone(), 3, &ctx).await?;
+    let request_id = client_deals.initiate_retrieval(request.clone(), 3, ctx).await?;
     let mut retrieved = Vec::with_capacity(original.len());
     let mut vouchers = 0;
     for (index, part) in request.parts().into_iter().enumerate() {
@@ -303,7 +372,7 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
             .handle::<RetrievalClient>(
                 stream,
                 RC::DealProposed { proposal: Box::new(terms), part_of },
-                &ctx,
+                ctx,
                 None,
             )
             .await?;
@@ -315,19 +384,19 @@ pub async fn run(db: &Database, journal: &Journal, args: DemoArgs) -> anyhow::Re
             )
             .await?;
         let (state, provider_stream) =
-            propose_retrieval(&client_net, &client_deals, stream, &ctx).await?;
+            propose_retrieval(client_net, client_deals, stream, ctx).await?;
         let provider_stream =
             provider_stream.with_context(|| format!("part {index} was not accepted: {state}"))?;
         // The runner creates (then tops up) the payment channel and allocates a lane.
         settle().await?;
         let outcome = pull(
-            &client_net,
-            &client_deals,
+            client_net,
+            client_deals,
             stream,
             provider_stream,
-            &client_key,
+            client_key,
             TokenAmount(u128::MAX),
-            &ctx,
+            ctx,
         )
         .await?;
         anyhow::ensure!(outcome.state == "Completed", "part {index} ended in {}", outcome.state);

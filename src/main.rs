@@ -142,6 +142,11 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         batch: i64,
     },
+    /// Whole-system benchmarks on this database: a table, and the same as JSON.
+    Bench {
+        #[command(subcommand)]
+        command: bench_cli::BenchCommand,
+    },
     /// The deal state machines, read from their declarations.
     Fsm {
         #[command(subcommand)]
@@ -192,6 +197,7 @@ enum EventsCommand {
 }
 
 mod audit_cli;
+mod bench_cli;
 mod chain_cli;
 mod demo;
 mod fsm_cli;
@@ -263,6 +269,7 @@ async fn run() -> anyhow::Result<()> {
     };
     let result = match cli.command {
         Command::Demo(args) => demo::run(&db, &journal, args).await,
+        Command::Bench { command } => bench_cli::run(&db, &journal, command).await,
         Command::Db { command: DbCommand::Status } => db_status(&db, &journal, &reads).await,
         Command::Events { command: EventsCommand::Tail { stream, from_start, json } } => {
             tail(&journal, stream, from_start, json).await

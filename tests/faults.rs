@@ -260,7 +260,8 @@ async fn deals_and_retrievals_survive_kills_a_database_restart_and_a_partition()
     let provider_toml = format!("{network}[provider]\nmax_payment_interval = 4096\n");
     let nodes = two_funded_nodes(&root, &network, &provider_toml).await;
     let link = Link::open(socket_of(&nodes.provider_listen)).await;
-    let start_epoch = nodes.devnet.head().await.unwrap().0 + 3_000;
+    // Deals must be sealed before they start; a large run needs more time for that.
+    let start_epoch = nodes.devnet.head().await.unwrap().0 + 3_000 + 30 * deals as i64;
     let mut cluster = Cluster { root: root.clone(), nodes, link };
     let files = root.join("files");
     std::fs::create_dir_all(&files).unwrap();
