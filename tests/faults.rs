@@ -290,6 +290,8 @@ async fn deals_and_retrievals_survive_kills_a_database_restart_and_a_partition()
         if status == 201 {
             acknowledged.push(started["stream_id"].as_str().unwrap().to_owned());
             originals.push((started["piece_cid"].as_str().unwrap().to_owned(), bytes));
+        } else {
+            eprintln!("step {n}: the API answered {status}: {started}");
         }
     }
     // the API refuses only while its node is down or its database restarts
@@ -316,6 +318,8 @@ async fn deals_and_retrievals_survive_kills_a_database_restart_and_a_partition()
         if status == 201 {
             let id = started["request_id"].as_str().unwrap().to_owned();
             requests.push((id, started["output"].as_str().unwrap().to_owned(), bytes.clone()));
+        } else {
+            eprintln!("step {r}: the API answered {status}: {started}");
         }
     }
     assert!(requests.len() + 3 >= retrievals, "only {} of {retrievals} retrievals", requests.len());

@@ -186,15 +186,17 @@ pub const TRUSTED_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// A connection is checked for liveness (a ping) before it is handed out only when it sat
 /// idle for longer than [`TRUSTED_IDLE`]: one used a moment ago was pinged when it came back
 /// to the pool, and sqlx's default — a ping before every acquire — would add a round trip to
-/// every use. A server restart takes longer than that, so connections left over from before
-/// one are still caught and replaced before a caller sees them fail.
+/// every use. After a server restart, connections used just before it would still be handed
+/// out dead; so once a released connection fails its check, every connection is pinged before
+/// use for [`release::BROKEN_WINDOW`], and the dead ones are replaced before a caller sees
+/// them (the faults test, `tests/faults.rs`, restarts the server under load).
 pub fn pool_options() -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(16)
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
-                if meta.idle_for <= TRUSTED_IDLE {
+                if meta.idle_for <= TRUSTED_IDLE && !release::ping_before_use() {
                     return Ok(true);
                 }
                 use sqlx::Connection;
@@ -220,9 +222,16 @@ pub fn pool_options() -> PgPoolOptions {
                 // Outside a transaction a simple-protocol statement is its own transaction, so
                 // it starts when the statement does; inside a leftover one, it started before.
                 use sqlx::Row;
-                let row = sqlx::raw_sql("SELECT now() = statement_timestamp()")
+                let row = match sqlx::raw_sql("SELECT now() = statement_timestamp()")
                     .fetch_one(&mut *conn)
-                    .await?;
+                    .await
+                {
+                    Ok(row) => row,
+                    Err(e) => {
+                        release::note_broken_connection();
+                        return Err(e);
+                    }
+                };
                 let idle: bool = row.try_get(0)?;
                 if !idle {
                     tracing::warn!("closing a pooled connection left inside a transaction");

@@ -40,3 +40,33 @@ pub fn release_clean(mut conn: PoolConnection<Postgres>) {
     let back = conn.return_to_pool();
     tokio::spawn(FINISHED_USE.scope((), back));
 }
+
+/// How long after a pooled connection turned out broken every connection is pinged before it
+/// is handed out.
+pub const BROKEN_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Milliseconds since [`epoch`] until which connections are pinged before use (0: none).
+static PING_UNTIL_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// Notes that a released connection failed its check: the server restarted or the network
+/// dropped, so its siblings in the pool are likely dead too.
+pub(crate) fn note_broken_connection() {
+    let until = now_ms() + BROKEN_WINDOW.as_millis() as u64;
+    PING_UNTIL_MS.fetch_max(until, std::sync::atomic::Ordering::AcqRel);
+}
+
+/// Whether a connection must be pinged before it is handed out even if it was used a moment
+/// ago: a sibling was found broken recently. Without this, every connection pooled before a
+/// server restart would fail one caller's request before being replaced.
+pub(crate) fn ping_before_use() -> bool {
+    now_ms() < PING_UNTIL_MS.load(std::sync::atomic::Ordering::Acquire)
+}

@@ -78,6 +78,9 @@ pub struct RunnerConfig {
     pub lease: Duration,
     /// Effects claimed per round.
     pub batch: i64,
+    /// Deals whose effects of a round are performed side by side (each deal's own effects
+    /// always run one after the other, in the order they were recorded).
+    pub parallel: usize,
     /// Failed attempts before an effect's failure becomes a machine input.
     pub max_attempts: i32,
     /// Delay after the first failure; doubles with each attempt.
@@ -95,6 +98,7 @@ impl Default for RunnerConfig {
         Self {
             lease: Duration::from_secs(30),
             batch: 64,
+            parallel: 16,
             max_attempts: 5,
             backoff: Duration::from_millis(200),
             watch_poll: Duration::from_secs(5),
@@ -190,8 +194,26 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
         let types = self.effect_types();
         let claimed = outbox::claim(pool, &types, self.config.lease, self.config.batch).await?;
         let mut report = RoundReport { claimed: claimed.len(), ..RoundReport::default() };
+        // One deal's effects run in the order they were recorded; different deals' effects
+        // run side by side, so that one slow counterparty or push does not hold up the rest.
+        let mut by_deal: Vec<Vec<&PendingEffect>> = Vec::new();
+        let mut index_of = std::collections::HashMap::new();
         for pending in &claimed {
-            match self.run_effect(pending).await {
+            let index = *index_of.entry(pending.stream_id).or_insert_with(|| {
+                by_deal.push(Vec::new());
+                by_deal.len() - 1
+            });
+            by_deal[index].push(pending);
+        }
+        use futures::StreamExt;
+        let rounds: Vec<_> =
+            by_deal.into_iter().map(|effects| self.run_in_order(effects)).collect();
+        let outcomes: Vec<Vec<_>> = futures::stream::iter(rounds)
+            .buffer_unordered(self.config.parallel.max(1))
+            .collect()
+            .await;
+        for (pending, outcome) in outcomes.into_iter().flatten() {
+            match outcome {
                 Ok(Outcome::Feed(_)) => report.fed += 1,
                 Ok(Outcome::Wait(_)) => report.waiting += 1,
                 Ok(_) => {}
@@ -203,6 +225,18 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             }
         }
         Ok(report)
+    }
+
+    /// Performs one deal's claimed effects one after the other.
+    async fn run_in_order<'a>(
+        &self,
+        effects: Vec<&'a PendingEffect>,
+    ) -> Vec<(&'a PendingEffect, Result<Outcome, RunnerError>)> {
+        let mut outcomes = Vec::with_capacity(effects.len());
+        for pending in effects {
+            outcomes.push((pending, self.run_effect(pending).await));
+        }
+        outcomes
     }
 
     /// Runs rounds until the outbox has nothing due (for tests and the demo). Returns the

@@ -19,7 +19,10 @@ use crate::fsm::retrieval_provider::{RetrievalProvider, RetrievalProviderEvent a
 use crate::fsm::retrieval_request::{RetrievalRequestEvent as RR, RetrievalRequestMachine};
 use crate::fsm::storage_client::{StorageClient, StorageClientEvent as SC};
 use crate::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
-use crate::fsm::{Machine, retrieval_client, retrieval_provider, storage_client, storage_provider};
+use crate::fsm::{
+    Machine, retrieval_client, retrieval_provider, retrieval_request, storage_client,
+    storage_provider,
+};
 
 /// A machine input an effect's result became, for the stream that caused the effect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,6 +341,28 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             Effect::Notify { stream_id, stream_type, notice } => {
                 if stream_type != RetrievalRequestMachine::NAME {
                     return Ok(Outcome::Skipped("no such notice target"));
+                }
+                let (part_index, deal_stream) = match notice {
+                    Notice::PartCompleted { part_index, deal_stream, .. }
+                    | Notice::PartFailed { part_index, deal_stream, .. } => {
+                        (*part_index, *deal_stream)
+                    }
+                };
+                // A deal can finish before its request has recorded starting it: the request's
+                // start-retrieval-deal effect, cut off between creating the deal and recording
+                // it, records it only when retried. The notice waits for that instead of being
+                // refused and lost (which left the request retrieving for ever).
+                let request = self.deals.load::<RetrievalRequestMachine>(*stream_id).await?;
+                let not_yet_started = request.state == retrieval_request::State::Retrieving
+                    && request
+                        .data
+                        .parts
+                        .get(part_index as usize)
+                        .is_some_and(|part| part.deal_stream.is_none() && !part.completed);
+                if not_yet_started {
+                    tracing::debug!(%stream_id, %deal_stream, part_index,
+                        "the request has not recorded this part's deal yet; the notice waits");
+                    return Ok(Outcome::Wait(poll));
                 }
                 let event = match notice.clone() {
                     Notice::PartCompleted { part_index, deal_stream, bytes, paid } => {
