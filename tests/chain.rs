@@ -1169,3 +1169,79 @@ async fn archived_deals_leave_the_hot_journal_and_still_audit_verify_and_checkpo
     let deleted = sqlx::query("DELETE FROM events_archive").execute(journal.pool()).await;
     assert!(deleted.is_err());
 }
+
+#[tokio::test]
+async fn a_parts_notice_that_arrives_before_its_request_recorded_the_deal_waits_and_is_not_lost() {
+    use dealledger::domain::retrieval::RetrievalRequest;
+    use dealledger::fsm::retrieval_client::RequestPart;
+    use dealledger::fsm::retrieval_request::{
+        RetrievalRequestEvent as RR, RetrievalRequestMachine,
+    };
+    let m = market().await;
+    let deals = &m.nodes.client_deals;
+    let (piece, _) = dealledger::adapters::piece::commp::commp_of(&data(8 * 1024, 5));
+    let request = RetrievalRequest {
+        payload_cid: piece.cid(),
+        piece_cid: Some(piece),
+        total_bytes: 8 * 1024,
+        part_size: 8 * 1024,
+        provider: PartyKey::of(&provider_key()),
+        client: PartyKey::of(&client_key()),
+        max_price_per_byte: TokenAmount(5),
+    };
+    let request_id = deals.initiate_retrieval(request, 3, &ctx()).await.unwrap();
+    // Given the request's start-retrieval-deal effect was cut off after creating the part's
+    // deal (its claim is held by a runner that died), and that deal already ended: rejected
+    let pool = deals.journal().pool();
+    let held =
+        outbox::claim(pool, &["start-retrieval-deal"], Duration::from_secs(600), 10).await.unwrap();
+    assert_eq!(held.len(), 1);
+    let deal = Uuid::now_v7();
+    let terms = RetrievalDealProposal {
+        payload_cid: piece.cid(),
+        piece_cid: Some(piece),
+        part: ByteRange { offset: 0, length: 8 * 1024 },
+        price_per_byte: TokenAmount(3),
+        payment_interval: 16 * 1024,
+        payment_interval_increase: 0,
+        unseal_price: TokenAmount(0),
+        client: PartyKey::of(&client_key()),
+        provider: PartyKey::of(&provider_key()),
+    };
+    let part_of = Some(RequestPart { request_id, part_index: 0 });
+    let proposed = RC::DealProposed { proposal: Box::new(terms), part_of };
+    deals.handle::<RetrievalClient>(deal, proposed, &ctx(), None).await.unwrap();
+    let rejected = RC::DealRejected { reason: "no capacity".into() };
+    deals.handle::<RetrievalClient>(deal, rejected, &ctx(), None).await.unwrap();
+    // (the deal's proposal is never sent: a dead runner holds it too)
+    let _ = outbox::claim(pool, &["send"], Duration::from_secs(600), 10).await.unwrap();
+    // When a runner performs the deal's notice to the request
+    let runner = EffectRunner::new(
+        deals.clone(),
+        m.devnet.clone(),
+        DevnetSealer::new(m.devnet.clone(), 2, 3),
+        RunnerConfig { watch_poll: Duration::from_millis(20), ..RunnerConfig::default() },
+    );
+    runner.run_until_idle().await.unwrap();
+    // Then it waits: the request has not recorded the deal, and nothing was refused
+    let part =
+        |request: &dealledger::fsm::Deal<RetrievalRequestMachine>| request.data.parts[0].clone();
+    let before = deals.load::<RetrievalRequestMachine>(request_id).await.unwrap();
+    assert_eq!((part(&before).deal_stream, part(&before).failures), (None, 0));
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE stream_id = $1 AND effect_type = 'notify' \
+         AND completed_at IS NULL",
+    )
+    .bind(deal)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(open, 1, "the notice must still be pending");
+    // And when the retried start effect records the deal, the notice reaches the request
+    let started = RR::PartStarted { part_index: 0, deal_stream: deal };
+    deals.handle::<RetrievalRequestMachine>(request_id, started, &ctx(), None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    runner.run_until_idle().await.unwrap();
+    let after = deals.load::<RetrievalRequestMachine>(request_id).await.unwrap();
+    assert_eq!(part(&after).failures, 1, "the part's failed deal was counted: {after:?}");
+}
