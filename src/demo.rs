@@ -80,6 +80,11 @@ pub(crate) struct Market {
     pub ask: StorageAsk,
     client_runner: EffectRunner<Devnet, DevnetSealer>,
     provider_runner: EffectRunner<Devnet, DevnetSealer>,
+    /// One settling at a time: callers with deals in flight at once take turns (each round
+    /// performs every deal's due effects, side by side).
+    settling: tokio::sync::Mutex<()>,
+    /// Whether the runners run by themselves ([`Market::run_in_background`]).
+    background: std::sync::atomic::AtomicBool,
 }
 
 impl Market {
@@ -149,11 +154,19 @@ impl Market {
             ask,
             client_runner,
             provider_runner,
+            settling: tokio::sync::Mutex::new(()),
+            background: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// Lets both nodes' runners perform everything due until the machines wait on the chain.
+    /// Once the runners run in the background, this only gives them a moment.
     pub async fn settle(&self) -> anyhow::Result<()> {
+        if self.background.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            return Ok(());
+        }
+        let _turn = self.settling.lock().await;
         loop {
             let mut fed = 0;
             for runner in [&self.client_runner, &self.provider_runner] {
@@ -164,6 +177,20 @@ impl Market {
                 return Ok(());
             }
         }
+    }
+
+    /// Runs both nodes' runners by themselves, as `serve` does, until the returned sender is
+    /// dropped: deals then move without [`Market::settle`] (which only waits a moment).
+    pub fn run_in_background(&self) -> tokio::sync::watch::Sender<bool> {
+        self.background.store(true, std::sync::atomic::Ordering::Release);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        for runner in [&self.client_runner, &self.provider_runner] {
+            let mut stopped = stopped.clone();
+            tokio::spawn(runner.clone().run(async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }));
+        }
+        stop
     }
 
     /// Moves the devnet's clock `epochs` ahead, then settles.

@@ -173,12 +173,16 @@ pub async fn release<'c>(
 }
 
 /// Makes waiting effects of the given types due now (the chain moved: what they wait for may
-/// have happened). Effects backing off after a failure keep their backoff.
+/// have happened). Effects backing off after a failure keep their backoff. Rows another
+/// transaction holds (being claimed or settled) are skipped rather than waited for, so that
+/// wakes running at once — several runners, a head change during a recovery — never deadlock.
 pub async fn wake(pool: &PgPool, effect_types: &[&str]) -> Result<u64, JournalError> {
     Ok(sqlx::query(
         "UPDATE outbox SET available_at = now() \
-         WHERE completed_at IS NULL AND available_at > now() AND effect_type = ANY($1) \
-           AND claimed_until IS NULL AND last_error IS NULL",
+         WHERE id IN (SELECT id FROM outbox \
+             WHERE completed_at IS NULL AND available_at > now() AND effect_type = ANY($1) \
+               AND claimed_until IS NULL AND last_error IS NULL \
+             FOR UPDATE SKIP LOCKED)",
     )
     .bind(effect_types)
     .execute(pool)
