@@ -1197,17 +1197,8 @@ async fn a_parts_notice_that_arrives_before_its_request_recorded_the_deal_waits_
         outbox::claim(pool, &["start-retrieval-deal"], Duration::from_secs(600), 10).await.unwrap();
     assert_eq!(held.len(), 1);
     let deal = Uuid::now_v7();
-    let terms = RetrievalDealProposal {
-        payload_cid: piece.cid(),
-        piece_cid: Some(piece),
-        part: ByteRange { offset: 0, length: 8 * 1024 },
-        price_per_byte: TokenAmount(3),
-        payment_interval: 16 * 1024,
-        payment_interval_increase: 0,
-        unseal_price: TokenAmount(0),
-        client: PartyKey::of(&client_key()),
-        provider: PartyKey::of(&provider_key()),
-    };
+    let part = ByteRange { offset: 0, length: 8 * 1024 };
+    let terms = RetrievalDealProposal { piece_cid: Some(piece), part, ..retrieval_terms() };
     let part_of = Some(RequestPart { request_id, part_index: 0 });
     let proposed = RC::DealProposed { proposal: Box::new(terms), part_of };
     deals.handle::<RetrievalClient>(deal, proposed, &ctx(), None).await.unwrap();

@@ -150,26 +150,36 @@ impl Faults {
 }
 
 struct Cluster {
-    root: std::path::PathBuf,
     nodes: TwoNodes,
     link: Link,
+    /// Node starts so far: each run of a node logs to its own `serve-<run>.log`.
+    runs: usize,
+}
+
+/// Kills `node` with SIGKILL and starts it again on its home and API port with `args`.
+async fn kill_and_restart(node: &mut Node, args: &[&str], run: usize) {
+    node.kill();
+    let (home, api) = (node.home.clone(), node.api);
+    *node = start(&home, args, api, run);
+    node.printed("node     ").await;
 }
 
 impl Cluster {
     async fn apply(&mut self, faults: &Faults, step: usize) {
         if step == faults.kill_client {
             eprintln!("step {step}: SIGKILL the client");
-            self.restart_client().await;
+            self.runs += 1;
+            let args: Vec<&str> = self.nodes.client_args.iter().map(String::as_str).collect();
+            kill_and_restart(&mut self.nodes.client, &args, self.runs).await;
         }
         if step == faults.kill_provider {
             eprintln!("step {step}: SIGKILL the provider");
-            self.nodes.provider.kill();
+            self.runs += 1;
+            // On a new port: the relay is pointed at it, as a peer's new address would be.
             let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
             let mut args: Vec<&str> = self.nodes.provider_args.iter().map(String::as_str).collect();
             args.extend(["--listen", listen.as_str()]);
-            let (home, api) = (self.nodes.provider.home.clone(), self.nodes.provider.api);
-            self.nodes.provider = start(&home, &args, api, step);
-            self.nodes.provider.printed("node     ").await;
+            kill_and_restart(&mut self.nodes.provider, &args, self.runs).await;
             self.link.point_at(socket_of(&listen));
         }
         if step == faults.restart_client_database {
@@ -187,15 +197,6 @@ impl Cluster {
             tokio::time::sleep(cut).await;
             self.link.set_cut(false);
         }
-    }
-
-    async fn restart_client(&mut self) {
-        self.nodes.client.kill();
-        let args: Vec<&str> = self.nodes.client_args.iter().map(String::as_str).collect();
-        let (home, api) = (self.nodes.client.home.clone(), self.nodes.client.api);
-        let run = std::fs::read_dir(&home).map(|d| d.count()).unwrap_or(0);
-        self.nodes.client = start(&home, &args, api, 1000 + run);
-        self.nodes.client.printed("node     ").await;
     }
 
     /// Waits until every id in `ids` is in `goal` on the client; panics with the laggards.
@@ -262,7 +263,7 @@ async fn deals_and_retrievals_survive_kills_a_database_restart_and_a_partition()
     let link = Link::open(socket_of(&nodes.provider_listen)).await;
     // Deals must be sealed before they start; a large run needs more time for that.
     let start_epoch = nodes.devnet.head().await.unwrap().0 + 3_000 + 30 * deals as i64;
-    let mut cluster = Cluster { root: root.clone(), nodes, link };
+    let mut cluster = Cluster { nodes, link, runs: 0 };
     let files = root.join("files");
     std::fs::create_dir_all(&files).unwrap();
 
@@ -367,7 +368,7 @@ async fn deals_and_retrievals_survive_kills_a_database_restart_and_a_partition()
     );
 
     // and both nodes stop cleanly, their journals verify and their projections equal a rebuild
-    let Cluster { root, nodes, .. } = cluster;
+    let Cluster { nodes, .. } = cluster;
     let TwoNodes { mut provider, mut client, .. } = nodes;
     assert!(client.terminate().success(), "client stop:\n{}", tail(&client));
     assert!(provider.terminate().success(), "provider stop:\n{}", tail(&provider));

@@ -4,7 +4,6 @@
 //! every deal the API acknowledged reaches Active; nothing acknowledged is lost, and every
 //! stream's chain verifies.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -12,7 +11,7 @@ use serde_json::json;
 use dealledger::adapters::chain::Chain;
 
 mod common;
-use common::node::{TOKEN, TwoNodes, start, two_funded_nodes};
+use common::node::{TOKEN, TwoNodes, run_on, start, two_funded_nodes};
 
 const DEALS: usize = 200;
 
@@ -90,13 +89,8 @@ async fn a_client_node_stopped_with_sigterm_under_load_loses_no_acknowledged_dea
     }
     // and the client's journal verifies.
     assert!(client.terminate().success());
-    let verify = Command::new(env!("CARGO_BIN_EXE_dealledger"))
-        .arg("verify")
-        .env("DEALLEDGER_HOME", &client.home)
-        .env_remove("DATABASE_URL")
-        .output()
-        .unwrap();
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    let (verified, printed) = run_on(&client.home, &["verify"]);
+    assert!(verified, "{printed}");
     assert!(provider.terminate().success());
     // No secret reached a log: not the API token, not either node's identity key.
     for node in [&client, &provider] {

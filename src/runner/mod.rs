@@ -206,9 +206,9 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             by_deal[index].push(pending);
         }
         use futures::StreamExt;
-        let rounds: Vec<_> =
+        let per_deal: Vec<_> =
             by_deal.into_iter().map(|effects| self.run_in_order(effects)).collect();
-        let outcomes: Vec<Vec<_>> = futures::stream::iter(rounds)
+        let outcomes: Vec<Vec<_>> = futures::stream::iter(per_deal)
             .buffer_unordered(self.config.parallel.max(1))
             .collect()
             .await;
