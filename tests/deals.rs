@@ -276,6 +276,63 @@ async fn racing_commands_are_decided_one_after_the_other() {
     assert_projections_match_the_journal(deals.journal().pool()).await;
 }
 
+/// A provider deal receiving nothing yet, recorded through `deals` (which remembers it).
+async fn accepted_provider_deal(deals: &Deals) -> Uuid {
+    let proposal = signed_proposal();
+    let signed = dealledger::domain::storage::StorageDeal::sign(proposal.clone(), &provider_key());
+    let provider = deals.receive_proposal(proposal, &ctx(), None).await.unwrap().stream_id;
+    run::<StorageProvider>(deals, provider, SP::DealAccepted { deal: Box::new(signed) }).await;
+    provider
+}
+
+#[tokio::test]
+async fn a_deal_another_process_moved_takes_a_command_only_its_new_state_allows() {
+    // Given two ledgers on one database (two processes), and a deal `here` recorded last
+    let (here, pool) = deals().await;
+    let there = Deals::new(dealledger::events::Journal::new(pool.clone()));
+    let provider = accepted_provider_deal(&here).await;
+    // When the other process moves the deal on
+    there.handle::<StorageProvider>(provider, SP::DataTransferStarted, &ctx(), None).await.unwrap();
+    // Then a command only the new state allows is accepted here, not refused on the old state
+    let done = here
+        .handle::<StorageProvider>(
+            provider,
+            SP::DataTransferCompleted { bytes: 2048 },
+            &ctx(),
+            None,
+        )
+        .await
+        .expect("decided on the deal as it is now");
+    assert_eq!(done.deal.version, 5);
+    assert_projections_match_the_journal(&pool).await;
+}
+
+#[tokio::test]
+async fn a_command_decided_on_a_state_another_process_moved_on_is_decided_again() {
+    // Given two ledgers on one database, and a deal `here` recorded last
+    let (here, pool) = deals().await;
+    let there = Deals::new(dealledger::events::Journal::new(pool.clone()));
+    let provider = accepted_provider_deal(&here).await;
+    // When the other process moves the deal on, and a command both states allow comes here
+    there.handle::<StorageProvider>(provider, SP::DataTransferStarted, &ctx(), None).await.unwrap();
+    let cancelled = here
+        .handle::<StorageProvider>(
+            provider,
+            SP::DealCancelled { reason: "operator".into() },
+            &ctx(),
+            None,
+        )
+        .await
+        .expect("accepted after deciding again");
+    // Then it follows the other process's event instead of overwriting or forking the stream
+    let events = here.journal().read_stream(provider, 1).await.unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types[3], "data-transfer-started", "{types:?}");
+    assert_eq!(cancelled.deal.version as usize, events.len());
+    assert!(here.journal().verify_stream(provider).await.unwrap().first_bad.is_none());
+    assert_projections_match_the_journal(&pool).await;
+}
+
 fn terms_for(range: ByteRange) -> RetrievalDealProposal {
     RetrievalDealProposal { part: range, ..retrieval_terms() }
 }

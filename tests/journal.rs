@@ -9,7 +9,10 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use dealledger::db::testing::fresh_database;
-use dealledger::events::{ChainBreak, Checkpoint, Journal, JournalError, NewEvent};
+use dealledger::events::outbox::{self, NewEffect};
+use dealledger::events::{
+    AppendStatement, ChainBreak, Checkpoint, Journal, JournalError, NewEvent,
+};
 
 async fn journal() -> (Journal, PgPool) {
     let (pool, _name) = fresh_database(10).await.expect("a fresh test database");
@@ -74,6 +77,73 @@ async fn rejects_an_append_with_a_stale_expected_version_and_writes_nothing() {
         );
     }
     assert_eq!(journal.count().await.unwrap(), 2);
+}
+
+/// Rows of the outbox: the companion write the tests below ride on an append.
+async fn outbox_rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(pool).await.unwrap()
+}
+
+fn enqueue_one(
+    stream: Uuid,
+    version: u32,
+) -> impl Fn(&mut AppendStatement) -> Result<(), JournalError> + Sync {
+    move |statement: &mut AppendStatement| {
+        let effect = NewEffect { version, effect_type: "publish-deal", payload: vec![1] };
+        outbox::enqueue_with(statement, stream, "storage_provider", &[effect])
+    }
+}
+
+#[tokio::test]
+async fn a_companion_write_commits_with_its_events_and_not_without_them() {
+    // Given a stream at version 1
+    let (journal, pool) = journal().await;
+    let stream = Uuid::now_v7();
+    journal.append(stream, "storage_provider", 0, &[event("a", b"1")]).await.unwrap();
+    // When an append carrying an outbox row expects the right version, both are written
+    let appended = journal
+        .append_with(stream, "storage_provider", 1, &[event("b", b"2")], &enqueue_one(stream, 2))
+        .await
+        .unwrap();
+    assert_eq!(appended.head.version, 2);
+    assert_eq!(outbox_rows(&pool).await, 1);
+    // When the same append runs again on the stale version, it is a conflict
+    let stale = journal
+        .append_with(stream, "storage_provider", 1, &[event("c", b"3")], &enqueue_one(stream, 2))
+        .await;
+    assert!(
+        matches!(stale, Err(JournalError::Conflict { expected: 1, actual: 2, .. })),
+        "{stale:?}"
+    );
+    // Then neither the events nor the companion row were written
+    assert_eq!(journal.read_stream(stream, 1).await.unwrap().len(), 2);
+    assert_eq!(outbox_rows(&pool).await, 1);
+}
+
+#[tokio::test]
+async fn a_failing_companion_write_leaves_the_events_unwritten() {
+    // Given a stream at version 1
+    let (journal, pool) = journal().await;
+    let stream = Uuid::now_v7();
+    journal.append(stream, "storage_provider", 0, &[event("a", b"1")]).await.unwrap();
+    // When an append's companion write fails in the database (an outbox row without a type)
+    let failing = |statement: &mut AppendStatement| {
+        let stream = statement.bind(stream)?;
+        statement.write(format!(
+            "INSERT INTO outbox (stream_id, stream_type, version, seq, effect_type, payload) \
+             SELECT {stream}::uuid, 'storage_provider', 2, 0, NULL, '' WHERE {}",
+            AppendStatement::APPENDED
+        ));
+        Ok(())
+    };
+    let result =
+        journal.append_with(stream, "storage_provider", 1, &[event("b", b"2")], &failing).await;
+    // Then the append fails as a database error and its events are not in the journal
+    assert!(matches!(result, Err(JournalError::Database(_))), "{result:?}");
+    assert_eq!(journal.read_stream(stream, 1).await.unwrap().len(), 1);
+    assert_eq!(outbox_rows(&pool).await, 0);
+    // And the stream takes the next append at the version it really is
+    journal.append(stream, "storage_provider", 1, &[event("b", b"2")]).await.unwrap();
 }
 
 #[tokio::test]

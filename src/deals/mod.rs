@@ -4,6 +4,7 @@
 //! makes the append conflict; the command is then decided again on the fresh deal, a bounded
 //! number of times.
 
+mod cache;
 pub mod retention;
 pub mod script;
 mod status;
@@ -14,7 +15,7 @@ use uuid::Uuid;
 use crate::domain::retrieval::RetrievalRequest;
 use crate::domain::storage::ClientDealProposal;
 use crate::events::outbox::{self, NewEffect};
-use crate::events::{CodecError, EventCodec, Journal, JournalError};
+use crate::events::{AppendStatement, CodecError, EventCodec, Journal, JournalError};
 use crate::fsm::retrieval_request::{RetrievalRequestEvent, RetrievalRequestMachine};
 use crate::fsm::storage_client::{StorageClient, StorageClientEvent};
 use crate::fsm::storage_provider::{StorageProvider, StorageProviderEvent};
@@ -111,12 +112,17 @@ pub struct StorageDealRef {
 pub struct Deals {
     journal: Journal,
     conflict_retries: u32,
+    recent: cache::DealCache,
 }
 
 impl Deals {
     /// A service writing through `journal`.
     pub fn new(journal: Journal) -> Self {
-        Self { journal, conflict_retries: DEFAULT_CONFLICT_RETRIES }
+        Self {
+            journal,
+            conflict_retries: DEFAULT_CONFLICT_RETRIES,
+            recent: cache::DealCache::default(),
+        }
     }
 
     /// Sets how many times a command is re-decided after a conflict.
@@ -371,9 +377,13 @@ impl Deals {
         settles: Option<Settles>,
     ) -> Result<Decision<M>, DealsError> {
         for attempt in 1..=self.conflict_retries {
-            let deal = self.load::<M>(stream_id).await?;
-            let decision = deal.decide(command.clone(), ctx)?;
-            match self.record_completing(&deal, &decision, cause, settles.as_ref()).await {
+            let (deal, decision) = self.decide::<M>(stream_id, &command, ctx).await?;
+            let recorded = self.record_completing(&deal, &decision, cause, settles.as_ref()).await;
+            if recorded.is_err() {
+                // Lost a race, or the outcome is unknown: the next attempt replays the stream.
+                self.recent.forget(stream_id);
+            }
+            match recorded {
                 Ok(()) => return Ok(decision),
                 Err(DealsError::Journal(JournalError::Conflict { .. }))
                     if attempt < self.conflict_retries =>
@@ -390,6 +400,27 @@ impl Deals {
             }
         }
         Err(DealsError::ConflictRetriesExhausted { stream_id, attempts: self.conflict_retries })
+    }
+
+    /// Decides `command` on the deal as this process last recorded it or, when it has no
+    /// such state or the command is refused there, as its stream replays now: a state cached
+    /// here may be stale (another process moved the deal), and a stale state must not refuse
+    /// a command the real one accepts. A stale state that accepts is caught by the append.
+    async fn decide<M: Projected>(
+        &self,
+        stream_id: Uuid,
+        command: &M::Event,
+        ctx: &DecideContext,
+    ) -> Result<(Deal<M>, Decision<M>), DealsError> {
+        if let Some(deal) = self.recent.get::<M>(stream_id) {
+            if let Ok(decision) = deal.decide(command.clone(), ctx) {
+                return Ok((deal, decision));
+            }
+            self.recent.forget(stream_id);
+        }
+        let deal = self.load::<M>(stream_id).await?;
+        let decision = deal.decide(command.clone(), ctx)?;
+        Ok((deal, decision))
     }
 
     /// Records a decision made from `deal`: its events appended at `deal.version` and its
@@ -431,23 +462,20 @@ impl Deals {
                 Ok(NewEffect { version: *version, effect_type: effect.name(), payload })
             })
             .collect::<Result<Vec<_>, CodecError>>()?;
-        let mut conn = self.journal.pool().acquire().await?;
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let appended =
-            self.journal.append_in_tx(&mut tx, deal.id, M::NAME, deal.version, &events).await?;
-        outbox::enqueue(&mut tx, deal.id, M::NAME, &effects).await?;
-        match settles {
-            Some(Settles::Complete(id)) => outbox::complete_in_tx(&mut tx, *id, None).await?,
-            Some(Settles::Release { id, delay, error }) => {
-                outbox::release(&mut *tx, *id, *delay, Some(error)).await?
-            }
-            None => {}
-        }
         let last_type = events.last().map(|e| e.event_type.as_str()).unwrap_or_default();
-        inline::project(&mut tx, &decision.deal, last_type, appended.recorded_at).await?;
-        tx.commit().await?;
-        crate::db::release_clean(conn);
-        self.journal.committed(&appended);
+        let companions = |statement: &mut AppendStatement| {
+            outbox::enqueue_with(statement, deal.id, M::NAME, &effects)?;
+            match settles {
+                Some(Settles::Complete(id)) => outbox::complete_with(statement, *id, None)?,
+                Some(Settles::Release { id, delay, error }) => {
+                    outbox::release_with(statement, *id, *delay, Some(error))?
+                }
+                None => {}
+            }
+            inline::project_with(statement, &decision.deal, last_type)
+        };
+        self.journal.append_with(deal.id, M::NAME, deal.version, &events, &companions).await?;
+        self.recent.put(decision.deal.clone());
         Ok(())
     }
 }

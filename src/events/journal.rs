@@ -133,9 +133,36 @@ impl Journal {
         expected_version: u32,
         events: &[NewEvent],
     ) -> Result<Appended, JournalError> {
+        self.append_on_pool(stream_id, stream_type, expected_version, events, None).await
+    }
+
+    /// Like [`Journal::append`], with writes that must commit exactly when the events do (the
+    /// outbox, a status row) in the same statement: see [`AppendStatement`]. `companions` is
+    /// called once per attempt to add them.
+    pub async fn append_with(
+        &self,
+        stream_id: Uuid,
+        stream_type: &str,
+        expected_version: u32,
+        events: &[NewEvent],
+        companions: Companions<'_>,
+    ) -> Result<Appended, JournalError> {
+        self.append_on_pool(stream_id, stream_type, expected_version, events, Some(companions))
+            .await
+    }
+
+    async fn append_on_pool(
+        &self,
+        stream_id: Uuid,
+        stream_type: &str,
+        expected_version: u32,
+        events: &[NewEvent],
+        companions: Option<Companions<'_>>,
+    ) -> Result<Appended, JournalError> {
         let mut conn = self.pool.acquire().await?;
-        let appended =
-            self.append_on(&mut conn, stream_id, stream_type, expected_version, events).await?;
+        let appended = self
+            .append_on(&mut conn, stream_id, stream_type, expected_version, events, companions)
+            .await?;
         crate::db::release_clean(conn);
         self.committed(&appended);
         Ok(appended)
@@ -153,7 +180,7 @@ impl Journal {
         expected_version: u32,
         events: &[NewEvent],
     ) -> Result<Appended, JournalError> {
-        self.append_on(tx, stream_id, stream_type, expected_version, events).await
+        self.append_on(tx, stream_id, stream_type, expected_version, events, None).await
     }
 
     /// Says that an append has committed: wakes followers and remembers the stream's head, so
@@ -182,6 +209,7 @@ impl Journal {
         stream_type: &str,
         expected_version: u32,
         events: &[NewEvent],
+        companions: Option<Companions<'_>>,
     ) -> Result<Appended, JournalError> {
         if events.is_empty() {
             return Err(JournalError::EmptyAppend);
@@ -192,7 +220,10 @@ impl Journal {
                 .link_target(conn, stream_id, stream_type, expected_version, trust_cache)
                 .await?;
             let rows = AppendRows::build(stream_id, stream_type, expected_version, prev, events);
-            match rows.insert(conn, stream_id, stream_type, expected_version, prev).await {
+            match rows
+                .insert(conn, stream_id, stream_type, expected_version, prev, companions)
+                .await
+            {
                 Ok(inserted) if inserted == events.len() as u64 => return Ok(rows.appended),
                 Ok(_) if trust_cache => {
                     // The cached head was stale: read the real one and try once more.
@@ -200,11 +231,11 @@ impl Journal {
                     trust_cache = false;
                 }
                 Ok(_) => return Err(self.conflict_now(stream_id, expected_version).await),
-                Err(e) if is_version_collision(&e) => {
+                Err(JournalError::Database(e)) if is_version_collision(&e) => {
                     self.forget(stream_id);
                     return Err(self.conflict_now(stream_id, expected_version).await);
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -437,49 +468,101 @@ impl<'a> AppendRows<'a> {
         stream_type: &str,
         expected_version: u32,
         prev: Option<Cid>,
-    ) -> Result<u64, sqlx::Error> {
+        companions: Option<Companions<'_>>,
+    ) -> Result<u64, JournalError> {
+        let mut statement = AppendStatement {
+            args: Default::default(),
+            writes: Vec::new(),
+            recorded_at: self.recorded_at,
+        };
         let events = self.events;
-        if let [event] = events {
-            let result = sqlx::query(INSERT_ONE_EVENT)
-                .bind(stream_id)
-                .bind(stream_type)
-                .bind(self.recorded_at)
-                .bind(self.versions[0])
-                .bind(&event.event_type)
-                .bind(event.schema_version)
-                .bind(&event.payload)
-                .bind(event.correlation_id)
-                .bind(event.causation_id)
-                .bind(&self.prev_cids[0])
-                .bind(&self.cids[0])
-                .bind(expected_version as i32)
-                .bind(prev.map(|c| c.to_bytes()))
-                .execute(conn)
-                .await?;
+        let insert = if let [event] = events {
+            statement.bind(stream_id)?;
+            statement.bind(stream_type)?;
+            statement.bind(self.recorded_at)?;
+            statement.bind(self.versions[0])?;
+            statement.bind(&event.event_type)?;
+            statement.bind(event.schema_version)?;
+            statement.bind(&event.payload)?;
+            statement.bind(event.correlation_id)?;
+            statement.bind(event.causation_id)?;
+            statement.bind(&self.prev_cids[0])?;
+            statement.bind(&self.cids[0])?;
+            INSERT_ONE_EVENT
+        } else {
+            statement.bind(stream_id)?;
+            statement.bind(stream_type)?;
+            statement.bind(self.recorded_at)?;
+            statement.bind(&self.versions)?;
+            statement.bind(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())?;
+            statement.bind(events.iter().map(|e| e.schema_version).collect::<Vec<_>>())?;
+            statement.bind(events.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>())?;
+            statement.bind(events.iter().map(|e| e.correlation_id).collect::<Vec<_>>())?;
+            statement.bind(events.iter().map(|e| e.causation_id).collect::<Vec<_>>())?;
+            statement.bind(&self.prev_cids)?;
+            statement.bind(&self.cids)?;
+            INSERT_EVENTS
+        };
+        statement.bind(expected_version as i32)?;
+        statement.bind(prev.map(|c| c.to_bytes()))?;
+        let Some(companions) = companions else {
+            let result = sqlx::query_with(insert, statement.args).execute(conn).await?;
             return Ok(result.rows_affected());
+        };
+        companions(&mut statement)?;
+        let mut sql = format!("WITH appended AS ({insert} RETURNING 1)");
+        for (i, write) in statement.writes.iter().enumerate() {
+            sql.push_str(&format!(", write_{i} AS ({write})"));
         }
-        let event_types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-        let schema_versions: Vec<i16> = events.iter().map(|e| e.schema_version).collect();
-        let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
-        let correlation_ids: Vec<Option<Uuid>> = events.iter().map(|e| e.correlation_id).collect();
-        let causation_ids: Vec<Option<Uuid>> = events.iter().map(|e| e.causation_id).collect();
-        let result = sqlx::query(INSERT_EVENTS)
-            .bind(stream_id)
-            .bind(stream_type)
-            .bind(self.recorded_at)
-            .bind(&self.versions)
-            .bind(event_types)
-            .bind(schema_versions)
-            .bind(payloads)
-            .bind(correlation_ids)
-            .bind(causation_ids)
-            .bind(&self.prev_cids)
-            .bind(&self.cids)
-            .bind(expected_version as i32)
-            .bind(prev.map(|c| c.to_bytes()))
-            .execute(conn)
+        sql.push_str(" SELECT count(*) FROM appended");
+        let inserted: i64 = sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), statement.args)
+            .fetch_one(conn)
             .await?;
-        Ok(result.rows_affected())
+        Ok(inserted as u64)
+    }
+}
+
+/// Adds an append's companion writes to its statement; called once per attempt.
+pub type Companions<'a> = &'a (dyn Fn(&mut AppendStatement) -> Result<(), JournalError> + Sync);
+
+/// One append's statement: the events' insert, as the CTE `appended`, and the writes that must
+/// commit exactly when it does (the outbox, the status row), each a data-modifying CTE of the
+/// same statement.
+///
+/// Why one statement: PostgreSQL runs a statement atomically, so this is the transaction a
+/// command needs without `BEGIN` and `COMMIT` — one round trip instead of five. Every
+/// companion write must be guarded by [`AppendStatement::APPENDED`], so that when the insert
+/// writes nothing (the stream moved on) nothing else is written either.
+#[derive(Debug)]
+pub struct AppendStatement {
+    args: sqlx::postgres::PgArguments,
+    writes: Vec<String>,
+    recorded_at: chrono::DateTime<Utc>,
+}
+
+impl AppendStatement {
+    /// A condition that holds exactly when the events were inserted.
+    pub const APPENDED: &'static str = "EXISTS (SELECT 1 FROM appended)";
+
+    /// The time the events are recorded at, for companion rows that show it.
+    pub fn recorded_at(&self) -> chrono::DateTime<Utc> {
+        self.recorded_at
+    }
+
+    /// Binds `value` as the next parameter and returns its placeholder (`$14`).
+    pub fn bind<'q, T>(&mut self, value: T) -> Result<String, JournalError>
+    where
+        T: sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
+    {
+        use sqlx::Arguments;
+        self.args.add(value).map_err(sqlx::Error::Encode)?;
+        Ok(format!("${}", self.args.len()))
+    }
+
+    /// Adds one data-modifying statement (`INSERT`, `UPDATE`) guarded by
+    /// [`AppendStatement::APPENDED`], its values bound through [`AppendStatement::bind`].
+    pub fn write(&mut self, sql: String) {
+        self.writes.push(sql);
     }
 }
 

@@ -24,4 +24,4 @@ pub use chain::{ChainBreak, FirstBadVersion};
 pub use codec::{EventCodec, JournalEvent};
 pub use envelope::{Checkpoint, NewEvent, RecordedEvent};
 pub use error::{CodecError, JournalError};
-pub use journal::{Appended, Journal, StreamHead, StreamVerification};
+pub use journal::{AppendStatement, Appended, Companions, Journal, StreamHead, StreamVerification};

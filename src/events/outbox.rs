@@ -1,11 +1,12 @@
-//! The outbox: effects waiting to be performed, enqueued in the transaction that appends the
+//! The outbox: effects waiting to be performed, enqueued in the statement that appends the
 //! events causing them. The effect runner claims and completes them; this module only writes
 //! and lists them, and knows nothing of what an effect means.
 
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::error::JournalError;
+use super::journal::AppendStatement;
 
 /// One effect to enqueue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,9 +40,10 @@ pub struct PendingEffect {
     pub attempts: i32,
 }
 
-/// Enqueues effects inside the caller's transaction (the one appending their events).
-pub async fn enqueue(
-    tx: &mut Transaction<'_, Postgres>,
+/// Adds `effects` to an append's statement: they are enqueued exactly when the events causing
+/// them are written.
+pub fn enqueue_with(
+    statement: &mut AppendStatement,
     stream_id: Uuid,
     stream_type: &str,
     effects: &[NewEffect],
@@ -60,20 +62,21 @@ pub async fn enqueue(
     }
     let types: Vec<&str> = effects.iter().map(|e| e.effect_type).collect();
     let payloads: Vec<&[u8]> = effects.iter().map(|e| e.payload.as_slice()).collect();
-    sqlx::query(
+    let sql = format!(
         "INSERT INTO outbox (stream_id, stream_type, version, seq, effect_type, payload) \
-         SELECT $1, $2, e.version, e.seq, e.effect_type, e.payload \
-         FROM UNNEST($3::int[], $4::smallint[], $5::text[], $6::bytea[]) \
-              AS e(version, seq, effect_type, payload)",
-    )
-    .bind(stream_id)
-    .bind(stream_type)
-    .bind(versions)
-    .bind(seqs)
-    .bind(types)
-    .bind(payloads)
-    .execute(&mut **tx)
-    .await?;
+         SELECT {stream_id}::uuid, {stream_type}::text, e.version, e.seq, e.effect_type, e.payload \
+         FROM UNNEST({versions}::int[], {seqs}::smallint[], {types}::text[], {payloads}::bytea[]) \
+              AS e(version, seq, effect_type, payload) \
+         WHERE {appended}",
+        stream_id = statement.bind(stream_id)?,
+        stream_type = statement.bind(stream_type)?,
+        versions = statement.bind(versions)?,
+        seqs = statement.bind(seqs)?,
+        types = statement.bind(types)?,
+        payloads = statement.bind(payloads)?,
+        appended = AppendStatement::APPENDED,
+    );
+    statement.write(sql);
     Ok(())
 }
 
@@ -122,29 +125,60 @@ pub async fn claim(
     .await?)
 }
 
-/// Marks a claimed effect done inside the caller's transaction (the one recording the
-/// command its result became), so the result and the completion commit together.
-pub async fn complete_in_tx(
-    tx: &mut Transaction<'_, Postgres>,
+/// `UPDATE` marking effect `id` done, with `note` (placeholders).
+fn complete_sql(id: &str, note: &str) -> String {
+    format!(
+        "UPDATE outbox SET completed_at = now(), claimed_until = NULL, last_error = {note}::text \
+         WHERE id = {id}::bigint"
+    )
+}
+
+/// `UPDATE` giving effect `id` back after `delay_ms` with `error` (placeholders). A failed
+/// attempt keeps its count; a wait (`error` NULL) does not count as an attempt.
+fn release_sql(id: &str, delay_ms: &str, error: &str) -> String {
+    format!(
+        "UPDATE outbox SET claimed_until = NULL, \
+                available_at = now() + {delay_ms}::float8 * interval '1 millisecond', \
+                attempts = CASE WHEN {error}::text IS NULL THEN attempts - 1 ELSE attempts END, \
+                last_error = {error}::text \
+         WHERE id = {id}::bigint"
+    )
+}
+
+/// Adds to an append's statement the completion of effect `id` whose result the events
+/// record, so that the result and the completion commit together.
+pub fn complete_with(
+    statement: &mut AppendStatement,
     id: i64,
     note: Option<&str>,
 ) -> Result<(), JournalError> {
-    sqlx::query(
-        "UPDATE outbox SET completed_at = now(), claimed_until = NULL, last_error = $2 \
-         WHERE id = $1",
-    )
-    .bind(id)
-    .bind(note)
-    .execute(&mut **tx)
-    .await?;
+    let sql = complete_sql(&statement.bind(id)?, &statement.bind(note)?);
+    statement.write(format!("{sql} AND {}", AppendStatement::APPENDED));
+    Ok(())
+}
+
+/// Adds to an append's statement giving effect `id` back to be tried after `delay` (see
+/// [`release`]), so that the recorded attempt and the row's next try commit together.
+pub fn release_with(
+    statement: &mut AppendStatement,
+    id: i64,
+    delay: std::time::Duration,
+    error: Option<&str>,
+) -> Result<(), JournalError> {
+    let id = statement.bind(id)?;
+    let delay = statement.bind(delay.as_millis() as f64)?;
+    let sql = release_sql(&id, &delay, &statement.bind(error)?);
+    statement.write(format!("{sql} AND {}", AppendStatement::APPENDED));
     Ok(())
 }
 
 /// Marks a claimed effect done on its own (an effect whose result needs no command).
 pub async fn complete(pool: &PgPool, id: i64, note: Option<&str>) -> Result<(), JournalError> {
-    let mut tx = pool.begin().await?;
-    complete_in_tx(&mut tx, id, note).await?;
-    tx.commit().await?;
+    sqlx::query(sqlx::AssertSqlSafe(complete_sql("$1", "$2")))
+        .bind(id)
+        .bind(note)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
@@ -157,18 +191,12 @@ pub async fn release<'c>(
     delay: std::time::Duration,
     error: Option<&str>,
 ) -> Result<(), JournalError> {
-    sqlx::query(
-        "UPDATE outbox SET claimed_until = NULL, \
-                available_at = now() + $2 * interval '1 millisecond', \
-                attempts = CASE WHEN $3::text IS NULL THEN attempts - 1 ELSE attempts END, \
-                last_error = $3 \
-         WHERE id = $1",
-    )
-    .bind(id)
-    .bind(delay.as_millis() as f64)
-    .bind(error)
-    .execute(executor)
-    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(release_sql("$1", "$2", "$3")))
+        .bind(id)
+        .bind(delay.as_millis() as f64)
+        .bind(error)
+        .execute(executor)
+        .await?;
     Ok(())
 }
 

@@ -49,9 +49,9 @@ pub trait Machine: Sized + Copy + Debug + PartialEq + Send + Sync + 'static {
     /// The output kinds: what must happen on entering a state.
     type Output: Label;
     /// The journal payload: an input kind with its facts.
-    type Event: JournalEvent + Clone + Debug + PartialEq;
+    type Event: JournalEvent + Clone + Debug + PartialEq + Send + Sync;
     /// What the events fold into besides the state.
-    type Data: Default + Clone + Debug + PartialEq + Serialize;
+    type Data: Default + Clone + Debug + PartialEq + Serialize + Send + Sync;
 
     /// The state of a deal with no events.
     const INITIAL: Self::State;

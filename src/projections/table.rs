@@ -1,5 +1,5 @@
 //! Status tables as data: their columns and SQL types, and the two ways rows reach them — a
-//! version-guarded upsert (inline, in the command's transaction) and CSV `COPY` (rebuilds).
+//! version-guarded upsert (inline, in the statement appending the command's events) and CSV `COPY` (rebuilds).
 //! Rows are carried as text in each column's canonical form and cast by PostgreSQL, so both
 //! ways share one encoding.
 
@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use sqlx::PgConnection;
 
 use super::ProjectionError;
+use crate::events::{AppendStatement, JournalError};
 
 /// A column's SQL type, used to cast the text it is sent as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,51 +71,49 @@ impl TableSpec {
         self.columns.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
     }
 
-    /// `INSERT ... ON CONFLICT DO UPDATE ... WHERE version < EXCLUDED.version`: re-applying
-    /// an older or equal version changes nothing, and the first event's time is kept.
-    fn upsert_sql(&'static self) -> &'static str {
-        static CACHE: OnceLock<std::sync::Mutex<HashMap<&'static str, &'static str>>> =
-            OnceLock::new();
+    /// `(columns) ... ON CONFLICT DO UPDATE ... WHERE version < EXCLUDED.version`, around
+    /// the values: re-applying an older or equal version changes nothing, and the first
+    /// event's time is kept.
+    fn upsert_parts(&'static self) -> &'static (String, String) {
+        type Parts = HashMap<&'static str, &'static (String, String)>;
+        static CACHE: OnceLock<std::sync::Mutex<Parts>> = OnceLock::new();
         let cache = CACHE.get_or_init(Default::default);
         let mut cache = cache.lock().unwrap_or_else(|poison| poison.into_inner());
         cache.entry(self.name).or_insert_with(|| {
-            let values: Vec<String> = self
-                .columns
-                .iter()
-                .enumerate()
-                .map(|(i, (_, t))| format!("${}::{}", i + 1, t.cast()))
-                .collect();
             let updates: Vec<String> = self
                 .columns
                 .iter()
                 .filter(|(c, _)| *c != self.key && *c != "first_event_at")
                 .map(|(c, _)| format!("{c} = EXCLUDED.{c}"))
                 .collect();
-            let sql = format!(
-                "INSERT INTO {table} ({columns}) VALUES ({values}) \
-                 ON CONFLICT ({key}) DO UPDATE SET {updates} \
-                 WHERE {table}.version < EXCLUDED.version",
-                table = self.name,
-                columns = self.column_list(),
-                values = values.join(", "),
+            let head = format!("INSERT INTO {} ({})", self.name, self.column_list());
+            let tail = format!(
+                "ON CONFLICT ({key}) DO UPDATE SET {updates} WHERE {table}.version < EXCLUDED.version",
                 key = self.key,
                 updates = updates.join(", "),
+                table = self.name,
             );
-            Box::leak(sql.into_boxed_str())
+            Box::leak(Box::new((head, tail)))
         })
     }
 
-    /// Writes one row, unless the table already holds this stream at this version or later.
-    pub async fn upsert(
+    /// Adds one row to an append's statement: written exactly when the events are, unless the
+    /// table already holds this stream at this version or later.
+    pub fn upsert_with(
         &'static self,
-        conn: &mut PgConnection,
+        statement: &mut AppendStatement,
         row: &RowValues,
-    ) -> Result<(), ProjectionError> {
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(self.upsert_sql()));
-        for value in row {
-            query = query.bind(value.as_deref());
+    ) -> Result<(), JournalError> {
+        let mut values = Vec::with_capacity(row.len());
+        for ((_, ty), value) in self.columns.iter().zip(row) {
+            values.push(format!("{}::{}", statement.bind(value.as_deref())?, ty.cast()));
         }
-        query.execute(conn).await?;
+        let (head, tail) = self.upsert_parts();
+        statement.write(format!(
+            "{head} SELECT {} WHERE {} {tail}",
+            values.join(", "),
+            AppendStatement::APPENDED
+        ));
         Ok(())
     }
 
