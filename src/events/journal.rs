@@ -561,8 +561,10 @@ impl AppendStatement {
 
     /// Adds one data-modifying statement (`INSERT`, `UPDATE`) guarded by
     /// [`AppendStatement::APPENDED`], its values bound through [`AppendStatement::bind`].
-    pub fn write(&mut self, sql: String) {
+    /// Returns the CTE's name, for a later write that depends on its `RETURNING` rows.
+    pub fn write(&mut self, sql: String) -> String {
         self.writes.push(sql);
+        format!("write_{}", self.writes.len() - 1)
     }
 }
 
