@@ -1,7 +1,8 @@
 //! The `Deals` service: the library API with the seed's verbs. Every command goes the same way:
-//! load the deal (replay of its stream through its machine), decide, then in ONE transaction
-//! append the events with the expected version and enqueue the effects. A concurrent writer
-//! makes the append conflict; the command is then decided again on the fresh deal, a bounded
+//! load the deal (as this process last recorded it, or by replaying its stream through its
+//! machine), decide, then in ONE statement — one transaction — append the events with the
+//! expected version, enqueue the effects and write the status row. A concurrent writer makes
+//! the append conflict; the command is then decided again on the replayed deal, a bounded
 //! number of times.
 
 mod cache;
