@@ -147,15 +147,13 @@ impl Market {
         let (piece, size) = dealledger::adapters::piece::commp::commp_of(&original);
         self.nodes.pieces.put(piece, size, original.as_slice()).await.unwrap();
         let terms = RetrievalDealProposal {
-            payload_cid: dealledger::events::chain::cid_of_bytes(b"payload"),
             piece_cid: Some(piece),
             part: ByteRange { offset: 0, length: 64 * 1024 },
             price_per_byte: TokenAmount(3),
             payment_interval: 16 * 1024,
             payment_interval_increase: 0,
             unseal_price: TokenAmount(0),
-            client: PartyKey::of(&client_key()),
-            provider: PartyKey::of(&provider_key()),
+            ..retrieval_terms()
         };
         let stream = Uuid::now_v7();
         let deals = &self.nodes.client_deals;
@@ -324,15 +322,13 @@ async fn a_retrieval_is_paid_through_a_devnet_channel_and_the_provider_collects_
     let (piece, size) = dealledger::adapters::piece::commp::commp_of(&original);
     m.nodes.pieces.put(piece, size, original.as_slice()).await.unwrap();
     let terms = RetrievalDealProposal {
-        payload_cid: dealledger::events::chain::cid_of_bytes(b"payload"),
         piece_cid: Some(piece),
         part: ByteRange { offset: 0, length: 1 << 20 },
         price_per_byte: TokenAmount(3),
         payment_interval: 256 * 1024,
         payment_interval_increase: 128 * 1024,
         unseal_price: TokenAmount(0),
-        client: PartyKey::of(&client_key()),
-        provider: PartyKey::of(&provider_key()),
+        ..retrieval_terms()
     };
     let total = terms.total_price().unwrap();
     let stream = Uuid::now_v7();

@@ -237,15 +237,8 @@ async fn a_decision_made_on_a_stale_version_is_a_conflict_and_records_nothing() 
 #[tokio::test]
 async fn racing_commands_are_decided_one_after_the_other() {
     let (deals, _) = deals().await;
-    let (_, provider) = {
-        let proposal = signed_proposal();
-        let signed =
-            dealledger::domain::storage::StorageDeal::sign(proposal.clone(), &provider_key());
-        let provider = deals.receive_proposal(proposal, &ctx(), None).await.unwrap().stream_id;
-        run::<StorageProvider>(&deals, provider, SP::DealAccepted { deal: Box::new(signed) }).await;
-        run::<StorageProvider>(&deals, provider, SP::DataTransferStarted).await;
-        ((), provider)
-    };
+    let provider = accepted_provider_deal(&deals).await;
+    run::<StorageProvider>(&deals, provider, SP::DataTransferStarted).await;
     // Given a deal receiving data, when a cancel and the transfer's completion race
     let context = ctx();
     let (a, b) = tokio::join!(
@@ -285,50 +278,43 @@ async fn accepted_provider_deal(deals: &Deals) -> Uuid {
     provider
 }
 
-#[tokio::test]
-async fn a_deal_another_process_moved_takes_a_command_only_its_new_state_allows() {
-    // Given two ledgers on one database (two processes), and a deal `here` recorded last
+/// Two ledgers on one database (two processes): a deal accepted through the first, which
+/// remembers it, then moved on (transfer started) through the second. Returns the first.
+async fn deal_moved_by_another_process() -> (Deals, PgPool, Uuid) {
     let (here, pool) = deals().await;
     let there = Deals::new(dealledger::events::Journal::new(pool.clone()));
     let provider = accepted_provider_deal(&here).await;
-    // When the other process moves the deal on
     there.handle::<StorageProvider>(provider, SP::DataTransferStarted, &ctx(), None).await.unwrap();
-    // Then a command only the new state allows is accepted here, not refused on the old state
-    let done = here
-        .handle::<StorageProvider>(
-            provider,
-            SP::DataTransferCompleted { bytes: 2048 },
-            &ctx(),
-            None,
-        )
-        .await
-        .expect("decided on the deal as it is now");
-    assert_eq!(done.deal.version, 5);
+    (here, pool, provider)
+}
+
+#[tokio::test]
+async fn a_deal_another_process_moved_takes_a_command_only_its_new_state_allows() {
+    // Given a deal this ledger recorded last and another process moved on
+    let (here, pool, provider) = deal_moved_by_another_process().await;
+    // When a command only the new state allows comes here
+    let command = SP::DataTransferCompleted { bytes: 2048 };
+    let done = here.handle::<StorageProvider>(provider, command, &ctx(), None).await;
+    // Then it is accepted, not refused on the state this ledger remembered
+    assert_eq!(done.expect("decided on the deal as it is now").deal.version, 5);
     assert_projections_match_the_journal(&pool).await;
 }
 
 #[tokio::test]
 async fn a_command_decided_on_a_state_another_process_moved_on_is_decided_again() {
-    // Given two ledgers on one database, and a deal `here` recorded last
-    let (here, pool) = deals().await;
-    let there = Deals::new(dealledger::events::Journal::new(pool.clone()));
-    let provider = accepted_provider_deal(&here).await;
-    // When the other process moves the deal on, and a command both states allow comes here
-    there.handle::<StorageProvider>(provider, SP::DataTransferStarted, &ctx(), None).await.unwrap();
-    let cancelled = here
-        .handle::<StorageProvider>(
-            provider,
-            SP::DealCancelled { reason: "operator".into() },
-            &ctx(),
-            None,
-        )
-        .await
-        .expect("accepted after deciding again");
+    // Given a deal this ledger recorded last and another process moved on
+    let (here, pool, provider) = deal_moved_by_another_process().await;
+    // When a command both states allow comes here
+    let command = SP::DealCancelled { reason: "operator".into() };
+    let cancelled = here.handle::<StorageProvider>(provider, command, &ctx(), None).await;
     // Then it follows the other process's event instead of overwriting or forking the stream
     let events = here.journal().read_stream(provider, 1).await.unwrap();
     let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     assert_eq!(types[3], "data-transfer-started", "{types:?}");
-    assert_eq!(cancelled.deal.version as usize, events.len());
+    assert_eq!(
+        cancelled.expect("accepted after deciding again").deal.version as usize,
+        events.len()
+    );
     assert!(here.journal().verify_stream(provider).await.unwrap().first_bad.is_none());
     assert_projections_match_the_journal(&pool).await;
 }
