@@ -987,6 +987,16 @@ async fn a_cancelled_retrieval_request_cancels_its_deal_and_ends_cancelled() {
     let part =
         deals.load::<RetrievalRequestMachine>(request_id).await.unwrap().data.parts[0].deal_stream;
     let part = part.expect("the first part has a deal");
+    // and proposed to the provider, in the runner's next round (the runners perform different
+    // deals' effects side by side, so without this round the request's cancel could overtake
+    // the proposal, which is then rightly never sent, and the provider never hears of it)
+    starter.run_once().await.unwrap();
+    let provider_stream = dealledger::adapters::network::message::provider_retrieval_stream(
+        &m.nodes.client.peer_id(),
+        part,
+    );
+    let provider = m.nodes.provider_deals.load::<RetrievalProvider>(provider_stream).await;
+    assert!(provider.unwrap().version > 0, "the provider recorded the proposal");
     // When an operator cancels the request
     assert_eq!(deals.cancel(request_id, "bob", "not needed", &ctx()).await.unwrap(), "Cancelling");
     m.settle().await;
@@ -998,10 +1008,6 @@ async fn a_cancelled_retrieval_request_cancels_its_deal_and_ends_cancelled() {
     // And the provider heard of it: its side of the deal is cancelled too
     starter.run_until_idle().await.unwrap();
     m.settle().await;
-    let provider_stream = dealledger::adapters::network::message::provider_retrieval_stream(
-        &m.nodes.client.peer_id(),
-        part,
-    );
     let provider = m.nodes.provider_deals.load::<RetrievalProvider>(provider_stream).await.unwrap();
     assert!(
         matches!(provider.state.name(), "Cancelled" | "Cancelling"),
