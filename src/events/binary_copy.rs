@@ -15,7 +15,7 @@ const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 /// Microseconds from the Unix epoch to PostgreSQL's epoch, 2000-01-01.
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
-/// Runs `select` (which must produce the columns of `EVENT_COLUMNS`, in order) through a binary
+/// Runs `select` (which must produce the columns of `COPY_EVENT_COLUMNS`, in order) through a binary
 /// COPY and decodes the rows. `select` is built by the journal from numbers only.
 pub(crate) async fn read_events(
     pool: &PgPool,

@@ -22,6 +22,12 @@ pub(crate) const EVENT_COLUMNS: &str = "position, stream_id, stream_type, versio
     schema_version, payload, recorded_at, correlation_id, causation_id, \
     tx_id::text::bigint AS tx_id_bigint, prev_cid, cid";
 
+/// [`EVENT_COLUMNS`] for binary COPY reads, which decode `tx_id` (xid8) from its 8 bytes
+/// instead of having the server convert it to text and back for every row.
+pub(crate) const COPY_EVENT_COLUMNS: &str = "position, stream_id, stream_type, version, \
+    event_type, schema_version, payload, recorded_at, correlation_id, causation_id, tx_id, \
+    prev_cid, cid";
+
 /// Appends all events of one call in one statement. The `WHERE` clause re-checks, inside the
 /// statement, that the event the new ones link to is really the stream's event at the expected
 /// version; a concurrent writer that got there first makes the insert hit the
@@ -342,7 +348,7 @@ impl Journal {
         limit: u32,
     ) -> Result<Vec<RecordedEvent>, JournalError> {
         let select = format!(
-            "SELECT {EVENT_COLUMNS} FROM events_archive \
+            "SELECT {COPY_EVENT_COLUMNS} FROM events_archive \
              WHERE (tx_id, position) > ('{tx}'::xid8, {position}) \
              ORDER BY tx_id, position LIMIT {limit}",
             tx = after.tx_id,
@@ -365,7 +371,7 @@ impl Journal {
         // Read through a binary COPY: about twice the rate of row-by-row decoding. COPY takes
         // no parameters; the statement is built from numbers only.
         let select = format!(
-            "SELECT {EVENT_COLUMNS} FROM events \
+            "SELECT {COPY_EVENT_COLUMNS} FROM events \
              WHERE (tx_id, position) > ('{tx}'::xid8, {position}) \
                AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
              ORDER BY tx_id, position LIMIT {limit}",
