@@ -27,3 +27,4 @@ pub mod fuzzing;
 pub mod ledger;
 pub mod projections;
 pub mod runner;
+mod tasks;

@@ -134,6 +134,30 @@ pub struct EffectRunner<C, S> {
     config: RunnerConfig,
 }
 
+/// Follows the chain head in a task of its own and signals each change on the returned
+/// receiver; the task ends when the returned guard is dropped.
+///
+/// Why a task: the runner waits for a head change only between rounds. A head stream polled
+/// there directly would keep its head query suspended mid-flight while rounds run (seconds
+/// when busy), holding a pooled connection and reading the change late. Waiting on a watch
+/// receiver is cancel-safe.
+fn follow_heads<C: Chain + Clone>(
+    chain: C,
+    every: std::time::Duration,
+) -> (tokio::sync::watch::Receiver<()>, crate::tasks::AbortOnDrop) {
+    use futures::StreamExt;
+    let (changed, receiver) = tokio::sync::watch::channel(());
+    let task = tokio::spawn(async move {
+        let mut heads = std::pin::pin!(head_changes(chain, every));
+        while heads.next().await.is_some() {
+            if changed.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    (receiver, crate::tasks::AbortOnDrop(task))
+}
+
 /// What one round did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RoundReport {
@@ -258,9 +282,8 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
     /// Runs until `stop` resolves: rounds as long as there is work, and between them waits
     /// for a chain head change (which re-arms waiting effects), a new effect, or the poll.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), RunnerError> {
-        use futures::StreamExt;
         self.recover().await?;
-        let mut heads = Box::pin(head_changes(self.chain.clone(), self.config.head_poll));
+        let (mut heads, _follower) = follow_heads(self.chain.clone(), self.config.head_poll);
         let pool = self.deals.journal().pool().clone();
         tokio::pin!(stop);
         loop {
@@ -272,8 +295,8 @@ impl<C: Chain + Clone, S: SealingPipeline + Clone> EffectRunner<C, S> {
             }
             tokio::select! {
                 _ = &mut stop => return Ok(()),
-                head = heads.next() => {
-                    if head.is_some()
+                head = heads.changed() => {
+                    if head.is_ok()
                         && let Err(e) = outbox::wake(&pool, WATCH_EFFECTS).await
                     {
                         tracing::warn!(error = %e, "could not re-arm waiting effects");

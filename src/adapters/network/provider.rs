@@ -477,7 +477,8 @@ impl ProviderService {
                 None
             }
         };
-        let _stop_transfers = transfers.map(AbortOnDrop);
+        // The transfers stop being served when `serve` returns.
+        let _stop_transfers = transfers.map(crate::tasks::AbortOnDrop);
         while let Some(event) = events.recv().await {
             match event {
                 NetworkEvent::InboundRequest { peer, request, channel } => {
@@ -499,15 +500,6 @@ impl ProviderService {
                 }
             }
         }
-    }
-}
-
-/// Aborts a task when dropped, so that the transfers stop being served when `serve` returns.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
