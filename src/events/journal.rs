@@ -482,10 +482,11 @@ impl<'a> AppendRows<'a> {
             recorded_at: self.recorded_at,
         };
         let events = self.events;
+        // $1 to $3 are the same in both forms; the events follow, as scalars or as arrays.
+        statement.bind(stream_id)?;
+        statement.bind(stream_type)?;
+        statement.bind(self.recorded_at)?;
         let insert = if let [event] = events {
-            statement.bind(stream_id)?;
-            statement.bind(stream_type)?;
-            statement.bind(self.recorded_at)?;
             statement.bind(self.versions[0])?;
             statement.bind(&event.event_type)?;
             statement.bind(event.schema_version)?;
@@ -496,9 +497,6 @@ impl<'a> AppendRows<'a> {
             statement.bind(&self.cids[0])?;
             INSERT_ONE_EVENT
         } else {
-            statement.bind(stream_id)?;
-            statement.bind(stream_type)?;
-            statement.bind(self.recorded_at)?;
             statement.bind(&self.versions)?;
             statement.bind(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())?;
             statement.bind(events.iter().map(|e| e.schema_version).collect::<Vec<_>>())?;

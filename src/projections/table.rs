@@ -1,7 +1,7 @@
 //! Status tables as data: their columns and SQL types, and the two ways rows reach them — a
-//! version-guarded upsert (inline, in the statement appending the command's events) and CSV `COPY` (rebuilds).
-//! Rows are carried as text in each column's canonical form and cast by PostgreSQL, so both
-//! ways share one encoding.
+//! version-guarded upsert (inline, in the statement appending the command's events) and CSV
+//! `COPY` (rebuilds). Rows are carried as text in each column's canonical form and cast by
+//! PostgreSQL, so both ways share one encoding.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -71,6 +71,12 @@ impl TableSpec {
         self.columns.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
     }
 
+    /// Whether a later version of a row replaces `column`: every column but the key and the
+    /// first event's time, which the row keeps from its first events.
+    fn overwrites(&self, column: &str) -> bool {
+        column != self.key && column != "first_event_at"
+    }
+
     /// `(columns) ... ON CONFLICT DO UPDATE ... WHERE version < EXCLUDED.version`, around
     /// the values: re-applying an older or equal version changes nothing, and the first
     /// event's time is kept.
@@ -83,7 +89,7 @@ impl TableSpec {
             let updates: Vec<String> = self
                 .columns
                 .iter()
-                .filter(|(c, _)| *c != self.key && *c != "first_event_at")
+                .filter(|(c, _)| self.overwrites(c))
                 .map(|(c, _)| format!("{c} = EXCLUDED.{c}"))
                 .collect();
             let head = format!("INSERT INTO {} ({})", self.name, self.column_list());
@@ -120,7 +126,7 @@ impl TableSpec {
             .columns
             .iter()
             .zip(&values)
-            .filter(|((c, _), _)| *c != self.key && *c != "first_event_at")
+            .filter(|((c, _), _)| self.overwrites(c))
             .map(|((c, _), v)| format!("{c} = {v}"))
             .collect();
         let updated = statement.write(format!(
