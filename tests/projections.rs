@@ -19,8 +19,10 @@ use dealledger::fsm::fixtures::*;
 use dealledger::fsm::storage_client::{StorageClient, StorageClientEvent};
 use dealledger::fsm::storage_provider::StorageProvider;
 use dealledger::fsm::{Deal, DecideContext};
+use dealledger::projections::ProjectionError;
 use dealledger::projections::projector::{self, TransitionsProjector};
-use dealledger::projections::rebuild::{check_inline, inline_tables, rebuild_inline};
+use dealledger::projections::rebuild::{check_inline, diff_row, inline_tables, rebuild_inline};
+use dealledger::projections::rows::STORAGE_DEALS;
 use dealledger::projections::updates::{UpdateFilter, subscribe_deal_updates};
 
 async fn setup(connections: u32) -> (Deals, PgPool) {
@@ -123,6 +125,129 @@ async fn check_reports_a_corrupted_row_and_a_rebuild_repairs_it() {
     assert!(diffs.iter().all(|d| d.table == "storage_deals"));
     assert!(diffs.iter().any(|d| d.kind == "unexpected in live" && d.row.contains("\"Active\"")));
     rebuild_inline(&pool, &inline_tables(None).unwrap(), &mut no_progress).await.unwrap();
+    assert_projections_match_the_journal(&pool).await;
+}
+
+#[tokio::test]
+async fn a_row_copied_in_binary_equals_the_same_row_cast_from_text() {
+    // Given a storage row with edge values in every column type: NULLs, quotes, commas and
+    // non-ASCII text, extreme integers, numerics that are huge, negative or fractional, and
+    // times on both sides of PostgreSQL's epoch
+    let (_deals, pool) = setup(2).await;
+    let texts = [
+        Some(Uuid::now_v7().to_string()),
+        Some("storage_client".into()),
+        Some("bafy\"quoted\", with commas".into()),
+        None,
+        Some(i64::MIN.to_string()),
+        Some("true".into()),
+        Some("ünïcödé ✓ client".into()),
+        Some(String::new()),
+        Some("a label\nwith a newline and \\ backslash".into()),
+        Some(i64::MAX.to_string()),
+        Some("0".into()),
+        Some("123456789012345678901234567890".into()),
+        Some("-0.00010".into()),
+        Some("0".into()),
+        Some("42".into()),
+        None,
+        Some("-1".into()),
+        Some("ReserveClientFunds".into()),
+        Some(i16::MIN.to_string()),
+        Some("false".into()),
+        Some("ProposalSent".into()),
+        Some(i32::MAX.to_string()),
+        Some("2026-12-02T04:00:00.123456Z".into()),
+        Some("1999-12-31T23:59:59.999999Z".into()),
+        None,
+        Some("10000".into()),
+        Some("99990000.0001".into()),
+        Some("recoverable".into()),
+        Some("0".into()),
+        None,
+    ];
+    let row: Vec<Option<String>> = texts.into_iter().collect();
+    assert_eq!(row.len(), STORAGE_DEALS.columns.len());
+    // When it is copied in binary into the base table
+    let mut conn = pool.acquire().await.unwrap();
+    STORAGE_DEALS.copy_into(&mut conn, "storage_deals_rows", [&row]).await.unwrap();
+    drop(conn);
+    // Then it equals the row PostgreSQL casts from the same text, column by column
+    let diffs = diff_row(&pool, &STORAGE_DEALS, &row).await.unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+    // And a value not in its column's canonical form is refused, and nothing is written
+    let mut bad = row.clone();
+    bad[0] = Some(Uuid::now_v7().to_string());
+    bad[11] = Some("1e5".into());
+    let mut conn = pool.acquire().await.unwrap();
+    let refused = STORAGE_DEALS.copy_into(&mut conn, "storage_deals_rows", [&bad]).await;
+    assert!(matches!(refused, Err(ProjectionError::BadColumnValue { .. })), "{refused:?}");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM storage_deals")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+}
+
+/// Each base table's indexes and constraints as the catalog prints them.
+async fn base_table_catalog(pool: &PgPool) -> Vec<(String, String, String)> {
+    sqlx::query_as(
+        "SELECT tablename::text, indexname::text, indexdef FROM pg_indexes \
+          WHERE tablename IN ('storage_deals_rows', 'retrieval_deals_rows', \
+                              'retrieval_requests_rows') \
+         UNION ALL \
+         SELECT conrelid::regclass::text, conname::text, pg_get_constraintdef(oid) \
+           FROM pg_constraint \
+          WHERE conrelid IN ('storage_deals_rows'::regclass, 'retrieval_deals_rows'::regclass, \
+                             'retrieval_requests_rows'::regclass) \
+         ORDER BY 1, 2, 3",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_rebuild_swaps_in_tables_with_the_same_indexes_constraints_and_readers() {
+    // Given live status tables and their base tables' indexes and constraints
+    let (deals, pool) = setup(4).await;
+    mixed_workload(&deals, 50, 2).await;
+    let catalog = base_table_catalog(&pool).await;
+    assert!(catalog.len() >= 10, "indexes and constraints: {catalog:?}");
+    // When the tables are rebuilt twice (the second time from a swapped-in table)
+    for _ in 0..2 {
+        rebuild_inline(&pool, &inline_tables(None).unwrap(), &mut no_progress).await.unwrap();
+    }
+    // Then the base tables have the same indexes and constraints, under the same names
+    assert_eq!(base_table_catalog(&pool).await, catalog);
+    // And the views and functions over them answer from the new rows
+    let summed: i64 = sqlx::query_scalar("SELECT sum(deals)::bigint FROM provider_summary")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM storage_deals").fetch_one(&pool).await.unwrap();
+    assert_eq!(summed, rows);
+    sqlx::query("SELECT count(*) FROM active_deals_expiring_before(10000000)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // And the reader role reads the views but not the new base table
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET ROLE dealledger_reader").execute(&mut *conn).await.unwrap();
+    sqlx::query("SELECT count(*) FROM storage_deals").execute(&mut *conn).await.unwrap();
+    let refused = sqlx::query("SELECT count(*) FROM storage_deals_rows").execute(&mut *conn).await;
+    assert!(refused.unwrap_err().to_string().contains("permission denied"));
+    sqlx::query("RESET ROLE").execute(&mut *conn).await.unwrap();
+    drop(conn);
+    // And commands write their rows into the swapped-in table
+    let fresh = deals.initiate_deal(proposal_numbered(9_999), &ctx()).await.unwrap().stream_id;
+    let state: String = sqlx::query_scalar("SELECT state FROM storage_deals WHERE stream_id = $1")
+        .bind(fresh)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "ReserveClientFunds");
     assert_projections_match_the_journal(&pool).await;
 }
 
@@ -346,6 +471,7 @@ async fn the_reader_role_reads_the_status_tables_and_nothing_else() {
     for refused in [
         "SELECT count(*) FROM events",
         "SELECT count(*) FROM outbox",
+        "SELECT count(*) FROM storage_deals_rows",
         "UPDATE storage_deals SET state = 'x'",
         "DELETE FROM retrieval_requests",
         "INSERT INTO projection_checkpoints (name, tx_id, position) VALUES ('x', 0, 0)",

@@ -22,34 +22,97 @@ pub(crate) async fn read_events(
     select: &str,
 ) -> Result<Vec<RecordedEvent>, JournalError> {
     let mut conn = pool.acquire().await?;
-    let result = copy_on(&mut conn, select).await;
+    let mut events = Vec::new();
+    let result = for_each_row(&mut conn, select, 13, |row| {
+        events.push(decode(&row)?);
+        Ok::<_, JournalError>(())
+    })
+    .await;
     if result.is_err() {
         // The connection may be in the middle of the COPY: close it rather than reuse it.
         drop(conn.detach());
     }
-    result
+    result.map(|()| events)
 }
 
-async fn copy_on(
+/// One row of a binary COPY, borrowed from the read buffer: typed views of its fields.
+pub(crate) struct CopyRow<'a> {
+    fields: &'a [Option<&'a [u8]>],
+}
+
+impl<'a> CopyRow<'a> {
+    /// The raw bytes of field `i`, `None` for NULL.
+    pub(crate) fn get(&self, i: usize) -> Option<&'a [u8]> {
+        self.fields.get(i).copied().flatten()
+    }
+
+    /// The bytes of field `i`, which must not be NULL.
+    pub(crate) fn bytes(&self, i: usize) -> Result<&'a [u8], JournalError> {
+        self.get(i).ok_or_else(|| malformed(format!("column {i} is NULL")))
+    }
+
+    /// Field `i` as an integer of any width (smallint, integer, bigint, xid8).
+    pub(crate) fn int(&self, i: usize) -> Result<i64, JournalError> {
+        let bytes = self.bytes(i)?;
+        Ok(match bytes.len() {
+            8 => i64::from_be_bytes(bytes.try_into().expect("8 bytes")),
+            4 => i64::from(i32::from_be_bytes(bytes.try_into().expect("4 bytes"))),
+            2 => i64::from(i16::from_be_bytes(bytes.try_into().expect("2 bytes"))),
+            n => return Err(malformed(format!("integer column {i} has {n} bytes"))),
+        })
+    }
+
+    /// Field `i` as text.
+    pub(crate) fn text(&self, i: usize) -> Result<&'a str, JournalError> {
+        std::str::from_utf8(self.bytes(i)?).map_err(|e| malformed(e.to_string()))
+    }
+
+    /// Field `i` as a uuid.
+    pub(crate) fn uuid(&self, i: usize) -> Result<Uuid, JournalError> {
+        uuid(self.bytes(i)?)
+    }
+
+    /// Field `i` as a timestamptz.
+    pub(crate) fn time(&self, i: usize) -> Result<DateTime<Utc>, JournalError> {
+        DateTime::from_timestamp_micros(self.int(i)? + PG_EPOCH_MICROS)
+            .ok_or_else(|| malformed(format!("column {i}: time out of range")))
+    }
+}
+
+/// Runs `select`, which must produce `columns` columns, through a binary COPY on `conn` and
+/// hands each row to `visit` as it arrives, without collecting them. On an error the
+/// connection may be left in the middle of the COPY: the caller must not reuse it (a pooled
+/// transaction's rollback, or `detach`, takes care of that).
+pub(crate) async fn for_each_row<E: From<JournalError>>(
     conn: &mut sqlx::PgConnection,
     select: &str,
-) -> Result<Vec<RecordedEvent>, JournalError> {
+    columns: usize,
+    mut visit: impl FnMut(CopyRow<'_>) -> Result<(), E>,
+) -> Result<(), E> {
+    if columns > MAX_COLUMNS {
+        return Err(malformed(format!("{columns} columns, at most {MAX_COLUMNS} supported")).into());
+    }
     let statement = format!("COPY ({select}) TO STDOUT (FORMAT binary)");
-    let mut chunks = conn.copy_out_raw(&statement).await?;
-    let mut buffer: Vec<u8> = Vec::with_capacity(1 << 20);
-    let mut events = Vec::new();
-    let mut offset = 0usize;
+    let mut chunks = conn.copy_out_raw(&statement).await.map_err(JournalError::from)?;
+    // Bytes of a tuple split across messages. The server sends one message per row, so most
+    // rows are parsed straight from their message without being copied.
+    let mut pending: Vec<u8> = Vec::new();
     let mut header_done = false;
     let mut trailer_seen = false;
     // The stream must be read to its end even after the trailer, or the connection goes back
     // to the pool in the middle of the COPY protocol.
-    while let Some(chunk) = chunks.try_next().await? {
+    while let Some(chunk) = chunks.try_next().await.map_err(JournalError::from)? {
         if trailer_seen {
             continue;
         }
-        buffer.extend_from_slice(&chunk);
+        let from_pending = !pending.is_empty() || !header_done;
+        if from_pending {
+            pending.extend_from_slice(&chunk);
+        }
+        let data: &[u8] = if from_pending { &pending } else { &chunk };
+        let mut offset = 0;
         if !header_done {
-            match header_len(&buffer)? {
+            match header_len(data)? {
                 Some(len) => {
                     offset = len;
                     header_done = true;
@@ -57,21 +120,31 @@ async fn copy_on(
                 None => continue,
             }
         }
-        while let Some((event, used)) = parse_tuple(&buffer[offset..])? {
-            offset += used;
-            match event {
-                Some(event) => events.push(event),
-                None => {
+        let mut fields = [None; MAX_COLUMNS];
+        loop {
+            match parse_tuple(&data[offset..], &mut fields[..columns])? {
+                Tuple::Incomplete => break,
+                Tuple::Trailer => {
                     trailer_seen = true;
                     break;
                 }
+                Tuple::Row(used) => {
+                    visit(CopyRow { fields: &fields[..columns] })?;
+                    offset += used;
+                }
             }
         }
-        buffer.drain(..offset);
-        offset = 0;
+        if from_pending {
+            pending.drain(..offset);
+        } else {
+            pending.extend_from_slice(&chunk[offset..]);
+        }
     }
-    Ok(events)
+    Ok(())
 }
+
+/// The most columns [`for_each_row`] reads.
+const MAX_COLUMNS: usize = 16;
 
 fn malformed(reason: impl Into<String>) -> JournalError {
     JournalError::MalformedRow { position: -1, reason: reason.into() }
@@ -102,62 +175,60 @@ fn field<'a>(buffer: &'a [u8], at: &mut usize) -> Result<Option<&'a [u8]>, Optio
     Ok(Some(bytes))
 }
 
-/// One tuple: `Ok(None)` when it is not complete yet, `Ok(Some((None, n)))` for the trailer.
-#[allow(clippy::type_complexity)]
-fn parse_tuple(buffer: &[u8]) -> Result<Option<(Option<RecordedEvent>, usize)>, JournalError> {
-    let Some(count) = buffer.get(..2) else { return Ok(None) };
+/// What the buffer starts with.
+enum Tuple {
+    /// A row of this many bytes; its fields were pushed.
+    Row(usize),
+    /// The trailer: no more rows.
+    Trailer,
+    /// Not all of the next tuple has arrived.
+    Incomplete,
+}
+
+/// Parses one tuple at the start of `buffer` into `fields`, which has one slot per column.
+fn parse_tuple<'a>(
+    buffer: &'a [u8],
+    fields: &mut [Option<&'a [u8]>],
+) -> Result<Tuple, JournalError> {
+    let columns = fields.len();
+    let Some(count) = buffer.get(..2) else { return Ok(Tuple::Incomplete) };
     let count = i16::from_be_bytes(count.try_into().expect("2 bytes"));
     if count == -1 {
-        return Ok(Some((None, 2)));
+        return Ok(Tuple::Trailer);
     }
-    if count != 13 {
-        return Err(malformed(format!("expected 13 columns, got {count}")));
+    if count as usize != columns {
+        return Err(malformed(format!("expected {columns} columns, got {count}")));
     }
     let mut at = 2usize;
-    let mut fields: [Option<&[u8]>; 13] = [None; 13];
     for slot in fields.iter_mut() {
         match field(buffer, &mut at) {
             Ok(value) => *slot = value,
-            Err(None) => return Ok(None),
+            Err(None) => return Ok(Tuple::Incomplete),
             Err(Some(e)) => return Err(e),
         }
     }
-    Ok(Some((Some(decode(&fields)?), at)))
+    Ok(Tuple::Row(at))
 }
 
-fn decode(f: &[Option<&[u8]>; 13]) -> Result<RecordedEvent, JournalError> {
-    let required = |i: usize| f[i].ok_or_else(|| malformed(format!("column {i} is NULL")));
-    let int = |i: usize| -> Result<i64, JournalError> {
-        let bytes = required(i)?;
-        Ok(match bytes.len() {
-            8 => i64::from_be_bytes(bytes.try_into().expect("8 bytes")),
-            4 => i64::from(i32::from_be_bytes(bytes.try_into().expect("4 bytes"))),
-            2 => i64::from(i16::from_be_bytes(bytes.try_into().expect("2 bytes"))),
-            n => return Err(malformed(format!("integer column {i} has {n} bytes"))),
-        })
-    };
-    let uuid = |bytes: &[u8]| Uuid::from_slice(bytes).map_err(|e| malformed(e.to_string()));
-    let text = |i: usize| -> Result<String, JournalError> {
-        String::from_utf8(required(i)?.to_vec()).map_err(|e| malformed(e.to_string()))
-    };
-    let position = int(0)?;
-    let micros = int(7)?;
-    let recorded_at: DateTime<Utc> = DateTime::from_timestamp_micros(micros + PG_EPOCH_MICROS)
-        .ok_or_else(|| malformed("recorded_at out of range"))?;
+fn uuid(bytes: &[u8]) -> Result<Uuid, JournalError> {
+    Uuid::from_slice(bytes).map_err(|e| malformed(e.to_string()))
+}
+
+fn decode(row: &CopyRow<'_>) -> Result<RecordedEvent, JournalError> {
     let cid = |bytes: &[u8]| Cid::try_from(bytes).map_err(|e| malformed(format!("cid: {e}")));
     Ok(RecordedEvent {
-        position,
-        stream_id: uuid(required(1)?)?,
-        stream_type: text(2)?,
-        version: u32::try_from(int(3)?).map_err(|_| malformed("negative version"))?,
-        event_type: text(4)?,
-        schema_version: int(5)? as i16,
-        payload: required(6)?.to_vec(),
-        recorded_at,
-        correlation_id: f[8].map(uuid).transpose()?,
-        causation_id: f[9].map(uuid).transpose()?,
-        tx_id: int(10)? as u64,
-        prev_cid: f[11].map(cid).transpose()?,
-        cid: cid(required(12)?)?,
+        position: row.int(0)?,
+        stream_id: row.uuid(1)?,
+        stream_type: row.text(2)?.to_owned(),
+        version: u32::try_from(row.int(3)?).map_err(|_| malformed("negative version"))?,
+        event_type: row.text(4)?.to_owned(),
+        schema_version: row.int(5)? as i16,
+        payload: row.bytes(6)?.to_vec(),
+        recorded_at: row.time(7)?,
+        correlation_id: row.get(8).map(uuid).transpose()?,
+        causation_id: row.get(9).map(uuid).transpose()?,
+        tx_id: row.int(10)? as u64,
+        prev_cid: row.get(11).map(cid).transpose()?,
+        cid: cid(row.bytes(12)?)?,
     })
 }

@@ -10,7 +10,7 @@
 //! - [`archive`]: retention: whole streams moved to `events_archive`, never deleted.
 
 pub mod archive;
-mod binary_copy;
+pub(crate) mod binary_copy;
 pub mod chain;
 pub mod codec;
 pub mod envelope;

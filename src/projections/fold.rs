@@ -182,6 +182,14 @@ impl AnyDeal {
         on_deal!(self, |d| apply(d, event))
     }
 
+    /// The status table the deal's row goes to.
+    pub fn table(&self) -> &'static TableSpec {
+        fn of<M: Projected>(_: &Deal<M>) -> &'static TableSpec {
+            M::TABLE
+        }
+        on_deal!(self, |d| of(d))
+    }
+
     /// The deal's status row and its table.
     pub fn row(&self, meta: &RowMeta) -> (&'static TableSpec, RowValues) {
         fn of<M: Projected>(deal: &Deal<M>, meta: &RowMeta) -> (&'static TableSpec, RowValues) {

@@ -10,11 +10,13 @@
 //! - [`rows`], [`table`], [`fold`]: the row of each machine's deal, the tables' columns and the
 //!   run-time dispatch over machines.
 
+mod binary;
 pub mod fold;
 pub mod inline;
 pub mod projector;
 pub mod rebuild;
 pub mod rows;
+mod swap;
 pub mod table;
 pub mod updates;
 
@@ -49,6 +51,17 @@ pub enum ProjectionError {
     /// A projected state name no machine declares (a projection written by another version).
     #[error("stream {stream_id} is in unknown state {state}")]
     UnknownState { stream_id: Uuid, state: String },
+    /// A row value not in its column's canonical text form (a bug in the row's code, not in
+    /// the journal): nothing was written.
+    #[error("column {column}: {value:?} is {reason}")]
+    BadColumnValue { column: String, value: String, reason: String },
+    /// A status table's index whose definition a rebuild cannot rebuild on a new table (the
+    /// catalog printed it in an unexpected form): nothing was swapped.
+    #[error("cannot rebuild index: {0}")]
+    UnclonableIndex(String),
+    /// The server's snapshot text was not the `xmin:xmax:xip,...` it always is.
+    #[error("unexpected snapshot text {0:?}")]
+    UnexpectedSnapshot(String),
     /// No projection of that name.
     #[error(
         "no projection named {0}; the projections are storage_deals, retrieval_deals, retrieval_requests, deal_transitions"

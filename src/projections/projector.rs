@@ -29,6 +29,7 @@ const RESUME_AFTER: Duration = Duration::from_secs(1);
 /// `deal_transitions`: one row per transition.
 pub static TRANSITIONS: TableSpec = TableSpec {
     name: "deal_transitions",
+    rows_table: "deal_transitions",
     key: "stream_id",
     columns: &[
         ("stream_id", T::Uuid),

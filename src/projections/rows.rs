@@ -33,6 +33,7 @@ pub trait Projected: Machine {
 /// `storage_deals`: both sides of storage deals.
 pub static STORAGE_DEALS: TableSpec = TableSpec {
     name: "storage_deals",
+    rows_table: "storage_deals_rows",
     key: "stream_id",
     columns: &[
         ("stream_id", T::Uuid),
@@ -71,6 +72,7 @@ pub static STORAGE_DEALS: TableSpec = TableSpec {
 /// `retrieval_deals`: both sides of retrieval deals.
 pub static RETRIEVAL_DEALS: TableSpec = TableSpec {
     name: "retrieval_deals",
+    rows_table: "retrieval_deals_rows",
     key: "stream_id",
     columns: &[
         ("stream_id", T::Uuid),
@@ -110,6 +112,7 @@ pub static RETRIEVAL_DEALS: TableSpec = TableSpec {
 /// `retrieval_requests`: the client's whole-piece view.
 pub static RETRIEVAL_REQUESTS: TableSpec = TableSpec {
     name: "retrieval_requests",
+    rows_table: "retrieval_requests_rows",
     key: "request_id",
     columns: &[
         ("request_id", T::Uuid),

@@ -1,14 +1,16 @@
 //! Status tables as data: their columns and SQL types, and the two ways rows reach them — a
-//! version-guarded upsert (inline, in the statement appending the command's events) and CSV
-//! `COPY` (rebuilds). Rows are carried as text in each column's canonical form and cast by
-//! PostgreSQL, so both ways share one encoding.
+//! version-guarded upsert (inline, in the statement appending the command's events) and binary
+//! `COPY` (rebuilds, the transitions projector). Rows are carried as text in each column's
+//! canonical form, cast by PostgreSQL in the upsert and converted by [`super::binary`] for
+//! `COPY`, so both ways share one encoding.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use sqlx::PgConnection;
 
-use super::ProjectionError;
+use super::{ProjectionError, binary};
 use crate::events::{AppendStatement, JournalError};
 
 /// A column's SQL type, used to cast the text it is sent as.
@@ -42,8 +44,12 @@ impl SqlType {
 /// A status table: its name, its key column and its columns in order.
 #[derive(Debug)]
 pub struct TableSpec {
-    /// The table.
+    /// The table users query.
     pub name: &'static str,
+    /// The table that holds the rows. For the inline status tables `name` is a view over this
+    /// base table, so that a rebuild can build a whole new base table and swap it in behind
+    /// the view (see [`super::swap`]); elsewhere it is `name` itself.
+    pub rows_table: &'static str,
     /// The primary key column (the stream id).
     pub key: &'static str,
     /// Every column, in the order rows list their values.
@@ -147,53 +153,47 @@ impl TableSpec {
         Ok(())
     }
 
-    /// Copies rows into `table` (this table or a shadow with the same columns) as CSV.
-    pub async fn copy_into(
+    /// Copies rows into `table` (this table or one with the same columns) with binary `COPY`.
+    pub async fn copy_into<R: Borrow<RowValues>>(
         &self,
         conn: &mut PgConnection,
         table: &str,
-        rows: impl IntoIterator<Item = &RowValues>,
+        rows: impl IntoIterator<Item = R>,
     ) -> Result<u64, ProjectionError> {
-        let mut csv = String::with_capacity(64 * 1024);
+        self.copy(conn, table, "", rows).await
+    }
+
+    /// Copies rows into `table` with binary `COPY`, in chunks sent while the next is encoded,
+    /// so the server stores one chunk while this process builds the next. `options` are added
+    /// to the `COPY`'s (`, FREEZE` for a table created in this transaction).
+    pub(crate) async fn copy<R: Borrow<RowValues>>(
+        &self,
+        conn: &mut PgConnection,
+        table: &str,
+        options: &str,
+        rows: impl IntoIterator<Item = R>,
+    ) -> Result<u64, ProjectionError> {
+        const CHUNK: usize = 1 << 20;
+        let statement =
+            format!("COPY {table} ({}) FROM STDIN (FORMAT binary{options})", self.column_list());
+        let mut copy = conn.copy_in_raw(&statement).await?;
+        let mut chunk = Vec::with_capacity(CHUNK + 4096);
+        chunk.extend_from_slice(binary::HEADER);
         let mut count = 0u64;
         for row in rows {
-            push_csv_row(&mut csv, row);
+            if let Err(error) = binary::push_row(&mut chunk, self.columns, row.borrow()) {
+                copy.abort(error.to_string()).await?;
+                return Err(error);
+            }
             count += 1;
+            if chunk.len() >= CHUNK {
+                copy.send(chunk.as_slice()).await?;
+                chunk.clear();
+            }
         }
-        let statement = format!("COPY {table} ({}) FROM STDIN (FORMAT csv)", self.column_list());
-        let mut copy = conn.copy_in_raw(&statement).await?;
-        copy.send(csv.as_bytes()).await?;
+        chunk.extend_from_slice(&binary::TRAILER);
+        copy.send(chunk.as_slice()).await?;
         copy.finish().await?;
         Ok(count)
-    }
-}
-
-/// Appends one CSV line: NULL as an empty unquoted field, every value quoted.
-fn push_csv_row(out: &mut String, row: &RowValues) {
-    for (i, value) in row.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        if let Some(text) = value {
-            out.push('"');
-            for c in text.chars() {
-                if c == '"' {
-                    out.push('"');
-                }
-                out.push(c);
-            }
-            out.push('"');
-        }
-    }
-    out.push('\n');
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn csv_quotes_values_and_leaves_nulls_empty() {
-        let mut out = String::new();
-        super::push_csv_row(&mut out, &vec![Some("a\"b,c".into()), None, Some(String::new())]);
-        assert_eq!(out, "\"a\"\"b,c\",,\"\"\n");
     }
 }
