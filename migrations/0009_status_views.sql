@@ -2,8 +2,8 @@
 -- a rebuild builds a whole new base table without blocking readers, with `COPY ... FREEZE`
 -- and indexes built in bulk afterwards, and then points the view at it
 -- (src/projections/swap.rs). Users go on querying `storage_deals`, `retrieval_deals` and
--- `retrieval_requests`; the views are simple, so PostgreSQL writes through them and plans
--- queries on them as on the tables. The views list every column, in the order
+-- `retrieval_requests`; the views are simple, so PostgreSQL plans queries on them as on the
+-- tables. The projections write the base tables. The views list every column, in the order
 -- src/projections/rows.rs writes them.
 
 -- What refers to the tables is dropped here and created again on the views, unchanged.

@@ -199,6 +199,11 @@ impl AnyDeal {
     }
 }
 
+/// The deals a rebuild folds, by stream id. Hashed with foldhash rather than the standard
+/// SipHash: a rebuild looks up a deal for every event, and the keys are stream ids, not
+/// input an attacker chooses to collide.
+pub type FoldedDeals = HashMap<Uuid, FoldedDeal, foldhash::fast::RandomState>;
+
 /// A deal being folded during a rebuild, with the facts its row needs.
 #[derive(Debug, Clone)]
 pub struct FoldedDeal {
@@ -211,7 +216,7 @@ pub struct FoldedDeal {
 impl FoldedDeal {
     /// Folds one more event of the deal.
     pub fn fold(
-        deals: &mut HashMap<Uuid, FoldedDeal>,
+        deals: &mut FoldedDeals,
         stream_type: &str,
         event: EventRef<'_>,
         recorded_at: DateTime<Utc>,

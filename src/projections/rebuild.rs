@@ -10,14 +10,13 @@
 //!    half-built table, and a rebuild killed at any point leaves the old rows. A check
 //!    `COPY`s into temporary shadow tables instead and compares them with the live ones.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::ProjectionError;
-use super::fold::{EventRef, FoldedDeal};
+use super::fold::{EventRef, FoldedDeal, FoldedDeals};
 use super::rows::INLINE_TABLES;
 use super::table::{RowValues, TableSpec};
 use crate::events::JournalError;
@@ -77,7 +76,7 @@ macro_rules! event_fields {
 async fn fold_events(
     conn: &mut PgConnection,
     select: &str,
-    deals: &mut HashMap<Uuid, FoldedDeal>,
+    deals: &mut FoldedDeals,
     done: u64,
     progress: Progress<'_>,
 ) -> Result<u64, ProjectionError> {
@@ -110,7 +109,7 @@ async fn fold_events(
 async fn fold_snapshot(
     pool: &PgPool,
     progress: Progress<'_>,
-) -> Result<(HashMap<Uuid, FoldedDeal>, String, u64), ProjectionError> {
+) -> Result<(FoldedDeals, String, u64), ProjectionError> {
     // A sqlx transaction, so that a rebuild dropped midway rolls back before its connection
     // is reused.
     let mut tx = pool.begin().await?;
@@ -119,7 +118,7 @@ async fn fold_snapshot(
         .await?;
     let snapshot: String =
         sqlx::query_scalar("SELECT pg_current_snapshot()::text").fetch_one(&mut *tx).await?;
-    let mut deals = HashMap::new();
+    let mut deals = FoldedDeals::default();
     // Archived streams first, then the hot journal: each stream is archived whole, in one
     // transaction, so in one snapshot a stream's events are all in one of the two tables and
     // per-stream order is all a fold needs. Two plain index scans in position order cost the
@@ -135,15 +134,17 @@ async fn fold_snapshot(
     Ok((deals, snapshot, events))
 }
 
-/// The rows of `table`, built as they are consumed.
+/// The rows of `table` in key order, built as they are consumed. In key order the primary
+/// key's index is built from already sorted rows, and the table is laid out as lookups by
+/// stream id (time-ordered uuids) go.
 fn rows_of<'a>(
-    deals: &'a HashMap<Uuid, FoldedDeal>,
+    deals: &'a FoldedDeals,
     table: &'static TableSpec,
 ) -> impl Iterator<Item = RowValues> + Send + 'a {
-    deals
-        .values()
-        .filter(move |folded| std::ptr::eq(folded.deal.table(), table))
-        .map(|folded| folded.deal.row(&folded.meta).1)
+    let mut ordered: Vec<(&Uuid, &FoldedDeal)> =
+        deals.iter().filter(|(_, folded)| std::ptr::eq(folded.deal.table(), table)).collect();
+    ordered.sort_unstable_by_key(|(id, _)| **id);
+    ordered.into_iter().map(|(_, folded)| folded.deal.row(&folded.meta).1)
 }
 
 fn shadow(table: &TableSpec) -> String {
@@ -155,7 +156,7 @@ fn shadow(table: &TableSpec) -> String {
 async fn lock_and_catch_up(
     conn: &mut PgConnection,
     tables: &[&'static TableSpec],
-    deals: &mut HashMap<Uuid, FoldedDeal>,
+    deals: &mut FoldedDeals,
     snapshot: &str,
     folded: u64,
     lock_mode: &str,
