@@ -28,9 +28,10 @@ pub(crate) fn push_row(
     columns: &[(&'static str, SqlType)],
     row: &RowValues,
 ) -> Result<(), ProjectionError> {
-    let fields = i16::try_from(columns.len()).map_err(|_| bad(columns[0].0, "", "too many"))?;
+    let fields = i16::try_from(columns.len()).map_err(|_| bad("(row)", "", "too wide"))?;
     if row.len() != columns.len() {
-        return Err(bad(columns[0].0, "", "the row's length is not the table's"));
+        let (got, wanted) = (row.len(), columns.len());
+        return Err(bad("(row)", &format!("{got} values"), &format!("not {wanted} values")));
     }
     out.extend_from_slice(&fields.to_be_bytes());
     for ((column, ty), value) in columns.iter().zip(row) {

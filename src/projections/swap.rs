@@ -9,7 +9,8 @@
 //!   the copy or the index builds;
 //! - a rebuild killed at any point rolls back and leaves the old table, view and indexes;
 //! - everything that refers to the view (other views, functions, grants) is untouched, and
-//!   writers' prepared statements are planned again against the new table.
+//!   writers' prepared statements, which name the base table, are planned again against the
+//!   new table of that name.
 //!
 //! The new table copies the old one's columns, defaults and constraints (`LIKE`), and its
 //! indexes from the catalog (`pg_get_indexdef`), so a later migration's index or constraint
