@@ -10,10 +10,10 @@ use uuid::Uuid;
 use super::envelope::RecordedEvent;
 use super::error::JournalError;
 
-/// `PGCOPY\n\xff\r\n\0`: the first bytes of every binary COPY.
-const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+/// `PGCOPY\n\xff\r\n\0`: the first bytes of every binary COPY, in either direction.
+pub(crate) const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 /// Microseconds from the Unix epoch to PostgreSQL's epoch, 2000-01-01.
-const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+pub(crate) const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 /// Runs `select` (which must produce the columns of `COPY_EVENT_COLUMNS`, in order) through a binary
 /// COPY and decodes the rows. `select` is built by the journal from numbers only.
@@ -60,6 +60,11 @@ impl<'a> CopyRow<'a> {
             2 => i64::from(i16::from_be_bytes(bytes.try_into().expect("2 bytes"))),
             n => return Err(malformed(format!("integer column {i} has {n} bytes"))),
         })
+    }
+
+    /// Field `i` as a stream version: an integer that must not be negative.
+    pub(crate) fn version(&self, i: usize) -> Result<u32, JournalError> {
+        u32::try_from(self.int(i)?).map_err(|_| malformed("negative version"))
     }
 
     /// Field `i` as text.
@@ -220,7 +225,7 @@ fn decode(row: &CopyRow<'_>) -> Result<RecordedEvent, JournalError> {
         position: row.int(0)?,
         stream_id: row.uuid(1)?,
         stream_type: row.text(2)?.to_owned(),
-        version: u32::try_from(row.int(3)?).map_err(|_| malformed("negative version"))?,
+        version: row.version(3)?,
         event_type: row.text(4)?.to_owned(),
         schema_version: row.int(5)? as i16,
         payload: row.bytes(6)?.to_vec(),

@@ -12,15 +12,16 @@ use uuid::Uuid;
 
 use super::ProjectionError;
 use super::table::{RowValues, SqlType};
+use crate::events::binary_copy::{PG_EPOCH_MICROS, SIGNATURE};
 
-/// The binary `COPY` header: signature, flags (none), header extension length (none).
-pub(crate) const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// Appends the binary `COPY` header: the signature, no flags, no header extension.
+pub(crate) fn push_header(out: &mut Vec<u8>) {
+    out.extend_from_slice(SIGNATURE);
+    out.extend_from_slice(&[0; 8]);
+}
 
 /// The binary `COPY` trailer: a tuple of -1 fields.
 pub(crate) const TRAILER: [u8; 2] = (-1i16).to_be_bytes();
-
-/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC).
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 /// Appends one tuple: the field count, then each value with its length (-1 for NULL).
 pub(crate) fn push_row(
@@ -84,7 +85,7 @@ fn push_value(out: &mut Vec<u8>, ty: SqlType, text: &str) -> Result<(), &'static
         }),
         SqlType::Timestamp => {
             let at = DateTime::parse_from_rfc3339(text).map_err(|_| "not an RFC 3339 time")?;
-            let micros = at.timestamp_micros().checked_sub(POSTGRES_EPOCH_MICROS);
+            let micros = at.timestamp_micros().checked_sub(PG_EPOCH_MICROS);
             out.extend_from_slice(&micros.ok_or("time out of range")?.to_be_bytes());
         }
         SqlType::Numeric => push_numeric(out, text)?,

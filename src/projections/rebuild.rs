@@ -19,7 +19,6 @@ use super::ProjectionError;
 use super::fold::{EventRef, FoldedDeal, FoldedDeals};
 use super::rows::INLINE_TABLES;
 use super::table::{RowValues, TableSpec};
-use crate::events::JournalError;
 use crate::events::binary_copy::for_each_row;
 
 /// What a rebuild did.
@@ -84,10 +83,7 @@ async fn fold_events(
     for_each_row(conn, select, 7, |row| {
         let event = EventRef {
             stream_id: row.uuid(0)?,
-            version: u32::try_from(row.int(2)?).map_err(|_| JournalError::MalformedRow {
-                position: -1,
-                reason: "negative version".into(),
-            })?,
+            version: row.version(2)?,
             event_type: row.text(3)?,
             schema_version: row.int(4)? as i16,
             payload: row.bytes(5)?,

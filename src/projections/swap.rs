@@ -43,10 +43,15 @@ struct IndexClone {
     next_prefix: String,
 }
 
-/// The live base table's indexes, each with the statement that builds it on `{table}_next`.
+/// What the new base table and its indexes are called until the old ones are dropped: their
+/// final names with this suffix.
+const NEXT: &str = "_next";
+
+/// The live base table's indexes (`$1`), each with the statement that builds it on the new
+/// table (names suffixed with `$2`, [`NEXT`]).
 const INDEXES: &str = "\
 SELECT quote_ident(ic.relname) AS name,
-       quote_ident(ic.relname || '_next') AS next_name,
+       quote_ident(ic.relname || $2) AS next_name,
        quote_ident(con.conname) AS constraint,
        CASE con.contype WHEN 'p' THEN 'PRIMARY KEY' WHEN 'u' THEN 'UNIQUE' END
            AS constraint_kind,
@@ -56,7 +61,7 @@ SELECT quote_ident(ic.relname) AS name,
               ic.relname, n.nspname, t.relname) AS prefix,
        format('CREATE %sINDEX %I ON %I.%I ',
               CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END,
-              ic.relname || '_next', n.nspname, t.relname || '_next') AS next_prefix
+              ic.relname || $2, n.nspname, t.relname || $2) AS next_prefix
   FROM pg_index i
   JOIN pg_class ic ON ic.oid = i.indexrelid
   JOIN pg_class t ON t.oid = i.indrelid
@@ -79,8 +84,9 @@ pub(crate) async fn replace_rows<R: Borrow<RowValues>>(
     rows: impl IntoIterator<Item = R>,
 ) -> Result<u64, ProjectionError> {
     let base = table.rows_table;
-    let next = format!("{base}_next");
-    let indexes: Vec<IndexClone> = sqlx::query_as(INDEXES).bind(base).fetch_all(&mut *conn).await?;
+    let next = format!("{base}{NEXT}");
+    let indexes: Vec<IndexClone> =
+        sqlx::query_as(INDEXES).bind(base).bind(NEXT).fetch_all(&mut *conn).await?;
     let mut builds = Vec::with_capacity(indexes.len());
     for index in &indexes {
         let Some(rest) = index.definition.strip_prefix(&index.prefix) else {
@@ -97,9 +103,9 @@ pub(crate) async fn replace_rows<R: Borrow<RowValues>>(
         ),
     )
     .await?;
+    let started = std::time::Instant::now();
     // FREEZE: the table is new in this transaction, so its rows can be written already
     // visible to everyone; nothing has to set hint bits or freeze them later.
-    let started = std::time::Instant::now();
     let written = table.copy(conn, &next, ", FREEZE", rows).await?;
     tracing::debug!(table = table.name, seconds = started.elapsed().as_secs_f64(), "copied");
     for build in builds {

@@ -183,7 +183,7 @@ impl TableSpec {
             format!("COPY {table} ({}) FROM STDIN (FORMAT binary{options})", self.column_list());
         let mut copy = conn.copy_in_raw(&statement).await?;
         let mut chunk = Vec::with_capacity(CHUNK + 4096);
-        chunk.extend_from_slice(binary::HEADER);
+        binary::push_header(&mut chunk);
         let mut count = 0u64;
         for row in rows {
             if let Err(error) = binary::push_row(&mut chunk, self.columns, row.borrow()) {
