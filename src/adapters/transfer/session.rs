@@ -1,7 +1,7 @@
 //! One push being received by the provider. The bytes go to a writer thread that appends
 //! them to the partial piece file and feeds the commitment hasher, so neither disk writes nor
-//! hashing hold up the stream; every `progress_every` bytes the thread makes the file durable
-//! and a recorder task appends the progress to the deal. Invariant: a progress event is
+//! hashing hold up the stream; every `progress_every` bytes a syncer thread beside it makes
+//! the file durable and a recorder task appends the progress to the deal. Invariant: a progress event is
 //! recorded only for bytes already synced to disk, so a restart resumes from bytes that are
 //! really there; and all progress is recorded before the transfer's completion.
 
@@ -119,30 +119,68 @@ impl Session {
     }
 }
 
-/// The writer thread: appends, hashes, and every `progress_every` bytes syncs the file and
-/// publishes the durable offset.
+/// The writer thread: appends and hashes; every `progress_every` bytes it hands the offset
+/// to a syncer thread, which makes the file durable up to there and publishes the offset.
+/// Syncing beside the writing keeps the disk's flush time off the data path.
 fn write_chunks(
+    file: std::fs::File,
+    hasher: CommP,
+    received: u64,
+    progress_every: u64,
+    queue: mpsc::Receiver<Vec<u8>>,
+    durable: watch::Sender<u64>,
+) -> Result<Received, String> {
+    let syncing = file.try_clone().map_err(|e| format!("cannot sync the piece: {e}"))?;
+    std::thread::scope(|scope| {
+        let (to_sync, written_up_to) = std::sync::mpsc::channel();
+        let syncer = scope.spawn(move || sync_offsets(syncing, written_up_to, durable));
+        let written = append_and_hash(file, hasher, received, progress_every, queue, to_sync);
+        // The syncer ends once the writer dropped its sender; its failure is the cause of
+        // the writer's, if both failed.
+        let synced = syncer.join().map_err(|_| "the piece syncer panicked".to_string())?;
+        synced.and(written)
+    })
+}
+
+/// Appends each chunk to `file` and feeds it to `hasher`; every `progress_every` bytes
+/// sends the offset written so far to the syncer.
+fn append_and_hash(
     mut file: std::fs::File,
     mut hasher: CommP,
     mut received: u64,
     progress_every: u64,
     mut queue: mpsc::Receiver<Vec<u8>>,
-    durable: watch::Sender<u64>,
+    to_sync: std::sync::mpsc::Sender<u64>,
 ) -> Result<Received, String> {
     use std::io::Write;
-    let mut synced = received;
+    let mut handed = received;
     while let Some(bytes) = queue.blocking_recv() {
         file.write_all(&bytes).map_err(|e| format!("cannot write the piece: {e}"))?;
         hasher.update(&bytes);
         received += bytes.len() as u64;
-        if received - synced >= progress_every {
-            file.sync_data().map_err(|e| format!("cannot sync the piece: {e}"))?;
-            synced = received;
-            durable.send_replace(synced);
+        if received - handed >= progress_every {
+            to_sync.send(received).map_err(|_| "the piece syncer stopped".to_string())?;
+            handed = received;
         }
     }
     file.flush().map_err(|e| format!("cannot write the piece: {e}"))?;
     Ok(Received { hasher, bytes: received })
+}
+
+/// The syncer thread: for each offset written (the latest one when several are waiting),
+/// makes the file durable and only then publishes the offset as durable. `sync_data` covers
+/// every byte written before it is called, so the published offset is always on disk.
+fn sync_offsets(
+    file: std::fs::File,
+    written_up_to: std::sync::mpsc::Receiver<u64>,
+    durable: watch::Sender<u64>,
+) -> Result<(), String> {
+    while let Ok(mut offset) = written_up_to.recv() {
+        offset = written_up_to.try_iter().last().unwrap_or(offset);
+        file.sync_data().map_err(|e| format!("cannot sync the piece: {e}"))?;
+        durable.send_replace(offset);
+    }
+    Ok(())
 }
 
 /// Records each new durable offset (skipping any a faster writer already passed); stops at
