@@ -16,6 +16,10 @@ use super::refusals;
 use super::{Client, NetworkError, NetworkEvent};
 use crate::adapters::transfer::ProviderTransfers;
 use crate::adapters::transfer::retrieval::ProviderRetrievals;
+
+/// Frames of a transfer stream read ahead of the one being answered: at most this many
+/// messages (each within the codec's size limit) wait in memory per stream.
+const FRAMES_READ_AHEAD: usize = 4;
 use crate::deals::{Cause, Deals, DealsError};
 use crate::domain::PartyKey;
 use crate::domain::TokenAmount;
@@ -197,7 +201,7 @@ impl ProviderService {
     async fn serve_transfer_stream(
         &self,
         peer: PeerId,
-        mut stream: libp2p::Stream,
+        stream: libp2p::Stream,
         max_message_bytes: u32,
         ctx: &DecideContext,
     ) {
@@ -207,26 +211,57 @@ impl ProviderService {
         let carrier = CARRIERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pool = self.deals.journal().pool();
         let mut pushing = None;
-        let ended = loop {
-            let read = read_framed::<MarketRequest, _>(&mut stream, max_message_bytes).await;
-            let request = match read.and_then(|r| Ok(on_protocol(r, TRANSFER_PROTOCOL)?)) {
-                Ok(request) => request,
-                Err(e) => {
-                    if e.kind() == std::io::ErrorKind::InvalidData {
-                        tracing::info!(%peer, reason = %e, "refused an unreadable transfer frame");
-                        let reason = e.to_string();
-                        refusals::record(pool, Some(peer), TRANSFER_PROTOCOL, &reason, None).await;
+        // Frames are read ahead while earlier ones are answered, so the stream's receive
+        // window keeps opening and the sender never waits on this loop's disk or database.
+        let (mut reader, mut writer) = futures::AsyncReadExt::split(stream);
+        let (frames, mut requests) = mpsc::channel(FRAMES_READ_AHEAD);
+        let read_ahead = async move {
+            loop {
+                let read = read_framed::<MarketRequest, _>(&mut reader, max_message_bytes).await;
+                let failed = read.is_err();
+                if frames.send(read).await.is_err() || failed {
+                    break;
+                }
+            }
+        };
+        let serve = async {
+            loop {
+                let Some(read) = requests.recv().await else {
+                    break std::io::Error::other("the transfer stream's reader stopped");
+                };
+                let request = match read.and_then(|r| Ok(on_protocol(r, TRANSFER_PROTOCOL)?)) {
+                    Ok(request) => request,
+                    Err(e) => {
+                        if e.kind() == std::io::ErrorKind::InvalidData {
+                            tracing::info!(%peer, reason = %e, "refused an unreadable transfer frame");
+                            let reason = e.to_string();
+                            refusals::record(pool, Some(peer), TRANSFER_PROTOCOL, &reason, None)
+                                .await;
+                        }
+                        break e;
                     }
+                };
+                let subject = refusals::subject(&request);
+                let response =
+                    self.answer_transfer(peer, request, &mut pushing, carrier, ctx).await;
+                if let Some(reason) = refusals::refusal(&response) {
+                    refusals::record(pool, Some(peer), TRANSFER_PROTOCOL, reason, subject).await;
+                }
+                if let Err(e) = write_frame(&mut writer, &response, max_message_bytes).await {
                     break e;
                 }
-            };
-            let subject = refusals::subject(&request);
-            let response = self.answer_transfer(peer, request, &mut pushing, carrier, ctx).await;
-            if let Some(reason) = refusals::refusal(&response) {
-                refusals::record(pool, Some(peer), TRANSFER_PROTOCOL, reason, subject).await;
             }
-            if let Err(e) = write_frame(&mut stream, &response, max_message_bytes).await {
-                break e;
+        };
+        // The stream ends when the answering loop does; the reader may finish first (after
+        // queueing the frame that failed) and the queue is still answered.
+        let ended = {
+            tokio::pin!(read_ahead, serve);
+            let mut reading = true;
+            loop {
+                tokio::select! {
+                    ended = &mut serve => break ended,
+                    () = &mut read_ahead, if reading => reading = false,
+                }
             }
         };
         // A push lives on one stream: one that ends (closed, reset, broken, or cut off by a

@@ -6,13 +6,13 @@
 //! (sha2-256-trunc254-padded); the tree is completed to a power of two with zero subtrees.
 //! The root is the commitment, written as a fil-commitment-unsealed CID ([`PieceCid`]).
 
-use super::node_hash::{node, node_pair};
+use super::node_hash::{node, nodes};
 use crate::domain::{PaddedPieceSize, PieceCid};
 
 /// Bytes of data per Fr32 quad.
 const QUAD_IN: usize = 127;
 /// Quads hashed together into one subtree, so that the nodes of each level below its root
-/// can be hashed two at a time.
+/// can be hashed several at a time.
 const GROUP_QUADS: usize = 16;
 /// Bytes of data per group.
 const GROUP_IN: usize = GROUP_QUADS * QUAD_IN;
@@ -55,7 +55,7 @@ pub enum CommPError {
 /// A streaming commP hasher: feed it bytes, then ask for the piece CID.
 ///
 /// Data is taken a group of quads at a time: each group's subtree is hashed level by level,
-/// two nodes at once ([`node_pair`]), and its root joins the tree at [`GROUP_LEVEL`]. Only the
+/// several nodes at once ([`nodes`]), and its root joins the tree at [`GROUP_LEVEL`]. Only the
 /// data of a last, incomplete group is hashed quad by quad, when the hasher finishes.
 #[derive(Clone)]
 pub struct CommP {
@@ -209,25 +209,32 @@ fn pad_into_leaves(quad: &[u8; QUAD_IN], leaves: &mut [[u8; 32]]) {
     }
 }
 
-/// The root of the complete subtree over `nodes` (a power of two of them), reduced level by
-/// level in place, two parents at a time.
-fn subtree_root(nodes: &mut [[u8; 32]]) -> [u8; 32] {
-    let mut width = nodes.len();
+/// The root of the complete subtree over `level` (a power of two of nodes), reduced level by
+/// level in place, four parents at a time where there are four.
+fn subtree_root(level: &mut [[u8; 32]]) -> [u8; 32] {
+    let mut width = level.len();
     while width > 1 {
         let parents = width / 2;
+        fn children(level: &[[u8; 32]], i: usize) -> (&[u8; 32], &[u8; 32]) {
+            (&level[2 * i], &level[2 * i + 1])
+        }
         let mut i = 0;
-        while i + 1 < parents {
-            let first = (&nodes[2 * i], &nodes[2 * i + 1]);
-            let (a, b) = node_pair(first, (&nodes[2 * i + 2], &nodes[2 * i + 3]));
-            (nodes[i], nodes[i + 1]) = (a, b);
+        while i + 4 <= parents {
+            let hashed: [[u8; 32]; 4] = nodes(std::array::from_fn(|k| children(level, i + k)));
+            level[i..i + 4].copy_from_slice(&hashed);
+            i += 4;
+        }
+        if i + 2 <= parents {
+            let hashed: [[u8; 32]; 2] = nodes(std::array::from_fn(|k| children(level, i + k)));
+            level[i..i + 2].copy_from_slice(&hashed);
             i += 2;
         }
         if i < parents {
-            nodes[i] = node(&nodes[2 * i], &nodes[2 * i + 1]);
+            level[i] = node(&level[2 * i], &level[2 * i + 1]);
         }
         width = parents;
     }
-    nodes[0]
+    level[0]
 }
 
 /// The commitment of a whole byte slice, at its natural size.

@@ -1,12 +1,12 @@
 //! The node hash of the commP tree: sha2-256-trunc254-padded of two 32-byte children, one
-//! node at a time or two at once.
+//! node at a time or several at once.
 //!
 //! The tree is most of commP's cost (four nodes per 127 bytes of data, two compressions
 //! each), and one SHA-256 compression is a chain of dependent rounds: a core with SHA
-//! extensions can run the rounds of two independent nodes side by side in about the time of
-//! one. [`node_pair`] does that when the CPU has them (checked at run time) and falls back
-//! to two [`node`]s otherwise; both give exactly `Sha256::digest(left ‖ right)` with the two
-//! top bits of its last byte cleared.
+//! extensions can run the rounds of independent nodes side by side. [`nodes`] does that when
+//! the CPU has them (checked at run time) and falls back to one [`node`] after another
+//! otherwise; both give exactly `Sha256::digest(left ‖ right)` with the two top bits of its
+//! last byte cleared.
 
 /// SHA-256's initial state.
 const SHA256_IV: [u32; 8] = [
@@ -50,23 +50,21 @@ pub(super) fn node(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
     truncated(state)
 }
 
-/// The two nodes `first` and `second` (each a left and a right child): with SHA extensions
-/// their rounds are interleaved, otherwise they are hashed one after the other.
-pub(super) fn node_pair(
-    first: (&[u8; 32], &[u8; 32]),
-    second: (&[u8; 32], &[u8; 32]),
-) -> ([u8; 32], [u8; 32]) {
+/// `N` nodes at once, each from its (left, right) children: with SHA extensions their
+/// rounds are interleaved (two to four nodes fit the registers; more spill and run slower),
+/// otherwise they are hashed one after the other.
+pub(super) fn nodes<const N: usize>(children: [(&[u8; 32], &[u8; 32]); N]) -> [[u8; 32]; N] {
     #[cfg(target_arch = "x86_64")]
     if sha_ni::available() {
-        // SAFETY: `available` checked that this CPU has every feature `pair` is built for.
-        return unsafe { sha_ni::pair(first, second) };
+        // SAFETY: `available` checked that this CPU has every feature `lanes` is built for.
+        return unsafe { sha_ni::lanes(children) };
     }
-    (node(first.0, first.1), node(second.0, second.1))
+    children.map(|(left, right)| node(left, right))
 }
 
 #[cfg(target_arch = "x86_64")]
 mod sha_ni {
-    //! Two SHA-256 compressions at once with the x86 SHA extensions (`sha256rnds2`,
+    //! Several SHA-256 compressions at once with the x86 SHA extensions (`sha256rnds2`,
     //! `sha256msg1`, `sha256msg2`). The state is kept the way those instructions take it: one
     //! register with words A, B, E, F and one with C, D, G, H, highest lane first.
 
@@ -213,30 +211,28 @@ mod sha_ni {
         _mm_sha256msg2_epu32(sum, w[3])
     }
 
-    /// The two nodes of `first` and `second`, each `sha256(left ‖ right)` truncated.
+    /// The nodes of `children`, each `sha256(left ‖ right)` truncated, their rounds
+    /// interleaved.
     #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-    pub(super) fn pair(
-        first: (&[u8; 32], &[u8; 32]),
-        second: (&[u8; 32], &[u8; 32]),
-    ) -> ([u8; 32], [u8; 32]) {
+    pub(super) fn lanes<const N: usize>(children: [(&[u8; 32], &[u8; 32]); N]) -> [[u8; 32]; N] {
         let iv = SHA256_IV.map(|word| word as i32);
         let iv_abef = _mm_set_epi32(iv[0], iv[1], iv[4], iv[5]);
         let iv_cdgh = _mm_set_epi32(iv[2], iv[3], iv[6], iv[7]);
-        let mut abef = [iv_abef; 2];
-        let mut cdgh = [iv_cdgh; 2];
+        let mut abef = [iv_abef; N];
+        let mut cdgh = [iv_cdgh; N];
         // The data block: the schedule is computed as it goes, four words at a time, in a
         // ring of the last sixteen words per node.
-        let mut w = [[_mm_setzero_si128(); 4]; 2];
-        for (lane, (left, right)) in [first, second].into_iter().enumerate() {
+        let mut w = [[_mm_setzero_si128(); 4]; N];
+        for (lane, (left, right)) in children.into_iter().enumerate() {
             let [w0, w1] = message(left);
             let [w2, w3] = message(right);
             w[lane] = [w0, w1, w2, w3];
         }
         // Unrolled so that every ring index and constant is known when compiling: the ring
-        // then lives in registers and the two nodes' rounds interleave.
+        // then lives in registers and the nodes' rounds interleave.
         macro_rules! data_step {
             ($($step:literal)*) => {$(
-                for lane in 0..2 {
+                for lane in 0..N {
                     let ring = &mut w[lane];
                     if $step >= 4 {
                         ring[$step % 4] = schedule(&[
@@ -252,7 +248,7 @@ mod sha_ni {
             )*};
         }
         data_step!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
-        for lane in 0..2 {
+        for lane in 0..N {
             abef[lane] = _mm_add_epi32(abef[lane], iv_abef);
             cdgh[lane] = _mm_add_epi32(cdgh[lane], iv_cdgh);
         }
@@ -260,7 +256,7 @@ mod sha_ni {
         let (after_abef, after_cdgh) = (abef, cdgh);
         for step in 0..16 {
             let wk = four(&PAD_WK, step * 4);
-            for lane in 0..2 {
+            for lane in 0..N {
                 rounds(&mut abef[lane], &mut cdgh[lane], wk);
             }
         }
@@ -279,7 +275,7 @@ mod sha_ni {
             ];
             truncated(words.map(|word| word as u32))
         };
-        (digest(0), digest(1))
+        std::array::from_fn(digest)
     }
 }
 
@@ -305,19 +301,19 @@ mod tests {
         }
 
         #[test]
-        fn a_pair_of_nodes_is_each_the_truncated_sha256_of_its_children(
-            children in proptest::prelude::any::<[[u8; 32]; 4]>(),
+        fn nodes_hashed_together_are_each_the_truncated_sha256_of_their_children(
+            children in proptest::prelude::any::<[[u8; 32]; 8]>(),
         ) {
-            let [a, b, c, d] = &children;
-            let (first, second) = node_pair((a, b), (c, d));
-            proptest::prop_assert_eq!(first, sha256_truncated(a, b));
-            proptest::prop_assert_eq!(second, sha256_truncated(c, d));
+            let c = |i: usize| (&children[2 * i], &children[2 * i + 1]);
+            let expected: [[u8; 32]; 4] = std::array::from_fn(|i| sha256_truncated(c(i).0, c(i).1));
+            proptest::prop_assert_eq!(nodes([c(0), c(1), c(2), c(3)]), expected);
+            proptest::prop_assert_eq!(nodes([c(0), c(1)]), [expected[0], expected[1]]);
             // The interleaved rounds themselves, wherever the CPU can run them.
             #[cfg(target_arch = "x86_64")]
             if sha_ni::available() {
                 // SAFETY: just checked.
-                let direct = unsafe { sha_ni::pair((a, b), (c, d)) };
-                proptest::prop_assert_eq!(direct, (first, second));
+                let direct = unsafe { sha_ni::lanes([c(0), c(1), c(2), c(3)]) };
+                proptest::prop_assert_eq!(direct, expected);
             }
         }
     }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
+use super::appender::PieceAppender;
 use super::commp::CommP;
 use crate::domain::{PaddedPieceSize, PieceCid};
 
@@ -189,11 +190,11 @@ impl PieceStore {
 
     /// Opens the deal's partial data for appending, cut to `keep` bytes, with the commitment
     /// hasher already fed with what is kept (read once, on a resumed transfer).
-    pub async fn open_partial(
+    pub(crate) async fn open_partial(
         &self,
         deal: &str,
         keep: u64,
-    ) -> Result<(tokio::fs::File, u64, CommP), PieceStoreError> {
+    ) -> Result<(PieceAppender, u64, CommP), PieceStoreError> {
         let kept = self.resume(deal, keep).await?;
         let path = self.partial(deal);
         let mut hasher = CommP::new();
@@ -208,12 +209,15 @@ impl PieceStore {
                 hasher.update(&buffer[..read]);
             }
         }
-        let file = tokio::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .await
-            .map_err(Self::io(&path))?;
-        Ok((file, kept, hasher))
+        let opened = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || PieceAppender::open(&path, kept)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|opened| opened);
+        let appender = opened.map_err(Self::io(&path))?;
+        Ok((appender, kept, hasher))
     }
 
     /// Keeps the deal's partial data as `piece` (its commitment already checked by the caller),

@@ -356,12 +356,11 @@ impl ProviderTransfers {
                     let _ = previous.finish().await;
                 }
                 let recorded = deal.data.bytes_received;
-                let (file, received, hasher) =
+                let (appender, received, hasher) =
                     self.store.open_partial(&key, recorded).await.map_err(|e| text(&e))?;
-                let file = file.into_std().await;
                 let every = self.options.progress_every;
                 let record = self.progress(stream_id, ctx);
-                let session = Session::start(file, hasher, received, carrier, every, record);
+                let session = Session::start(appender, hasher, received, carrier, every, record);
                 sessions.insert(stream_id, session);
                 Ok(MarketResponse::TransferAccepted { resume_from: received })
             }

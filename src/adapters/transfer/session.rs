@@ -1,7 +1,8 @@
-//! One push being received by the provider. The bytes go to a writer thread that appends
-//! them to the partial piece file and feeds the commitment hasher, so neither disk writes nor
-//! hashing hold up the stream; every `progress_every` bytes a syncer thread beside it makes
-//! the file durable and a recorder task appends the progress to the deal. Invariant: a progress event is
+//! One push being received by the provider. Each chunk goes to two threads: one appends it
+//! to the partial piece file (bypassing the page cache, see `piece::appender`), one feeds the
+//! commitment hasher, so neither disk writes nor hashing hold up the stream, nor each other.
+//! Every `progress_every` bytes the disk's thread makes the file durable and a recorder task
+//! appends the progress to the deal. Invariant: a progress event is
 //! recorded only for bytes already synced to disk, so a restart resumes from bytes that are
 //! really there; and all progress is recorded before the transfer's completion.
 
@@ -10,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::adapters::piece::appender::PieceAppender;
 use crate::adapters::piece::commp::CommP;
 
 /// Chunks queued for the writer thread at most.
@@ -59,8 +61,11 @@ impl ProgressRecorder {
 
 /// An open push on the provider.
 pub(crate) struct Session {
-    chunks: mpsc::Sender<Vec<u8>>,
-    writer: JoinHandle<Result<Received, String>>,
+    /// Each chunk goes to both threads: the disk's and the hasher's.
+    to_disk: mpsc::Sender<Arc<Vec<u8>>>,
+    to_hasher: mpsc::Sender<Arc<Vec<u8>>>,
+    disk: JoinHandle<Result<u64, String>>,
+    hasher: JoinHandle<CommP>,
     recorder: ProgressRecorder,
     /// Bytes accepted so far (queued or written).
     pub received: u64,
@@ -69,23 +74,25 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Starts receiving, from the transfer stream `carrier`, into `file` (which holds
-    /// `received` bytes, already fed to `hasher`), syncing and recording progress every
-    /// `progress_every` bytes through `record`.
+    /// Starts receiving, from the transfer stream `carrier`, through `appender` (whose file
+    /// holds `received` bytes, already fed to `hasher`), syncing and recording progress
+    /// every `progress_every` bytes through `record`.
     pub(crate) fn start(
-        file: std::fs::File,
+        appender: PieceAppender,
         hasher: CommP,
         received: u64,
         carrier: u64,
         progress_every: u64,
         record: RecordProgress,
     ) -> Self {
-        let (chunks, queue) = mpsc::channel(QUEUED_CHUNKS);
+        let (to_disk, disk_queue) = mpsc::channel(QUEUED_CHUNKS);
+        let (to_hasher, hasher_queue) = mpsc::channel(QUEUED_CHUNKS);
         let (durable, recorder) = ProgressRecorder::start(received, record);
-        let writer = tokio::task::spawn_blocking(move || {
-            write_chunks(file, hasher, received, progress_every, queue, durable)
+        let disk = tokio::task::spawn_blocking(move || {
+            write_chunks(appender, received, progress_every, disk_queue, durable)
         });
-        Self { chunks, writer, recorder, received, carrier }
+        let hasher = tokio::task::spawn_blocking(move || hash_chunks(hasher, hasher_queue));
+        Self { to_disk, to_hasher, disk, hasher, recorder, received, carrier }
     }
 
     /// Why the push cannot go on, if something failed behind it (a progress the deal
@@ -100,87 +107,62 @@ impl Session {
             return Err(failure);
         }
         let length = bytes.len() as u64;
-        if self.chunks.send(bytes).await.is_err() {
+        let bytes = Arc::new(bytes);
+        let queued = match self.to_disk.send(bytes.clone()).await {
+            Ok(()) => self.to_hasher.send(bytes).await.is_ok(),
+            Err(_) => false,
+        };
+        if !queued {
             return Err(self.failure().unwrap_or_else(|| "the piece writer stopped".into()));
         }
         self.received += length;
         Ok(self.received)
     }
 
-    /// Ends the push: waits until every byte is written and every progress recorded.
+    /// Ends the push: waits until every byte is written and hashed and every progress
+    /// recorded.
     pub(crate) async fn finish(self) -> Result<Received, String> {
-        let Session { chunks, writer, recorder, .. } = self;
-        drop(chunks);
-        let written = writer.await.map_err(|e| format!("the piece writer failed: {e}"))?;
+        let Session { to_disk, to_hasher, disk, hasher, recorder, .. } = self;
+        drop((to_disk, to_hasher));
+        let written = disk.await.map_err(|e| format!("the piece writer failed: {e}"))?;
+        let hasher = hasher.await.map_err(|e| format!("the piece hasher failed: {e}"))?;
         // The writer dropped its end of the progress channel: the recorder stops once it
         // has recorded the last durable offset.
         recorder.finish().await?;
-        written
+        Ok(Received { hasher, bytes: written? })
     }
 }
 
-/// The writer thread: appends and hashes; every `progress_every` bytes it hands the offset
-/// to a syncer thread, which makes the file durable up to there and publishes the offset.
-/// Syncing beside the writing keeps the disk's flush time off the data path.
+/// The disk's thread: appends each chunk and every `progress_every` bytes makes the file
+/// durable and publishes the durable offset (never one below the `received` it started at,
+/// which was durable already). Returns the file's length.
 fn write_chunks(
-    file: std::fs::File,
-    hasher: CommP,
+    mut appender: PieceAppender,
     received: u64,
     progress_every: u64,
-    queue: mpsc::Receiver<Vec<u8>>,
+    mut queue: mpsc::Receiver<Arc<Vec<u8>>>,
     durable: watch::Sender<u64>,
-) -> Result<Received, String> {
-    let syncing = file.try_clone().map_err(|e| format!("cannot sync the piece: {e}"))?;
-    std::thread::scope(|scope| {
-        let (to_sync, written_up_to) = std::sync::mpsc::channel();
-        let syncer = scope.spawn(move || sync_offsets(syncing, written_up_to, durable));
-        let written = append_and_hash(file, hasher, received, progress_every, queue, to_sync);
-        // The syncer ends once the writer dropped its sender; its failure is the cause of
-        // the writer's, if both failed.
-        let synced = syncer.join().map_err(|_| "the piece syncer panicked".to_string())?;
-        synced.and(written)
-    })
-}
-
-/// Appends each chunk to `file` and feeds it to `hasher`; every `progress_every` bytes
-/// sends the offset written so far to the syncer.
-fn append_and_hash(
-    mut file: std::fs::File,
-    mut hasher: CommP,
-    mut received: u64,
-    progress_every: u64,
-    mut queue: mpsc::Receiver<Vec<u8>>,
-    to_sync: std::sync::mpsc::Sender<u64>,
-) -> Result<Received, String> {
-    use std::io::Write;
-    let mut handed = received;
+) -> Result<u64, String> {
+    let mut synced = received;
     while let Some(bytes) = queue.blocking_recv() {
-        file.write_all(&bytes).map_err(|e| format!("cannot write the piece: {e}"))?;
-        hasher.update(&bytes);
-        received += bytes.len() as u64;
-        if received - handed >= progress_every {
-            to_sync.send(received).map_err(|_| "the piece syncer stopped".to_string())?;
-            handed = received;
+        appender.append(&bytes).map_err(|e| format!("cannot write the piece: {e}"))?;
+        if appender.appended() - synced >= progress_every {
+            let on_disk = appender.sync().map_err(|e| format!("cannot sync the piece: {e}"))?;
+            if on_disk > synced {
+                synced = on_disk;
+                durable.send_replace(synced);
+            }
         }
     }
-    file.flush().map_err(|e| format!("cannot write the piece: {e}"))?;
-    Ok(Received { hasher, bytes: received })
+    appender.finish().map_err(|e| format!("cannot write the piece: {e}"))
 }
 
-/// The syncer thread: for each offset written (the latest one when several are waiting),
-/// makes the file durable and only then publishes the offset as durable. `sync_data` covers
-/// every byte written before it is called, so the published offset is always on disk.
-fn sync_offsets(
-    file: std::fs::File,
-    written_up_to: std::sync::mpsc::Receiver<u64>,
-    durable: watch::Sender<u64>,
-) -> Result<(), String> {
-    while let Ok(mut offset) = written_up_to.recv() {
-        offset = written_up_to.try_iter().last().unwrap_or(offset);
-        file.sync_data().map_err(|e| format!("cannot sync the piece: {e}"))?;
-        durable.send_replace(offset);
+/// The hasher's thread: feeds every chunk to the commitment hasher.
+fn hash_chunks(mut hasher: CommP, mut queue: mpsc::Receiver<Arc<Vec<u8>>>) -> CommP {
+    while let Some(bytes) = queue.blocking_recv() {
+        hasher.update(&bytes);
     }
-    Ok(())
+    hasher
 }
 
 /// Records each new durable offset (skipping any a faster writer already passed); stops at
