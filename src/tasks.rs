@@ -9,3 +9,21 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+/// Runs `main` with `helper` polled beside it on the same task, and returns what `main`
+/// returns. The helper (a reader filling a queue ahead of `main`, say) may finish first —
+/// `main` goes on alone — and is dropped, wherever it is, when `main` finishes. Unlike a
+/// spawned task, the helper may borrow from the caller.
+pub(crate) async fn beside<T>(
+    helper: impl std::future::Future<Output = ()>,
+    main: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(helper, main);
+    let mut helping = true;
+    loop {
+        tokio::select! {
+            done = &mut main => return done,
+            () = &mut helper, if helping => helping = false,
+        }
+    }
+}

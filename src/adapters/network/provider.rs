@@ -254,16 +254,7 @@ impl ProviderService {
         };
         // The stream ends when the answering loop does; the reader may finish first (after
         // queueing the frame that failed) and the queue is still answered.
-        let ended = {
-            tokio::pin!(read_ahead, serve);
-            let mut reading = true;
-            loop {
-                tokio::select! {
-                    ended = &mut serve => break ended,
-                    () = &mut read_ahead, if reading => reading = false,
-                }
-            }
-        };
+        let ended = crate::tasks::beside(read_ahead, serve).await;
         // A push lives on one stream: one that ends (closed, reset, broken, or cut off by a
         // bad frame) before its finish stopped midway.
         if let Some((_, deal)) = pushing {

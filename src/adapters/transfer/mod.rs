@@ -37,6 +37,9 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 /// the provider writes, hashes and acknowledges, few enough that a refusal stops it soon.
 pub const CHUNKS_IN_FLIGHT: usize = 16;
 
+/// Chunks a push reads from its data ahead of sending them.
+const CHUNKS_READ_AHEAD: usize = 4;
+
 /// How a transfer is carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransferOptions {
@@ -153,37 +156,62 @@ where
     if offset < total {
         data.seek(std::io::SeekFrom::Start(offset)).await.map_err(PushError::Source)?;
     }
-    let stopped = loop {
-        if offset >= total {
-            break None;
-        }
-        if sent < total && unacknowledged.len() < CHUNKS_IN_FLIGHT {
-            let end = (sent + options.chunk_bytes as u64).min(total);
-            let mut bytes = vec![0u8; (end - sent) as usize];
-            if let Err(e) = data.read_exact(&mut bytes).await {
-                break Some(Err(PushError::Source(e)));
+    // The data is read ahead of the stream, so that reading a chunk (for a file, a hop to
+    // the blocking pool) overlaps sending the ones before it.
+    let (chunks, mut read) = tokio::sync::mpsc::channel(CHUNKS_READ_AHEAD);
+    let read_ahead = {
+        let (data, chunk_bytes, mut at) = (&mut data, options.chunk_bytes as u64, sent);
+        async move {
+            while at < total {
+                let end = (at + chunk_bytes).min(total);
+                let mut bytes = vec![0u8; (end - at) as usize];
+                let read = data.read_exact(&mut bytes).await.map(|_| bytes);
+                let failed = read.is_err();
+                if chunks.send(read).await.is_err() || failed {
+                    break;
+                }
+                at = end;
             }
-            let chunk = MarketRequest::TransferChunk { proposal_cid, offset: sent, bytes };
-            if let Err(e) = channel.send(&chunk).await {
-                break Some(Ok(e));
-            }
-            unacknowledged.push_back(end);
-            sent = end;
-            continue;
-        }
-        let expected = unacknowledged.pop_front().unwrap_or(total);
-        match channel.recv().await {
-            Ok(MarketResponse::ChunkAcknowledged { received }) if received == expected => {
-                offset = received;
-            }
-            Ok(other) => break Some(Err(PushError::Refused(format!("{other:?}")))),
-            Err(e) => break Some(Ok(e)),
-        }
-        if offset - recorded >= options.progress_every && offset < total {
-            acknowledged.send_replace(offset);
-            recorded = offset;
         }
     };
+    let send_all = async {
+        loop {
+            if offset >= total {
+                break None;
+            }
+            if sent < total && unacknowledged.len() < CHUNKS_IN_FLIGHT {
+                let bytes = match read.recv().await {
+                    Some(Ok(bytes)) => bytes,
+                    Some(Err(e)) => break Some(Err(PushError::Source(e))),
+                    None => {
+                        let stopped = std::io::Error::other("the data reader stopped");
+                        break Some(Err(PushError::Source(stopped)));
+                    }
+                };
+                let end = sent + bytes.len() as u64;
+                let chunk = MarketRequest::TransferChunk { proposal_cid, offset: sent, bytes };
+                if let Err(e) = channel.send(&chunk).await {
+                    break Some(Ok(e));
+                }
+                unacknowledged.push_back(end);
+                sent = end;
+                continue;
+            }
+            let expected = unacknowledged.pop_front().unwrap_or(total);
+            match channel.recv().await {
+                Ok(MarketResponse::ChunkAcknowledged { received }) if received == expected => {
+                    offset = received;
+                }
+                Ok(other) => break Some(Err(PushError::Refused(format!("{other:?}")))),
+                Err(e) => break Some(Ok(e)),
+            }
+            if offset - recorded >= options.progress_every && offset < total {
+                acknowledged.send_replace(offset);
+                recorded = offset;
+            }
+        }
+    };
+    let stopped = crate::tasks::beside(read_ahead, send_all).await;
     // Whichever way the loop ended, the progress already published is recorded first, so
     // the journal keeps its order: progress, then the interruption or the completion.
     drop(acknowledged);
