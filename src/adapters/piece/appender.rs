@@ -5,7 +5,8 @@
 //! zero — on a virtual machine, memory the host must hand back — for pages nobody reads
 //! soon. So whole blocks are written with `O_DIRECT` from an aligned staging buffer; only
 //! the last, partial block of a transfer goes through an ordinary write. Where the file
-//! system refuses `O_DIRECT` (tmpfs, for one), every write is an ordinary one.
+//! system refuses `O_DIRECT` (tmpfs, for one, at open; some stacked file systems only at the
+//! first write), every write is an ordinary one.
 //!
 //! Invariant: [`PieceAppender::sync`] returns an offset every byte below which is on disk,
 //! and the file never holds a byte that was not appended.
@@ -105,7 +106,20 @@ impl PieceAppender {
         if whole == 0 {
             return Ok(());
         }
-        direct.write_all_at(&self.stage[self.start..self.start + whole], self.offset)?;
+        match direct.write_all_at(&self.stage[self.start..self.start + whole], self.offset) {
+            Ok(()) => {}
+            // Some file systems (stacked ones, for one) open with O_DIRECT but refuse the
+            // writes: everything staged is written the ordinary way, and so is the rest.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.direct = None;
+                let staged = &self.stage[self.start..self.start + self.filled];
+                self.buffered.write_all_at(staged, self.offset)?;
+                self.offset += self.filled as u64;
+                self.filled = 0;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
         self.stage.copy_within(self.start + whole..self.start + self.filled, self.start);
         self.offset += whole as u64;
         self.filled -= whole;
