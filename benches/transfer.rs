@@ -186,7 +186,7 @@ async fn main() {
     }
     let mut ratios: Vec<f64> =
         raws.iter().zip(&ledgers).map(|(raw, ledger)| ledger / raw).collect();
-    let ratio = median(&mut ratios.clone());
+    let ratio = median(&mut ratios);
     let (raw, ledger) = (median(&mut raws.clone()), median(&mut ledgers.clone()));
     // The provider's share that the raw copy does not have: the piece commitment, alone on
     // one core.
@@ -214,7 +214,6 @@ async fn main() {
         rounds(&ledgers)
     );
     println!("{:<58} {:>8.1}", "commP alone, one core", commp);
-    ratios.sort_by(f64::total_cmp);
     println!(
         "ledger / raw stream: {ratio:.2} median of the rounds' ratios ({}), {:.2} of the medians \
          (target 0.7)",

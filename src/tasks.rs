@@ -27,3 +27,14 @@ pub(crate) async fn beside<T>(
         }
     }
 }
+
+/// Hands one read to the consumer behind `queue`; whether the reader should go on: only if
+/// the read succeeded (a failed one is the last, for the consumer to report) and the consumer
+/// is still there.
+pub(crate) async fn pass_on<T, E>(
+    queue: &tokio::sync::mpsc::Sender<Result<T, E>>,
+    read: Result<T, E>,
+) -> bool {
+    let succeeded = read.is_ok();
+    queue.send(read).await.is_ok() && succeeded
+}

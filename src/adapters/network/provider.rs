@@ -16,10 +16,6 @@ use super::refusals;
 use super::{Client, NetworkError, NetworkEvent};
 use crate::adapters::transfer::ProviderTransfers;
 use crate::adapters::transfer::retrieval::ProviderRetrievals;
-
-/// Frames of a transfer stream read ahead of the one being answered: at most this many
-/// messages (each within the codec's size limit) wait in memory per stream.
-const FRAMES_READ_AHEAD: usize = 4;
 use crate::deals::{Cause, Deals, DealsError};
 use crate::domain::PartyKey;
 use crate::domain::TokenAmount;
@@ -30,6 +26,10 @@ use crate::fsm::retrieval_provider::{RetrievalProvider, RetrievalProviderEvent};
 use crate::fsm::storage_client::{StorageClient, StorageClientEvent};
 use crate::fsm::storage_provider::{State, StorageProvider, StorageProviderEvent};
 use crate::fsm::{DecideContext, Label, Machine};
+
+/// Frames of a transfer stream read ahead of the one being answered: at most this many
+/// messages (each within the codec's size limit) wait in memory per stream.
+const FRAMES_READ_AHEAD: usize = 4;
 
 /// A provider's answers to the market protocols.
 #[derive(Debug, Clone)]
@@ -218,8 +218,7 @@ impl ProviderService {
         let read_ahead = async move {
             loop {
                 let read = read_framed::<MarketRequest, _>(&mut reader, max_message_bytes).await;
-                let failed = read.is_err();
-                if frames.send(read).await.is_err() || failed {
+                if !crate::tasks::pass_on(&frames, read).await {
                     break;
                 }
             }

@@ -209,14 +209,10 @@ impl PieceStore {
                 hasher.update(&buffer[..read]);
             }
         }
-        let opened = tokio::task::spawn_blocking({
-            let path = path.clone();
-            move || PieceAppender::open(&path, kept)
-        })
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))
-        .and_then(|opened| opened);
-        let appender = opened.map_err(Self::io(&path))?;
+        let opening = path.clone();
+        let opened = tokio::task::spawn_blocking(move || PieceAppender::open(&opening, kept)).await;
+        let appender =
+            opened.unwrap_or_else(|e| Err(std::io::Error::other(e))).map_err(Self::io(&path))?;
         Ok((appender, kept, hasher))
     }
 

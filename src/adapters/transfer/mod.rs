@@ -166,8 +166,7 @@ where
                 let end = (at + chunk_bytes).min(total);
                 let mut bytes = vec![0u8; (end - at) as usize];
                 let read = data.read_exact(&mut bytes).await.map(|_| bytes);
-                let failed = read.is_err();
-                if chunks.send(read).await.is_err() || failed {
+                if !crate::tasks::pass_on(&chunks, read).await {
                     break;
                 }
                 at = end;

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use crate::adapters::piece::appender::PieceAppender;
 use crate::adapters::piece::commp::CommP;
 
-/// Chunks queued for the writer thread at most.
+/// Chunks queued for each of the disk's and the hasher's threads at most.
 const QUEUED_CHUNKS: usize = 8;
 
 /// Records one durable offset on the deal; the error says why it could not.
