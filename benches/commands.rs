@@ -3,7 +3,8 @@
 //! outbox, in one transaction — for storage provider deals played from proposal to Active
 //! (13 commands each, 15 transitions with the derived ones), with 1, 8 and 32 deals moving at
 //! once. Prints commands/s and per-command latency (p50/p99) and writes
-//! `target/bench/commands.json`. `BENCH_SCALE` (default 1.0 = 1,000 deals per level) scales it.
+//! `target/bench/commands.json`. `BENCH_SCALE` (default 1.0 = 1,000 deals per level) scales it;
+//! `BENCH_LEVELS` (default `1,8,32`) picks the concurrency levels, e.g. `32` to profile one.
 //!
 //! Beside it, the same workload written with esrs 0.18.0 (`benches/peers/esrs`: its aggregate,
 //! `AggregateManager` load and handle, a `TransactionalEventHandler` writing the status row and
@@ -86,7 +87,13 @@ async fn main() {
     let scale: f64 = std::env::var("BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
     let per_level = ((1_000.0 * scale) as usize).max(32);
     let mut levels = Vec::new();
-    for (level, concurrency) in [1usize, 8, 32].into_iter().enumerate() {
+    let concurrency_levels: Vec<usize> = match std::env::var("BENCH_LEVELS") {
+        Ok(list) => {
+            list.split(',').map(|l| l.trim().parse().expect("BENCH_LEVELS: 1,8,32")).collect()
+        }
+        Err(_) => vec![1, 8, 32],
+    };
+    for (level, concurrency) in concurrency_levels.into_iter().enumerate() {
         let (pool, _) = fresh_database(40).await.expect("benchmark database");
         let deals = Deals::new(Journal::new(pool));
         levels.push(run_level(&deals, concurrency, per_level, level).await);

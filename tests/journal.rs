@@ -398,3 +398,98 @@ async fn a_follower_delivers_every_committed_event_exactly_once_under_concurrent
     assert_eq!(positions, committed, "delivered set differs from the committed set");
     assert!(delivered.windows(2).all(|w| w[0].checkpoint() < w[1].checkpoint()));
 }
+
+#[tokio::test]
+async fn appends_grouped_under_load_commit_with_their_outbox_rows_and_stale_ones_conflict() {
+    // Given 48 streams at version 1, their heads known to one journal, and half of them
+    // moved on to version 2 since by another journal (another process)
+    let (journal, pool) = journal().await;
+    let streams: Vec<Uuid> = (0..48).map(|_| Uuid::now_v7()).collect();
+    for &stream in &streams {
+        journal.append(stream, "s", 0, &[event("seed", b"")]).await.unwrap();
+    }
+    let (moved, unmoved) = streams.split_at(24);
+    let elsewhere = Journal::new(pool.clone());
+    for &stream in moved {
+        elsewhere.append(stream, "s", 1, &[event("elsewhere", b"")]).await.unwrap();
+    }
+    // When 48 appends run at once through the first journal, one per stream at version 1,
+    // each with an outbox row (so most go in groups)
+    let append = |stream: Uuid, version: u32, who: &'static str| {
+        let journal = journal.clone();
+        async move {
+            let effects = vec![NewEffect {
+                version: version + 1,
+                effect_type: who,
+                payload: who.as_bytes().to_vec(),
+            }];
+            let alone = |statement: &mut AppendStatement| {
+                outbox::enqueue_with(statement, stream, "s", &effects)
+            };
+            let result = journal
+                .append_grouped(
+                    stream,
+                    "s",
+                    version,
+                    &[event(who, who.as_bytes())],
+                    Some(&alone),
+                    |_| outbox::shared_enqueue(stream, "s", &effects).into_iter().collect(),
+                )
+                .await;
+            (stream, who, result)
+        }
+    };
+    let results = futures::future::join_all(streams.iter().map(|&s| append(s, 1, "mine"))).await;
+    let outbox_of = |stream: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT effect_type FROM outbox WHERE stream_id = $1 ORDER BY id",
+            )
+            .bind(stream)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let conflicts_at_2 = |r: &Result<_, JournalError>| {
+        matches!(r, Err(JournalError::Conflict { expected: 1, actual: 2, .. }))
+    };
+    // Then an append to a stream that moved conflicts, and nothing of it is written
+    for &stream in moved {
+        let (_, _, result) = results.iter().find(|(s, _, _)| *s == stream).unwrap();
+        assert!(conflicts_at_2(result), "{result:?}");
+        let events = journal.read_stream(stream, 1).await.unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].event_type, "elsewhere");
+        assert!(outbox_of(stream).await.is_empty());
+    }
+    // And the others are written, chained, each with exactly its outbox row
+    for &stream in unmoved {
+        let (_, _, result) = results.iter().find(|(s, _, _)| *s == stream).unwrap();
+        assert!(result.is_ok(), "{result:?}");
+        let events = journal.read_stream(stream, 1).await.unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].event_type, "mine");
+        assert!(journal.verify_stream(stream).await.unwrap().first_bad.is_none());
+        assert_eq!(outbox_of(stream).await, vec!["mine".to_owned()]);
+    }
+    // When two appends race on each of those at version 2, in the same groups
+    let runs = unmoved.iter().flat_map(|&s| [append(s, 2, "first"), append(s, 2, "second")]);
+    let results = futures::future::join_all(runs).await;
+    // Then per stream exactly one wins, with its outbox row, and the other conflicts
+    for &stream in unmoved {
+        let mine: Vec<_> = results.iter().filter(|(s, _, _)| *s == stream).collect();
+        let winners: Vec<_> = mine.iter().filter(|(_, _, r)| r.is_ok()).collect();
+        assert_eq!(winners.len(), 1, "{mine:?}");
+        assert!(
+            mine.iter().any(|(_, _, r)| matches!(
+                r,
+                Err(JournalError::Conflict { expected: 2, actual: 3, .. })
+            )),
+            "{mine:?}"
+        );
+        assert!(journal.verify_stream(stream).await.unwrap().first_bad.is_none());
+        assert_eq!(outbox_of(stream).await, vec!["mine".to_owned(), winners[0].1.to_owned()]);
+    }
+}

@@ -475,7 +475,19 @@ impl Deals {
             }
             inline::project_with(statement, &decision.deal, last_type)
         };
-        self.journal.append_with(deal.id, M::NAME, deal.version, &events, &companions).await?;
+        if settles.is_some() {
+            // Settling an outbox row is rare (an effect's result) and stays out of groups.
+            self.journal.append_with(deal.id, M::NAME, deal.version, &events, &companions).await?;
+        } else {
+            let shared = |recorded_at| {
+                let outbox = outbox::shared_enqueue(deal.id, M::NAME, &effects);
+                let row = inline::shared_project(&decision.deal, last_type, recorded_at);
+                outbox.into_iter().chain([row]).collect()
+            };
+            self.journal
+                .append_grouped(deal.id, M::NAME, deal.version, &events, Some(&companions), shared)
+                .await?;
+        }
         self.recent.put(decision.deal.clone());
         Ok(())
     }

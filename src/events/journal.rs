@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::chain::{self, CanonicalEvent, FirstBadVersion};
 use super::envelope::{Checkpoint, NewEvent, RecordedEvent};
 use super::error::JournalError;
+use super::group::{GroupCommit, GroupOutcome, GroupedAppend, SharedRows};
 use super::notifier::CommitNotifier;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -102,6 +103,7 @@ pub struct Journal {
     /// database inside its insert statement, so a stale entry costs a retry, never a bad link.
     heads: Arc<Mutex<HashMap<Uuid, StreamHead>>>,
     notifier: Arc<CommitNotifier>,
+    group: Arc<GroupCommit>,
 }
 
 impl Journal {
@@ -113,7 +115,7 @@ impl Journal {
 
     /// Opens the journal on a database whose migrations are known to be applied.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool, heads: Arc::default(), notifier: Arc::default() }
+        Self { pool, heads: Arc::default(), notifier: Arc::default(), group: Arc::default() }
     }
 
     /// The migrations this build applies (for `db status`).
@@ -139,7 +141,8 @@ impl Journal {
         expected_version: u32,
         events: &[NewEvent],
     ) -> Result<Appended, JournalError> {
-        self.append_on_pool(stream_id, stream_type, expected_version, events, None).await
+        self.append_grouped(stream_id, stream_type, expected_version, events, None, |_| Vec::new())
+            .await
     }
 
     /// Like [`Journal::append`], with writes that must commit exactly when the events do (the
@@ -157,6 +160,64 @@ impl Journal {
             .await
     }
 
+    /// Like [`Journal::append_with`], and when the journal's statements are all in flight,
+    /// sent together with other appends in one statement (group commit, see
+    /// [`super::group`]): the same guarantees, at a fraction of the server's cost per append.
+    ///
+    /// `companions` and `shared` are the same writes in two forms: `companions` adds them to
+    /// the statement of an append sent alone, `shared` (called only when the append joins a
+    /// group, with the time its events are recorded at) gives their rows for a group's
+    /// statement. They must write the same rows.
+    pub async fn append_grouped(
+        &self,
+        stream_id: Uuid,
+        stream_type: &str,
+        expected_version: u32,
+        events: &[NewEvent],
+        companions: Option<Companions<'_>>,
+        shared: impl FnOnce(chrono::DateTime<Utc>) -> Vec<SharedRows>,
+    ) -> Result<Appended, JournalError> {
+        if events.is_empty() {
+            return Err(JournalError::EmptyAppend);
+        }
+        let alone =
+            || self.append_on_pool(stream_id, stream_type, expected_version, events, companions);
+        // A group's statement checks heads but cannot read them: an append whose head this
+        // journal does not know runs alone, which reads it.
+        let known_head = match expected_version {
+            0 => Some(None),
+            _ => self
+                .cached_head(stream_id)
+                .filter(|h| h.version == expected_version && h.stream_type == stream_type)
+                .map(|h| h.cid),
+        };
+        let Some(prev) = known_head else { return alone().await };
+        if let Some(_slot) = self.group.try_alone(&self.pool) {
+            return alone().await;
+        }
+        let rows = AppendRows::build(stream_id, stream_type, expected_version, prev, events);
+        let grouped = GroupedAppend {
+            stream_id,
+            stream_type: stream_type.to_owned(),
+            expected_version,
+            prev_cid: prev.map(|c| c.to_bytes()),
+            versions: rows.versions,
+            prev_cids: rows.prev_cids,
+            cids: rows.cids,
+            recorded_at: rows.recorded_at,
+            events: events.to_vec(),
+            shared: shared(rows.recorded_at),
+        };
+        match self.group.join(&self.pool, grouped).await {
+            GroupOutcome::Appended => {
+                self.committed(&rows.appended);
+                Ok(rows.appended)
+            }
+            GroupOutcome::TryAlone => alone().await,
+            GroupOutcome::Lost => Err(JournalError::Database(sqlx::Error::WorkerCrashed)),
+        }
+    }
+
     async fn append_on_pool(
         &self,
         stream_id: Uuid,
@@ -170,6 +231,11 @@ impl Journal {
             .append_on(&mut conn, stream_id, stream_type, expected_version, events, companions)
             .await?;
         crate::db::release_clean(conn);
+        // The connection is back in the pool before a conflict's version is read: appends
+        // that all conflict at once must not each hold one connection and wait for another.
+        let Ok(appended) = appended else {
+            return Err(self.conflict_now(stream_id, expected_version).await);
+        };
         self.committed(&appended);
         Ok(appended)
     }
@@ -186,7 +252,10 @@ impl Journal {
         expected_version: u32,
         events: &[NewEvent],
     ) -> Result<Appended, JournalError> {
-        self.append_on(tx, stream_id, stream_type, expected_version, events, None).await
+        match self.append_on(tx, stream_id, stream_type, expected_version, events, None).await? {
+            Ok(appended) => Ok(appended),
+            Err(Stale) => Err(self.conflict_now(stream_id, expected_version).await),
+        }
     }
 
     /// Says that an append has committed: wakes followers and remembers the stream's head, so
@@ -216,7 +285,7 @@ impl Journal {
         expected_version: u32,
         events: &[NewEvent],
         companions: Option<Companions<'_>>,
-    ) -> Result<Appended, JournalError> {
+    ) -> Result<Result<Appended, Stale>, JournalError> {
         if events.is_empty() {
             return Err(JournalError::EmptyAppend);
         }
@@ -230,16 +299,16 @@ impl Journal {
                 .insert(conn, stream_id, stream_type, expected_version, prev, companions)
                 .await
             {
-                Ok(inserted) if inserted == events.len() as u64 => return Ok(rows.appended),
+                Ok(inserted) if inserted == events.len() as u64 => return Ok(Ok(rows.appended)),
                 Ok(_) if trust_cache => {
                     // The cached head was stale: read the real one and try once more.
                     self.forget(stream_id);
                     trust_cache = false;
                 }
-                Ok(_) => return Err(self.conflict_now(stream_id, expected_version).await),
+                Ok(_) => return Ok(Err(Stale)),
                 Err(JournalError::Database(e)) if is_version_collision(&e) => {
                     self.forget(stream_id);
-                    return Err(self.conflict_now(stream_id, expected_version).await);
+                    return Ok(Err(Stale));
                 }
                 Err(e) => return Err(e),
             }
@@ -525,6 +594,10 @@ impl<'a> AppendRows<'a> {
         Ok(inserted as u64)
     }
 }
+
+/// An append that found its stream moved on: nothing was written, and the caller reports a
+/// [`JournalError::Conflict`] with the version read once its connection is free.
+struct Stale;
 
 /// Adds an append's companion writes to its statement; called once per attempt.
 pub type Companions<'a> = &'a (dyn Fn(&mut AppendStatement) -> Result<(), JournalError> + Sync);

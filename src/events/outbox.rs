@@ -6,6 +6,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::error::JournalError;
+use super::group::{SharedRows, SharedWrite};
 use super::journal::AppendStatement;
 
 /// One effect to enqueue.
@@ -51,15 +52,8 @@ pub fn enqueue_with(
     if effects.is_empty() {
         return Ok(());
     }
-    let mut seq_of_version = std::collections::HashMap::<u32, i16>::new();
-    let mut versions = Vec::with_capacity(effects.len());
-    let mut seqs = Vec::with_capacity(effects.len());
-    for effect in effects {
-        let seq = seq_of_version.entry(effect.version).or_default();
-        versions.push(effect.version as i32);
-        seqs.push(*seq);
-        *seq += 1;
-    }
+    let versions: Vec<i32> = effects.iter().map(|e| e.version as i32).collect();
+    let seqs = seqs(effects);
     let types: Vec<&str> = effects.iter().map(|e| e.effect_type).collect();
     let payloads: Vec<&[u8]> = effects.iter().map(|e| e.payload.as_slice()).collect();
     let sql = format!(
@@ -78,6 +72,72 @@ pub fn enqueue_with(
     );
     statement.write(sql);
     Ok(())
+}
+
+/// Each effect's order among the effects of its event (`seq`): 0, 1, ... per version.
+fn seqs(effects: &[NewEffect]) -> Vec<i16> {
+    let mut seq_of_version = std::collections::HashMap::<u32, i16>::new();
+    effects
+        .iter()
+        .map(|effect| {
+            let seq = seq_of_version.entry(effect.version).or_default();
+            *seq += 1;
+            *seq - 1
+        })
+        .collect()
+}
+
+/// The outbox as a write that grouped appends share (see [`super::group`]).
+#[derive(Debug)]
+struct OutboxWrite;
+
+const OUTBOX_COLUMNS: [&str; 6] =
+    ["stream_id", "stream_type", "version", "seq", "effect_type", "payload"];
+
+impl SharedWrite for OutboxWrite {
+    fn name(&self) -> &'static str {
+        "outbox"
+    }
+
+    fn columns(&self) -> Vec<&'static str> {
+        OUTBOX_COLUMNS.to_vec()
+    }
+
+    fn ctes(&self, rows: &str, prefix: &str) -> String {
+        format!(
+            "{prefix}enqueued AS (INSERT INTO outbox ({columns}) \
+             SELECT r.stream_id::uuid, r.stream_type, r.version::int, r.seq::smallint, \
+                    r.effect_type, r.payload::bytea FROM {rows} r)",
+            columns = OUTBOX_COLUMNS.join(", "),
+        )
+    }
+}
+
+/// [`enqueue_with`]'s rows for a grouped append: the same effects, as text.
+pub fn shared_enqueue(
+    stream_id: Uuid,
+    stream_type: &str,
+    effects: &[NewEffect],
+) -> Option<SharedRows> {
+    if effects.is_empty() {
+        return None;
+    }
+    static OUTBOX: OutboxWrite = OutboxWrite;
+    let rows = effects
+        .iter()
+        .zip(seqs(effects))
+        .map(|(effect, seq)| {
+            vec![
+                Some(stream_id.to_string()),
+                Some(stream_type.to_owned()),
+                Some(effect.version.to_string()),
+                Some(seq.to_string()),
+                Some(effect.effect_type.to_owned()),
+                Some(format!("\\x{}", hex::encode(&effect.payload))),
+            ]
+        })
+        .collect();
+    Some(SharedRows { kind: &OUTBOX, rows })
 }
 
 /// Effects not yet completed, oldest first; for one stream when `stream_id` is given.

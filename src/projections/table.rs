@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use sqlx::PgConnection;
 
 use super::{ProjectionError, binary};
-use crate::events::{AppendStatement, JournalError};
+use crate::events::{AppendStatement, JournalError, SharedRows, SharedWrite};
 
 /// A column's SQL type, used to cast the text it is sent as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +86,7 @@ impl TableSpec {
     /// `(columns) ... ON CONFLICT DO UPDATE ... WHERE version < EXCLUDED.version`, around
     /// the values: re-applying an older or equal version changes nothing, and the first
     /// event's time is kept.
-    fn upsert_parts(&'static self) -> &'static (String, String) {
+    fn upsert_parts(&self) -> &'static (String, String) {
         type Parts = HashMap<&'static str, &'static (String, String)>;
         static CACHE: OnceLock<std::sync::Mutex<Parts>> = OnceLock::new();
         let cache = CACHE.get_or_init(Default::default);
@@ -158,6 +158,16 @@ impl TableSpec {
         Ok(())
     }
 
+    /// [`TableSpec::upsert_with`]'s row for a grouped append (see
+    /// [`crate::events::group`]): the same row, written by the group's shared statement.
+    pub fn shared_upsert(&'static self, row: RowValues) -> SharedRows {
+        SharedRows { kind: self, rows: vec![row] }
+    }
+
+    fn cast_of(&self, column: &str) -> &'static str {
+        self.columns.iter().find(|(c, _)| *c == column).map_or("text", |(_, ty)| ty.cast())
+    }
+
     /// Copies rows into `table` (this table or one with the same columns) with binary `COPY`.
     pub async fn copy_into<R: Borrow<RowValues>>(
         &self,
@@ -200,5 +210,42 @@ impl TableSpec {
         copy.send(chunk.as_slice()).await?;
         copy.finish().await?;
         Ok(count)
+    }
+}
+
+/// A status table as a write grouped appends share: the same `UPDATE`, then upsert for rows
+/// the `UPDATE` did not find, as [`TableSpec::upsert_with`], for all the group's rows at once.
+impl SharedWrite for TableSpec {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn columns(&self) -> Vec<&'static str> {
+        self.columns.iter().map(|(c, _)| *c).collect()
+    }
+
+    fn ctes(&self, rows: &str, prefix: &str) -> String {
+        let typed = |column: &str| format!("r.{column}::{}", self.cast_of(column));
+        let sets: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|(c, _)| self.overwrites(c))
+            .map(|(c, _)| format!("{c} = {}", typed(c)))
+            .collect();
+        let values: Vec<String> = self.columns.iter().map(|(c, _)| typed(c)).collect();
+        let (head, tail) = self.upsert_parts();
+        format!(
+            "{prefix}updated AS (UPDATE {table} t SET {sets} FROM {rows} r \
+               WHERE t.{key} = {key_value} AND t.version < {version} RETURNING t.{key}), \
+             {prefix}upserted AS ({head} SELECT {values} FROM {rows} r \
+               WHERE NOT EXISTS (SELECT 1 FROM {prefix}updated u WHERE u.{key} = {key_value}) \
+               {tail})",
+            table = self.rows_table,
+            sets = sets.join(", "),
+            key = self.key,
+            key_value = typed(self.key),
+            version = typed("version"),
+            values = values.join(", "),
+        )
     }
 }
