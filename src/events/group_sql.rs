@@ -14,16 +14,22 @@ use super::group::{GroupOutcome, GroupedAppend, SharedWrite};
 /// whole group on the `(stream_id, version)` key), and the appends' events,
 /// inserted only for the appends whose check passed (`heads` lists them by index), in the
 /// order of the group and of each append's events.
+///
+/// `OFFSET 0` keeps each check a probe by key per append: without it PostgreSQL may turn an
+/// `EXISTS` into a hashed subplan, reading a whole table (or its index) on every execution,
+/// and a generic plan chosen while the journal is small would keep doing so as it grows.
 const INSERT_GROUP: &str = "
 heads AS (
   SELECT h.cmd FROM UNNEST($1::int[], $2::uuid[], $3::text[], $4::int[], $5::bytea[])
                     AS h(cmd, stream_id, stream_type, version, cid)
-  WHERE (h.version = 0 AND NOT EXISTS (SELECT 1 FROM events_archive a WHERE a.stream_id = h.stream_id))
-     OR (EXISTS (SELECT 1 FROM events e
+  WHERE CASE WHEN h.version = 0
+    THEN NOT EXISTS (SELECT 1 FROM events_archive a WHERE a.stream_id = h.stream_id OFFSET 0)
+    ELSE EXISTS (SELECT 1 FROM events e
                  WHERE e.stream_id = h.stream_id AND e.version = h.version AND e.cid = h.cid
-                   AND e.stream_type = h.stream_type)
+                   AND e.stream_type = h.stream_type OFFSET 0)
          AND NOT EXISTS (SELECT 1 FROM events n
-                         WHERE n.stream_id = h.stream_id AND n.version = h.version + 1))),
+                         WHERE n.stream_id = h.stream_id AND n.version = h.version + 1 OFFSET 0)
+  END),
 appended AS (
   INSERT INTO events (stream_id, stream_type, version, event_type, schema_version, payload,
                       recorded_at, correlation_id, causation_id, prev_cid, cid)
