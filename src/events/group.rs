@@ -15,6 +15,14 @@
 //!   where exactly that one gets its conflict.
 //! - Positions follow the order of the appends in the group and, inside one append, the order
 //!   of its events, so every stream's versions are in position order.
+//! - An append whose caller stops waiting (drops its future) after it joined a group is still
+//!   sent with the group, as a statement already sent would still run: its outcome is then
+//!   unknown to that caller, and the next append to the stream finds out (a conflict).
+//!
+//! Which appends group: those whose stream head this journal knows (it appended the stream
+//! last, or the stream is new) and which arrive while [`MAX_IN_FLIGHT`] statements are
+//! running. The others run alone, as before; so does every append that a group could not
+//! write (a stale head, a race, a failing companion write), where it gets its own answer.
 
 use std::sync::{Arc, Mutex};
 
