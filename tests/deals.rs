@@ -14,7 +14,7 @@ use dealledger::events::outbox;
 use dealledger::fsm::fixtures::*;
 use dealledger::fsm::storage_client::{StorageClient, StorageClientEvent as SC};
 use dealledger::fsm::storage_provider::{StorageProvider, StorageProviderEvent as SP};
-use dealledger::fsm::{Deal, DecideContext, Label, Rejection};
+use dealledger::fsm::{Deal, DecideContext, Label, Machine, Rejection};
 use dealledger::projections::rows::Projected;
 use ed25519_dalek::SigningKey;
 
@@ -373,4 +373,68 @@ async fn an_embedded_ledger_takes_the_operators_cancel_fail_and_retry() {
     assert_eq!(status.message.as_deref(), Some("failed by gil: bad data"));
     ledger.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&home);
+}
+
+#[tokio::test]
+async fn deals_moved_at_once_have_status_rows_and_effects_equal_to_playing_them_alone() {
+    // Given 48 provider deals played from proposal to Active by 24 tasks at once, so that
+    // most commands are recorded in groups (group commit), status row updates included
+    let (ledger, pool) = deals().await;
+    let workers: Vec<_> = (0..24)
+        .map(|worker| {
+            let deals = ledger.clone();
+            tokio::spawn(async move {
+                let mut streams = Vec::new();
+                for n in (worker..48).step_by(24) {
+                    let mut terms = proposal();
+                    terms.label = format!("at once {n}");
+                    let signed = ClientDealProposal::sign(terms, &client_key());
+                    let stream = Deals::storage_stream_id(StorageProvider::NAME, &signed);
+                    let (_, commands) =
+                        dealledger::deals::script::storage_deal_commands(signed, &provider_key());
+                    for command in commands {
+                        deals.handle::<StorageProvider>(stream, command, &ctx(), None).await?;
+                    }
+                    streams.push(stream);
+                }
+                Ok::<_, DealsError>(streams)
+            })
+        })
+        .collect();
+    let mut streams = Vec::new();
+    for worker in workers {
+        streams.extend(worker.await.unwrap().unwrap());
+    }
+    // Then every deal is Active, and each status row equals the fold of its stream
+    let active: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM storage_deals WHERE state = 'Active'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(active, 48);
+    assert_projections_match_the_journal(&pool).await;
+    // And each deal's outbox holds what the same deal played alone enqueues
+    let (alone_deals, alone_pool) = deals().await;
+    let mut terms = proposal();
+    terms.label = "alone".into();
+    let signed = ClientDealProposal::sign(terms, &client_key());
+    let alone = Deals::storage_stream_id(StorageProvider::NAME, &signed);
+    let (_, commands) = dealledger::deals::script::storage_deal_commands(signed, &provider_key());
+    for command in commands {
+        alone_deals.handle::<StorageProvider>(alone, command, &ctx(), None).await.unwrap();
+    }
+    let effects_of = |pool: PgPool, stream: Uuid| async move {
+        sqlx::query_as::<_, (i32, i16, String)>(
+            "SELECT version, seq, effect_type FROM outbox WHERE stream_id = $1 ORDER BY id",
+        )
+        .bind(stream)
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let expected = effects_of(alone_pool, alone).await;
+    assert!(!expected.is_empty());
+    for stream in streams {
+        assert_eq!(effects_of(pool.clone(), stream).await, expected);
+    }
 }
