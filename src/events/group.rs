@@ -36,9 +36,6 @@ use super::envelope::NewEvent;
 /// How many statements the journal keeps in flight before appends start to wait and group:
 /// enough to keep the server and this process both busy on a small machine, few enough that
 /// groups form under load.
-/// How many statements the journal keeps in flight before appends start to wait and group:
-/// enough to keep the server and this process both busy on a small machine, few enough that
-/// groups form under load.
 const MAX_IN_FLIGHT: usize = 2;
 
 /// Opens the connections groups are sent on: the journal's server and database, with
@@ -169,8 +166,14 @@ fn hand_on(state: &Arc<Mutex<State>>, pool: &PgPool) {
         guard.in_flight -= 1;
         return;
     }
+    // Outside a runtime (a future dropped after its runtime ended) nothing can be sent, and
+    // nobody is left waiting for it.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        guard.in_flight -= 1;
+        return;
+    };
     drop(guard);
-    tokio::spawn(send_queued(state.clone(), pool.clone()));
+    runtime.spawn(send_queued(state.clone(), pool.clone()));
 }
 
 /// Sends queued groups until the queue is empty, then gives the slot back.
