@@ -89,19 +89,30 @@ pub struct SharedRows {
 }
 
 /// One append waiting in a group: everything its statement needs, owned, because the
-/// statement is sent by whichever task runs the group.
+/// statement is sent by whichever task runs the group. It has at least one event; the
+/// version it expects and the CID it links to are its first event's.
 #[derive(Debug)]
 pub(crate) struct GroupedAppend {
     pub stream_id: Uuid,
     pub stream_type: String,
-    pub expected_version: u32,
-    pub prev_cid: Option<Vec<u8>>,
     pub versions: Vec<i32>,
     pub prev_cids: Vec<Option<Vec<u8>>>,
     pub cids: Vec<Vec<u8>>,
     pub recorded_at: DateTime<Utc>,
     pub events: Vec<NewEvent>,
     pub shared: Vec<SharedRows>,
+}
+
+impl GroupedAppend {
+    /// The stream version this append expects (0: a new stream).
+    pub fn expected_version(&self) -> i32 {
+        self.versions[0] - 1
+    }
+
+    /// The CID of the event this append links to (none for a new stream).
+    pub fn link(&self) -> Option<&[u8]> {
+        self.prev_cids[0].as_deref()
+    }
 }
 
 /// What became of an append sent in a group.

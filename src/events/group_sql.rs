@@ -91,17 +91,14 @@ fn statement(group: &[GroupedAppend]) -> Result<(String, PgArguments), Encode> {
     args.add(cmds.collect::<Vec<_>>())?;
     args.add(group.iter().map(|a| a.stream_id).collect::<Vec<_>>())?;
     args.add(group.iter().map(|a| a.stream_type.as_str()).collect::<Vec<_>>())?;
-    args.add(group.iter().map(|a| a.expected_version as i32).collect::<Vec<_>>())?;
-    args.add(group.iter().map(|a| a.prev_cid.as_deref()).collect::<Vec<_>>())?;
+    args.add(group.iter().map(GroupedAppend::expected_version).collect::<Vec<_>>())?;
+    args.add(group.iter().map(GroupedAppend::link).collect::<Vec<_>>())?;
 
     let events =
         || group.iter().enumerate().flat_map(|(cmd, a)| a.events.iter().map(move |e| (cmd, a, e)));
     args.add(events().map(|(cmd, _, _)| cmd as i32).collect::<Vec<_>>())?;
     args.add(events().map(|(_, a, _)| a.stream_id).collect::<Vec<_>>())?;
     args.add(events().map(|(_, a, _)| a.stream_type.as_str()).collect::<Vec<_>>())?;
-    let per_event = |pick: fn(&GroupedAppend, usize) -> Option<&[u8]>| {
-        group.iter().flat_map(|a| (0..a.events.len()).map(move |i| pick(a, i))).collect::<Vec<_>>()
-    };
     args.add(group.iter().flat_map(|a| a.versions.iter().copied()).collect::<Vec<_>>())?;
     args.add(events().map(|(_, _, e)| e.event_type.as_str()).collect::<Vec<_>>())?;
     args.add(events().map(|(_, _, e)| e.schema_version).collect::<Vec<_>>())?;
@@ -109,8 +106,10 @@ fn statement(group: &[GroupedAppend]) -> Result<(String, PgArguments), Encode> {
     args.add(events().map(|(_, a, _)| a.recorded_at).collect::<Vec<_>>())?;
     args.add(events().map(|(_, _, e)| e.correlation_id).collect::<Vec<_>>())?;
     args.add(events().map(|(_, _, e)| e.causation_id).collect::<Vec<_>>())?;
-    args.add(per_event(|a, i| a.prev_cids[i].as_deref()))?;
-    args.add(per_event(|a, i| Some(a.cids[i].as_slice())))?;
+    args.add(
+        group.iter().flat_map(|a| a.prev_cids.iter().map(|c| c.as_deref())).collect::<Vec<_>>(),
+    )?;
+    args.add(group.iter().flat_map(|a| a.cids.iter().map(|c| c.as_slice())).collect::<Vec<_>>())?;
 
     let mut sql = format!("WITH {INSERT_GROUP}");
     // The shared writes, by kind, in a fixed order.

@@ -184,14 +184,9 @@ impl Journal {
             || self.append_on_pool(stream_id, stream_type, expected_version, events, companions);
         // A group's statement checks heads but cannot read them: an append whose head this
         // journal does not know runs alone, which reads it.
-        let known_head = match expected_version {
-            0 => Some(None),
-            _ => self
-                .cached_head(stream_id)
-                .filter(|h| h.version == expected_version && h.stream_type == stream_type)
-                .map(|h| h.cid),
+        let Some(prev) = self.known_link(stream_id, stream_type, expected_version, true) else {
+            return alone().await;
         };
-        let Some(prev) = known_head else { return alone().await };
         if let Some(_slot) = self.group.try_alone(&self.pool) {
             return alone().await;
         }
@@ -199,8 +194,6 @@ impl Journal {
         let grouped = GroupedAppend {
             stream_id,
             stream_type: stream_type.to_owned(),
-            expected_version,
-            prev_cid: prev.map(|c| c.to_bytes()),
             versions: rows.versions,
             prev_cids: rows.prev_cids,
             cids: rows.cids,
@@ -315,6 +308,27 @@ impl Journal {
         }
     }
 
+    /// The CID the first new event links to, when it is known without reading the stream:
+    /// none for a new stream, the cached head's for a stream this journal appended last at
+    /// `expected_version` (if `trust_cache`). `None`: the head must be read.
+    fn known_link(
+        &self,
+        stream_id: Uuid,
+        stream_type: &str,
+        expected_version: u32,
+        trust_cache: bool,
+    ) -> Option<Option<Cid>> {
+        if expected_version == 0 {
+            return Some(None);
+        }
+        if !trust_cache {
+            return None;
+        }
+        self.cached_head(stream_id)
+            .filter(|h| h.version == expected_version && h.stream_type == stream_type)
+            .map(|h| h.cid)
+    }
+
     /// The CID the first new event links to, after checking the stream is where the caller
     /// expects it.
     async fn link_target(
@@ -325,15 +339,8 @@ impl Journal {
         expected_version: u32,
         trust_cache: bool,
     ) -> Result<Option<Cid>, JournalError> {
-        if expected_version == 0 {
-            return Ok(None);
-        }
-        if trust_cache
-            && let Some(head) = self.cached_head(stream_id)
-            && head.version == expected_version
-            && head.stream_type == stream_type
-        {
-            return Ok(head.cid);
+        if let Some(link) = self.known_link(stream_id, stream_type, expected_version, trust_cache) {
+            return Ok(link);
         }
         let head = read_head(conn, stream_id).await?;
         if head.version != expected_version {

@@ -57,7 +57,7 @@ pub fn enqueue_with(
     let types: Vec<&str> = effects.iter().map(|e| e.effect_type).collect();
     let payloads: Vec<&[u8]> = effects.iter().map(|e| e.payload.as_slice()).collect();
     let sql = format!(
-        "INSERT INTO outbox (stream_id, stream_type, version, seq, effect_type, payload) \
+        "INSERT INTO outbox ({columns}) \
          SELECT {stream_id}::uuid, {stream_type}::text, e.version, e.seq, e.effect_type, e.payload \
          FROM UNNEST({versions}::int[], {seqs}::smallint[], {types}::text[], {payloads}::bytea[]) \
               AS e(version, seq, effect_type, payload) \
@@ -69,6 +69,7 @@ pub fn enqueue_with(
         types = statement.bind(types)?,
         payloads = statement.bind(payloads)?,
         appended = AppendStatement::APPENDED,
+        columns = OUTBOX_COLUMNS.join(", "),
     );
     statement.write(sql);
     Ok(())
@@ -91,6 +92,7 @@ fn seqs(effects: &[NewEffect]) -> Vec<i16> {
 #[derive(Debug)]
 struct OutboxWrite;
 
+/// The columns an enqueue writes, in the order both forms of it list their values.
 const OUTBOX_COLUMNS: [&str; 6] =
     ["stream_id", "stream_type", "version", "seq", "effect_type", "payload"];
 

@@ -129,24 +129,13 @@ impl TableSpec {
         for ((_, ty), value) in self.columns.iter().zip(row) {
             values.push(format!("{}::{}", statement.bind(value.as_deref())?, ty.cast()));
         }
-        let value_of = |column: &str| {
-            let at = self.columns.iter().position(|(c, _)| *c == column);
-            at.map(|i| values[i].as_str()).unwrap_or("NULL")
-        };
-        let sets: Vec<String> = self
-            .columns
-            .iter()
-            .zip(&values)
-            .filter(|((c, _), _)| self.overwrites(c))
-            .map(|((c, _), v)| format!("{c} = {v}"))
-            .collect();
         let updated = statement.write(format!(
             "UPDATE {table} SET {sets} WHERE {key} = {key_value} AND version < {version} AND {appended} RETURNING 1",
             table = self.rows_table,
-            sets = sets.join(", "),
+            sets = self.assignments(&values),
             key = self.key,
-            key_value = value_of(self.key),
-            version = value_of("version"),
+            key_value = self.value_of(&values, self.key),
+            version = self.value_of(&values, "version"),
             appended = AppendStatement::APPENDED,
         ));
         let (head, tail) = self.upsert_parts();
@@ -164,8 +153,22 @@ impl TableSpec {
         SharedRows { kind: self, rows: vec![row] }
     }
 
-    fn cast_of(&self, column: &str) -> &'static str {
-        self.columns.iter().find(|(c, _)| *c == column).map_or("text", |(_, ty)| ty.cast())
+    /// `column = value, ...` for the columns a later version overwrites, from one value
+    /// expression per column in column order: the `SET` of both `UPDATE`s.
+    fn assignments(&self, values: &[String]) -> String {
+        self.columns
+            .iter()
+            .zip(values)
+            .filter(|((c, _), _)| self.overwrites(c))
+            .map(|((c, _), v)| format!("{c} = {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The expression of `column` among `values` (one per column, in column order).
+    fn value_of<'v>(&self, values: &'v [String], column: &str) -> &'v str {
+        let at = self.columns.iter().position(|(c, _)| *c == column);
+        at.map(|i| values[i].as_str()).unwrap_or("NULL")
     }
 
     /// Copies rows into `table` (this table or one with the same columns) with binary `COPY`.
@@ -225,14 +228,8 @@ impl SharedWrite for TableSpec {
     }
 
     fn ctes(&self, rows: &str, prefix: &str) -> String {
-        let typed = |column: &str| format!("r.{column}::{}", self.cast_of(column));
-        let sets: Vec<String> = self
-            .columns
-            .iter()
-            .filter(|(c, _)| self.overwrites(c))
-            .map(|(c, _)| format!("{c} = {}", typed(c)))
-            .collect();
-        let values: Vec<String> = self.columns.iter().map(|(c, _)| typed(c)).collect();
+        let values: Vec<String> =
+            self.columns.iter().map(|(c, ty)| format!("r.{c}::{}", ty.cast())).collect();
         let (head, tail) = self.upsert_parts();
         format!(
             "{prefix}updated AS (UPDATE {table} t SET {sets} FROM {rows} r \
@@ -241,10 +238,10 @@ impl SharedWrite for TableSpec {
                WHERE NOT EXISTS (SELECT 1 FROM {prefix}updated u WHERE u.{key} = {key_value}) \
                {tail})",
             table = self.rows_table,
-            sets = sets.join(", "),
+            sets = self.assignments(&values),
             key = self.key,
-            key_value = typed(self.key),
-            version = typed("version"),
+            key_value = self.value_of(&values, self.key),
+            version = self.value_of(&values, "version"),
             values = values.join(", "),
         )
     }
