@@ -36,9 +36,9 @@ struct Level {
     p99: Duration,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
+#[path = "shared/percentile.rs"]
+mod percentile;
+use percentile::percentile;
 
 async fn run_level(deals: &Deals, concurrency: usize, per_level: usize, level: usize) -> Level {
     let ctx = DecideContext { epoch: ChainEpoch(NOW), ..DecideContext::default() };

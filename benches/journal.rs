@@ -163,10 +163,9 @@ async fn fill(journal: &Journal, total: usize) {
 /// How many times each of the two full reads runs; the table shows the medians.
 const READ_ROUNDS: usize = 3;
 
-fn median(mut rates: Vec<f64>) -> f64 {
-    rates.sort_by(f64::total_cmp);
-    rates[rates.len() / 2]
-}
+#[path = "shared/median.rs"]
+mod median;
+use median::median;
 
 async fn ledger_read_all(journal: &Journal) -> (u64, f64) {
     let start = Instant::now();
@@ -271,8 +270,8 @@ async fn main() {
     rows.push(Row {
         workload: "read_all (commit-safe order)",
         events: read,
-        ledger: median(ledger_rates),
-        plain: median(plain_rates),
+        ledger: median(&mut ledger_rates),
+        plain: median(&mut plain_rates),
         plain_label: "SELECT by position",
     });
 

@@ -3,7 +3,7 @@
 //! over repeated loads. A storage provider deal in `Transferring` takes a progress event per
 //! step, so a long transfer is the realistic long stream. Writes `target/bench/load.json`.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use uuid::Uuid;
 
@@ -40,9 +40,9 @@ async fn fill(journal: &Journal, events: usize) -> Uuid {
     stream
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
+#[path = "shared/percentile.rs"]
+mod percentile;
+use percentile::percentile;
 
 #[tokio::main]
 async fn main() {

@@ -166,10 +166,9 @@ async fn raw_stream(data: &[u8]) -> f64 {
 /// Rounds of each measurement.
 const ROUNDS: usize = 5;
 
-fn median(rates: &mut [f64]) -> f64 {
-    rates.sort_by(f64::total_cmp);
-    rates[rates.len() / 2]
-}
+#[path = "shared/median.rs"]
+mod median;
+use median::median;
 
 #[tokio::main]
 async fn main() {
