@@ -1,7 +1,9 @@
 //! `cargo bench --bench rebuild`: rebuilding the status tables from a journal of 1M events over
 //! 100k deals, beside a raw `COPY ... TO` of the same events on the same server; then `verify`
-//! of the same journal. Prints a table
-//! and writes `target/bench/rebuild.json`. Sizes scale with `BENCH_SCALE` (default 1.0).
+//! of the same journal. The rebuild and the raw copy alternate, [`ROUNDS`] times each, and the
+//! table shows each one's median (every round is printed too): on a shared machine one run of
+//! either can be off by half. Prints a table and writes `target/bench/rebuild.json`. Sizes
+//! scale with `BENCH_SCALE` (default 1.0).
 //!
 //! Beside it, esrs 0.18.0's `PgRebuilder::by_aggregate_id` rebuilding the same status view
 //! (`benches/peers/esrs`) from the same events per deal (at most `BENCH_PEER_DEALS` deals,
@@ -20,8 +22,14 @@ use dealledger::events::{EventCodec, Journal, NewEvent};
 use dealledger::fsm::fixtures::{client_key, proposal, provider_key};
 use dealledger::projections::rebuild::{check_inline, inline_tables, rebuild_inline};
 
+#[path = "shared/median.rs"]
+mod median;
 #[path = "peers/run.rs"]
 mod peers;
+use median::median;
+
+/// How many times the rebuild and the raw copy each run; the table shows the medians.
+const ROUNDS: usize = 3;
 
 /// Writes `deals` client deals of 10 events each, one append per deal, from 16 writers.
 async fn fill(journal: &Journal, deals: usize) {
@@ -87,9 +95,20 @@ async fn main() {
     eprintln!("filled {deals} deals in {:.1} s", started.elapsed().as_secs_f64());
     sqlx::query("VACUUM ANALYZE events").execute(&pool).await.expect("vacuum");
 
-    let (events, copy_seconds) = raw_copy(&pool).await;
     let tables = inline_tables(None).expect("tables");
-    let report = rebuild_inline(&pool, &tables, &mut |_| {}).await.expect("rebuild");
+    let (mut copy_rounds, mut rebuild_rounds) = (Vec::new(), Vec::new());
+    let (mut events, mut report) = (0, None);
+    for _ in 0..ROUNDS {
+        let (copied, seconds) = raw_copy(&pool).await;
+        copy_rounds.push(seconds);
+        let rebuilt = rebuild_inline(&pool, &tables, &mut |_| {}).await.expect("rebuild");
+        rebuild_rounds.push(rebuilt.seconds);
+        (events, report) = (copied, Some(rebuilt));
+    }
+    let report = report.expect("at least one round");
+    eprintln!("rounds (seconds): raw COPY {copy_rounds:.2?}, rebuild {rebuild_rounds:.2?}");
+    let copy_seconds = median(&mut copy_rounds);
+    let rebuild_seconds = median(&mut rebuild_rounds);
     let check_started = Instant::now();
     let diffs = check_inline(&pool, &tables, &mut |_| {}).await.expect("check");
     let check_seconds = check_started.elapsed().as_secs_f64();
@@ -111,7 +130,7 @@ async fn main() {
     let esrs_events = esrs.as_ref().and_then(|e| e["events"].as_u64());
 
     let copy_rate = events as f64 / copy_seconds;
-    let rebuild_rate = report.events as f64 / report.seconds;
+    let rebuild_rate = report.events as f64 / rebuild_seconds;
     println!("\nrebuild benchmark (embedded throwaway cluster, fsync off, scale {scale})");
     println!("{:<36} {:>10} {:>9} {:>14}", "workload", "events", "seconds", "events/s");
     println!(
@@ -120,7 +139,7 @@ async fn main() {
     );
     println!(
         "{:<36} {:>10} {:>9.2} {:>14.0}",
-        "rebuild status tables (swap incl.)", report.events, report.seconds, rebuild_rate
+        "rebuild status tables (swap incl.)", report.events, rebuild_seconds, rebuild_rate
     );
     println!(
         "{:<36} {:>10} {:>9.2} {:>14.0}",
@@ -153,7 +172,7 @@ async fn main() {
     let json = serde_json::json!({
         "events": events, "streams": report.streams,
         "raw_copy_seconds": copy_seconds, "raw_copy_events_per_s": copy_rate,
-        "rebuild_seconds": report.seconds, "rebuild_events_per_s": rebuild_rate,
+        "rebuild_seconds": rebuild_seconds, "rounds": ROUNDS, "rebuild_events_per_s": rebuild_rate,
         "check_seconds": check_seconds, "ratio": rebuild_rate / copy_rate,
         "verify_seconds": verified.seconds, "verify_events_per_s": verified.events as f64 / verified.seconds,
         "esrs": esrs, "ratio_to_esrs": esrs_ratio,

@@ -189,6 +189,97 @@ async fn a_row_copied_in_binary_equals_the_same_row_cast_from_text() {
     assert_eq!(count, 1);
 }
 
+#[tokio::test]
+async fn a_copy_built_aside_that_meets_a_bad_row_after_sending_chunks_writes_nothing() {
+    // Given 20,000 good storage rows (several chunks of COPY data) followed by one whose
+    // numeric is not in canonical form
+    let (_deals, pool) = setup(2).await;
+    let good = |n: u32| {
+        let mut row: Vec<Option<String>> = vec![None; STORAGE_DEALS.columns.len()];
+        row[0] = Some(Uuid::now_v7().to_string());
+        row[1] = Some("storage_client".into());
+        row[8] = Some(format!("row {n} {}", "x".repeat(100)));
+        row[17] = Some("ProposalSent".into());
+        row[18] = Some("0".into());
+        row[19] = Some("false".into());
+        row[20] = Some("ProposalSent".into());
+        row[21] = Some("1".into());
+        row[22] = Some("2026-12-02T04:00:00Z".into());
+        row[23] = Some("2026-12-02T04:00:00Z".into());
+        row[25] = Some("0".into());
+        row[26] = Some("0".into());
+        row[28] = Some("0".into());
+        row
+    };
+    let build = move || {
+        let mut bad = good(u32::MAX);
+        bad[11] = Some("1e5".into());
+        (0..20_000).map(good).chain([bad])
+    };
+    // When they are copied with the rows built on another thread
+    let mut conn = pool.acquire().await.unwrap();
+    let refused = STORAGE_DEALS.copy_built_aside(&mut conn, "storage_deals_rows", "", build).await;
+    // Then the bad row is refused and none of the rows sent before it was written
+    assert!(matches!(refused, Err(ProjectionError::BadColumnValue { .. })), "{refused:?}");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM storage_deals")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(count, 0);
+    // And the same rows without the bad one are all written
+    let written = STORAGE_DEALS
+        .copy_built_aside(&mut conn, "storage_deals_rows", "", move || (0..20_000).map(good))
+        .await
+        .unwrap();
+    assert_eq!(written, 20_000);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM storage_deals")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(count, 20_000);
+}
+
+#[tokio::test]
+async fn a_rebuild_over_an_event_that_does_not_decode_fails_and_changes_nothing() {
+    // Given live tables over a journal of a few thousand events (several batches of a fold),
+    // the last of which does not decode
+    let (deals, pool) = setup(3).await;
+    mixed_workload(&deals, 300, 2).await;
+    let rows = || async {
+        sqlx::query_as::<_, (Uuid, String, i32)>(
+            "SELECT stream_id, state, version FROM storage_deals ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let before = rows().await;
+    let garbage = dealledger::events::NewEvent {
+        event_type: "proposal-sent".into(),
+        schema_version: 1,
+        payload: vec![0xff; 7],
+        correlation_id: None,
+        causation_id: None,
+    };
+    Journal::new(pool.clone())
+        .append(Uuid::now_v7(), "storage_client", 0, &[garbage])
+        .await
+        .unwrap();
+    // When the tables are rebuilt
+    let failed = rebuild_inline(&pool, &inline_tables(None).unwrap(), &mut no_progress).await;
+    // Then the rebuild reports the event, and the tables are as they were
+    assert!(
+        matches!(failed, Err(ProjectionError::Codec(_) | ProjectionError::Transition { .. })),
+        "{failed:?}"
+    );
+    assert_eq!(rows().await, before);
+    // And the pool's connections still work (none was handed back in the middle of a COPY)
+    for _ in 0..6 {
+        let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&pool).await.unwrap();
+        assert_eq!(one, 1);
+    }
+}
+
 /// Each base table's indexes and constraints as the catalog prints them.
 async fn base_table_catalog(pool: &PgPool) -> Vec<(String, String, String)> {
     sqlx::query_as(

@@ -94,58 +94,136 @@ pub(crate) async fn for_each_row<E: From<JournalError>>(
     columns: usize,
     mut visit: impl FnMut(CopyRow<'_>) -> Result<(), E>,
 ) -> Result<(), E> {
-    if columns > MAX_COLUMNS {
-        return Err(malformed(format!("{columns} columns, at most {MAX_COLUMNS} supported")).into());
-    }
+    let mut tuples = TupleReader::new(columns)?;
     let statement = format!("COPY ({select}) TO STDOUT (FORMAT binary)");
     let mut chunks = conn.copy_out_raw(&statement).await.map_err(JournalError::from)?;
-    // Bytes of a tuple split across messages. The server sends one message per row, so most
-    // rows are parsed straight from their message without being copied.
-    let mut pending: Vec<u8> = Vec::new();
-    let mut header_done = false;
-    let mut trailer_seen = false;
     // The stream must be read to its end even after the trailer, or the connection goes back
     // to the pool in the middle of the COPY protocol.
     while let Some(chunk) = chunks.try_next().await.map_err(JournalError::from)? {
-        if trailer_seen {
-            continue;
+        tuples.feed(&chunk, &mut visit)?;
+    }
+    Ok(())
+}
+
+/// As [`for_each_row`], but `visit` runs on a blocking thread, owning `state`, while this task
+/// reads the next rows off the connection: the server's sending, this task's receiving and
+/// `visit` then overlap instead of taking turns. For bulk reads whose per-row work is heavy
+/// (a rebuild's fold). `progress` is called between batches. Returns `state` once every row
+/// was visited; on an error the connection may be left in the middle of the COPY, as above.
+pub(crate) async fn for_each_row_aside<S, E>(
+    conn: &mut sqlx::PgConnection,
+    select: &str,
+    columns: usize,
+    state: S,
+    mut visit: impl FnMut(&mut S, CopyRow<'_>) -> Result<(), E> + Send + 'static,
+    mut progress: impl FnMut(),
+) -> Result<S, E>
+where
+    S: Send + 'static,
+    E: From<JournalError> + Send + 'static,
+{
+    /// Messages (one row each, as the server sends them) handed over at a time: enough that
+    /// the hand-over costs little per row.
+    const BATCH: usize = 512;
+    let mut tuples = TupleReader::new(columns)?;
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(8);
+    let visitor = tokio::task::spawn_blocking(move || {
+        let mut state = state;
+        while let Some(batch) = receiver.blocking_recv() {
+            for chunk in batch {
+                tuples.feed(&chunk, &mut |row| visit(&mut state, row))?;
+            }
         }
-        let from_pending = !pending.is_empty() || !header_done;
+        Ok::<S, E>(state)
+    });
+    let statement = format!("COPY ({select}) TO STDOUT (FORMAT binary)");
+    let read = async {
+        let mut chunks = conn.copy_out_raw(&statement).await?;
+        let mut batch = Vec::with_capacity(BATCH);
+        while let Some(chunk) = chunks.try_next().await? {
+            batch.push(chunk);
+            if batch.len() == BATCH {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                if sender.send(full).await.is_err() {
+                    // The visitor stopped on an error, which it returns below.
+                    return Ok(());
+                }
+                progress();
+            }
+        }
+        let _ = sender.send(batch).await;
+        Ok::<(), sqlx::Error>(())
+    };
+    let read = read.await;
+    drop(sender);
+    let visited = visitor.await.map_err(|failed| malformed(format!("row visitor: {failed}")))?;
+    read.map_err(JournalError::from)?;
+    visited
+}
+
+/// Binary COPY data arriving in chunks, parsed into rows: the header once, then tuples, with
+/// the bytes of a tuple split across chunks kept until the rest arrives. The server sends one
+/// message per row, so most rows are parsed straight from their chunk without being copied.
+struct TupleReader {
+    columns: usize,
+    pending: Vec<u8>,
+    header_done: bool,
+    trailer_seen: bool,
+}
+
+impl TupleReader {
+    fn new(columns: usize) -> Result<Self, JournalError> {
+        if columns > MAX_COLUMNS {
+            return Err(malformed(format!("{columns} columns, at most {MAX_COLUMNS} supported")));
+        }
+        Ok(TupleReader { columns, pending: Vec::new(), header_done: false, trailer_seen: false })
+    }
+
+    /// Parses `chunk` (the next bytes of the COPY), handing each whole row to `visit`.
+    fn feed<E: From<JournalError>>(
+        &mut self,
+        chunk: &[u8],
+        visit: &mut impl FnMut(CopyRow<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if self.trailer_seen {
+            return Ok(());
+        }
+        let from_pending = !self.pending.is_empty() || !self.header_done;
         if from_pending {
-            pending.extend_from_slice(&chunk);
+            self.pending.extend_from_slice(chunk);
         }
-        let data: &[u8] = if from_pending { &pending } else { &chunk };
+        let data: &[u8] = if from_pending { &self.pending } else { chunk };
         let mut offset = 0;
-        if !header_done {
+        if !self.header_done {
             match header_len(data)? {
                 Some(len) => {
                     offset = len;
-                    header_done = true;
+                    self.header_done = true;
                 }
-                None => continue,
+                None => return Ok(()),
             }
         }
         let mut fields = [None; MAX_COLUMNS];
         loop {
-            match parse_tuple(&data[offset..], &mut fields[..columns])? {
+            match parse_tuple(&data[offset..], &mut fields[..self.columns])? {
                 Tuple::Incomplete => break,
                 Tuple::Trailer => {
-                    trailer_seen = true;
+                    self.trailer_seen = true;
                     break;
                 }
                 Tuple::Row(used) => {
-                    visit(CopyRow { fields: &fields[..columns] })?;
+                    visit(CopyRow { fields: &fields[..self.columns] })?;
                     offset += used;
                 }
             }
         }
         if from_pending {
-            pending.drain(..offset);
+            self.pending.drain(..offset);
         } else {
-            pending.extend_from_slice(&chunk[offset..]);
+            self.pending.extend_from_slice(&chunk[offset..]);
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The most columns [`for_each_row`] reads.

@@ -14,17 +14,49 @@ use super::ProjectionError;
 use super::table::{RowValues, SqlType};
 use crate::events::binary_copy::{PG_EPOCH_MICROS, SIGNATURE};
 
-/// Appends the binary `COPY` header: the signature, no flags, no header extension.
-pub(crate) fn push_header(out: &mut Vec<u8>) {
-    out.extend_from_slice(SIGNATURE);
-    out.extend_from_slice(&[0; 8]);
+/// Binary `COPY` data under construction, cut into chunks so that one chunk can be on its way
+/// to the server while the next is built. The first chunk starts with the header and the
+/// last ([`CopyChunks::finish`]) ends with the trailer; rows never straddle two chunks.
+pub(crate) struct CopyChunks {
+    columns: &'static [(&'static str, SqlType)],
+    chunk: Vec<u8>,
+    rows: u64,
 }
 
-/// The binary `COPY` trailer: a tuple of -1 fields.
-pub(crate) const TRAILER: [u8; 2] = (-1i16).to_be_bytes();
+impl CopyChunks {
+    /// A chunk is handed on once it holds this many bytes: large enough that sending costs
+    /// little per row, small enough that the server starts storing early.
+    const SIZE: usize = 1 << 20;
+
+    /// Data for a table with `columns`, starting with the header: the signature, no flags,
+    /// no header extension.
+    pub(crate) fn new(columns: &'static [(&'static str, SqlType)]) -> Self {
+        let mut chunk = Vec::with_capacity(Self::SIZE + 4096);
+        chunk.extend_from_slice(SIGNATURE);
+        chunk.extend_from_slice(&[0; 8]);
+        CopyChunks { columns, chunk, rows: 0 }
+    }
+
+    /// Adds `row`; returns a full chunk to send, if this row filled one.
+    pub(crate) fn push(&mut self, row: &RowValues) -> Result<Option<Vec<u8>>, ProjectionError> {
+        push_row(&mut self.chunk, self.columns, row)?;
+        self.rows += 1;
+        if self.chunk.len() < Self::SIZE {
+            return Ok(None);
+        }
+        let next = Vec::with_capacity(Self::SIZE + 4096);
+        Ok(Some(std::mem::replace(&mut self.chunk, next)))
+    }
+
+    /// The last chunk, ending with the trailer (a tuple of -1 fields), and the rows added.
+    pub(crate) fn finish(mut self) -> (Vec<u8>, u64) {
+        self.chunk.extend_from_slice(&(-1i16).to_be_bytes());
+        (self.chunk, self.rows)
+    }
+}
 
 /// Appends one tuple: the field count, then each value with its length (-1 for NULL).
-pub(crate) fn push_row(
+fn push_row(
     out: &mut Vec<u8>,
     columns: &[(&'static str, SqlType)],
     row: &RowValues,

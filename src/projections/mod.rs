@@ -55,6 +55,10 @@ pub enum ProjectionError {
     /// the journal): nothing was written.
     #[error("column {column}: {value:?} is {reason}")]
     BadColumnValue { column: String, value: String, reason: String },
+    /// The thread building a rebuild's rows failed (panicked or was cancelled): nothing was
+    /// written.
+    #[error("building the rows failed: {0}")]
+    RowBuilder(String),
     /// A status table's index whose definition a rebuild cannot rebuild on a new table (the
     /// catalog printed it in an unexpected form): nothing was swapped.
     #[error("cannot rebuild index: {0}")]

@@ -10,6 +10,8 @@
 //!    half-built table, and a rebuild killed at any point leaves the old rows. A check
 //!    `COPY`s into temporary shadow tables instead and compares them with the live ones.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use sqlx::{PgConnection, PgPool};
@@ -19,7 +21,7 @@ use super::ProjectionError;
 use super::fold::{EventRef, FoldedDeal, FoldedDeals};
 use super::rows::INLINE_TABLES;
 use super::table::{RowValues, TableSpec};
-use crate::events::binary_copy::for_each_row;
+use crate::events::binary_copy::{CopyRow, for_each_row_aside};
 
 /// What a rebuild did.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -70,8 +72,8 @@ macro_rules! event_fields {
 }
 
 /// Folds the events `select` returns (`event_fields!`, in position order) into `deals`, read
-/// through a binary `COPY` and folded as they arrive; returns how many. Progress is reported
-/// as `done` plus the events folded here.
+/// through a binary `COPY` and folded as they arrive, on a thread of their own while this task
+/// reads on; returns how many. Progress is reported as `done` plus the events folded here.
 async fn fold_events(
     conn: &mut PgConnection,
     select: &str,
@@ -79,8 +81,10 @@ async fn fold_events(
     done: u64,
     progress: Progress<'_>,
 ) -> Result<u64, ProjectionError> {
-    let mut count = 0u64;
-    for_each_row(conn, select, 7, |row| {
+    // How many events the folding thread has folded, for progress reports from this task.
+    let folded = Arc::new(AtomicU64::new(0));
+    let shared = Arc::clone(&folded);
+    let visit = move |(deals, count): &mut (FoldedDeals, u64), row: CopyRow<'_>| {
         let event = EventRef {
             stream_id: row.uuid(0)?,
             version: row.version(2)?,
@@ -89,13 +93,23 @@ async fn fold_events(
             payload: row.bytes(5)?,
         };
         FoldedDeal::fold(deals, row.text(1)?, event, row.time(6)?)?;
-        count += 1;
-        if count.is_multiple_of(50_000) {
-            progress(done + count);
+        *count += 1;
+        if count.is_multiple_of(4096) {
+            shared.store(*count, Ordering::Relaxed);
         }
         Ok::<_, ProjectionError>(())
-    })
-    .await?;
+    };
+    let mut reported = 0;
+    let report = || {
+        let now = folded.load(Ordering::Relaxed);
+        if now >= reported + 50_000 {
+            reported = now;
+            progress(done + now);
+        }
+    };
+    let state = (std::mem::take(deals), 0);
+    let (folded_deals, count) = for_each_row_aside(conn, select, 7, state, visit, report).await?;
+    *deals = folded_deals;
     progress(done + count);
     Ok(count)
 }
@@ -130,17 +144,26 @@ async fn fold_snapshot(
     Ok((deals, snapshot, events))
 }
 
-/// The rows of `table` in key order, built as they are consumed. In key order the primary
-/// key's index is built from already sorted rows, and the table is laid out as lookups by
-/// stream id (time-ordered uuids) go.
-fn rows_of<'a>(
-    deals: &'a FoldedDeals,
+/// Builds the rows of `table` in key order, as they are consumed, on whichever thread calls
+/// it (a rebuild's row builder, beside the task sending them). In key order the primary key's
+/// index is built from already sorted rows, and the table is laid out as lookups by stream id
+/// (time-ordered uuids) go.
+fn rows_of(
+    deals: Arc<FoldedDeals>,
     table: &'static TableSpec,
-) -> impl Iterator<Item = RowValues> + Send + 'a {
-    let mut ordered: Vec<(&Uuid, &FoldedDeal)> =
-        deals.iter().filter(|(_, folded)| std::ptr::eq(folded.deal.table(), table)).collect();
-    ordered.sort_unstable_by_key(|(id, _)| **id);
-    ordered.into_iter().map(|(_, folded)| folded.deal.row(&folded.meta).1)
+) -> impl FnOnce() -> Box<dyn Iterator<Item = RowValues> + Send> + Send + 'static {
+    move || {
+        let mut ids: Vec<Uuid> = deals
+            .iter()
+            .filter(|(_, folded)| std::ptr::eq(folded.deal.table(), table))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        Box::new(
+            ids.into_iter()
+                .filter_map(move |id| deals.get(&id).map(|folded| folded.deal.row(&folded.meta).1)),
+        )
+    }
 }
 
 fn shadow(table: &TableSpec) -> String {
@@ -208,9 +231,11 @@ pub async fn rebuild_inline(
         seconds = started.elapsed().as_secs_f64(),
         "rebuild: locked and caught up"
     );
+    let deals = Arc::new(deals);
     let mut counts = Vec::new();
     for table in tables {
-        let written = super::swap::replace_rows(&mut tx, table, rows_of(&deals, table)).await?;
+        let rows = rows_of(Arc::clone(&deals), table);
+        let written = super::swap::replace_rows(&mut tx, table, rows).await?;
         tracing::info!(
             table = table.name,
             seconds = started.elapsed().as_secs_f64(),
@@ -239,6 +264,7 @@ pub async fn check_inline(
     let (mut deals, snapshot, events) = fold_snapshot(pool, progress).await?;
     let mut tx = pool.begin().await?;
     lock_and_catch_up(&mut tx, tables, &mut deals, &snapshot, events, "SHARE", progress).await?;
+    let deals = Arc::new(deals);
     for table in tables {
         let statement = format!(
             "CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
@@ -246,7 +272,8 @@ pub async fn check_inline(
             table.name
         );
         sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut *tx).await?;
-        table.copy_into(&mut tx, &shadow(table), rows_of(&deals, table)).await?;
+        let rows = rows_of(Arc::clone(&deals), table);
+        table.copy_built_aside(&mut tx, &shadow(table), "", rows).await?;
     }
     let mut diffs = Vec::new();
     for table in tables {

@@ -17,8 +17,6 @@
 //! is carried over without being listed here. Afterwards it has the old one's name and index
 //! names.
 
-use std::borrow::Borrow;
-
 use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::ProjectionError;
@@ -75,13 +73,15 @@ async fn execute(conn: &mut PgConnection, statement: String) -> Result<(), Proje
     Ok(())
 }
 
-/// Replaces every row of `table` with `rows`, in the caller's transaction, by building a new
-/// base table and swapping it in behind the view. The caller holds a lock that keeps writers
-/// out (the rows must reflect every event committed before it); returns the rows written.
-pub(crate) async fn replace_rows<R: Borrow<RowValues>>(
+/// Replaces every row of `table` with the rows `build` returns, in the caller's transaction,
+/// by building a new base table and swapping it in behind the view. The caller holds a lock
+/// that keeps writers out (the rows must reflect every event committed before it); returns the
+/// rows written. The rows are built on a blocking thread while the server stores them
+/// ([`TableSpec::copy_built_aside`]).
+pub(crate) async fn replace_rows<I: IntoIterator<Item = RowValues>>(
     conn: &mut PgConnection,
     table: &'static TableSpec,
-    rows: impl IntoIterator<Item = R>,
+    build: impl FnOnce() -> I + Send + 'static,
 ) -> Result<u64, ProjectionError> {
     let base = table.rows_table;
     let next = format!("{base}{NEXT}");
@@ -106,7 +106,7 @@ pub(crate) async fn replace_rows<R: Borrow<RowValues>>(
     let started = std::time::Instant::now();
     // FREEZE: the table is new in this transaction, so its rows can be written already
     // visible to everyone; nothing has to set hint bits or freeze them later.
-    let written = table.copy(conn, &next, ", FREEZE", rows).await?;
+    let written = table.copy_built_aside(conn, &next, ", FREEZE", build).await?;
     tracing::debug!(table = table.name, seconds = started.elapsed().as_secs_f64(), "copied");
     for build in builds {
         execute(conn, build).await?;

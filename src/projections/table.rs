@@ -181,9 +181,9 @@ impl TableSpec {
         self.copy(conn, table, "", rows).await
     }
 
-    /// Copies rows into `table` with binary `COPY`, in chunks sent while the next is encoded,
-    /// so the server stores one chunk while this process builds the next. `options` are added
-    /// to the `COPY`'s (`, FREEZE` for a table created in this transaction).
+    /// Copies rows into `table` with binary `COPY`, built and sent a chunk at a time by this
+    /// task. `options` are added to the `COPY`'s (`, FREEZE` for a table created in this
+    /// transaction). For a few rows; many go through [`TableSpec::copy_built_aside`].
     pub(crate) async fn copy<R: Borrow<RowValues>>(
         &self,
         conn: &mut PgConnection,
@@ -191,28 +191,80 @@ impl TableSpec {
         options: &str,
         rows: impl IntoIterator<Item = R>,
     ) -> Result<u64, ProjectionError> {
-        const CHUNK: usize = 1 << 20;
-        let statement =
-            format!("COPY {table} ({}) FROM STDIN (FORMAT binary{options})", self.column_list());
-        let mut copy = conn.copy_in_raw(&statement).await?;
-        let mut chunk = Vec::with_capacity(CHUNK + 4096);
-        binary::push_header(&mut chunk);
-        let mut count = 0u64;
+        let mut copy = conn.copy_in_raw(&self.copy_statement(table, options)).await?;
+        let mut chunks = binary::CopyChunks::new(self.columns);
         for row in rows {
-            if let Err(error) = binary::push_row(&mut chunk, self.columns, row.borrow()) {
-                copy.abort(error.to_string()).await?;
-                return Err(error);
-            }
-            count += 1;
-            if chunk.len() >= CHUNK {
-                copy.send(chunk.as_slice()).await?;
-                chunk.clear();
+            match chunks.push(row.borrow()) {
+                Ok(None) => {}
+                Ok(Some(full)) => {
+                    copy.send(full).await?;
+                }
+                Err(error) => {
+                    copy.abort(error.to_string()).await?;
+                    return Err(error);
+                }
             }
         }
-        chunk.extend_from_slice(&binary::TRAILER);
-        copy.send(chunk.as_slice()).await?;
+        let (last, count) = chunks.finish();
+        copy.send(last).await?;
         copy.finish().await?;
         Ok(count)
+    }
+
+    /// Copies the rows `build` returns into `table` with binary `COPY`, as
+    /// [`TableSpec::copy`], but builds and encodes them on a blocking thread while this task
+    /// sends: for a rebuild's many rows, this process then builds the next chunk while the
+    /// server stores the last, instead of each waiting for the other. A row that cannot be
+    /// encoded aborts the `COPY`: nothing is written.
+    pub async fn copy_built_aside<I>(
+        &self,
+        conn: &mut PgConnection,
+        table: &str,
+        options: &str,
+        build: impl FnOnce() -> I + Send + 'static,
+    ) -> Result<u64, ProjectionError>
+    where
+        I: IntoIterator<Item = RowValues>,
+    {
+        // Two chunks ahead: enough to keep the server busy, little memory held.
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+        let columns = self.columns;
+        let builder = tokio::task::spawn_blocking(move || {
+            let mut chunks = binary::CopyChunks::new(columns);
+            for row in build() {
+                let full = chunks.push(&row)?;
+                // A failed send: the sending side stopped on an error of its own and
+                // reports it.
+                if full.is_some_and(|full| sender.blocking_send(full).is_err()) {
+                    return Ok(0);
+                }
+            }
+            let (last, count) = chunks.finish();
+            let _ = sender.blocking_send(last);
+            Ok::<u64, ProjectionError>(count)
+        });
+        let mut copy = conn.copy_in_raw(&self.copy_statement(table, options)).await?;
+        while let Some(chunk) = receiver.recv().await {
+            copy.send(chunk).await?;
+        }
+        let built = builder
+            .await
+            .map_err(|failed| ProjectionError::RowBuilder(failed.to_string()))
+            .and_then(|built| built);
+        match built {
+            Ok(count) => {
+                copy.finish().await?;
+                Ok(count)
+            }
+            Err(error) => {
+                copy.abort(error.to_string()).await?;
+                Err(error)
+            }
+        }
+    }
+
+    fn copy_statement(&self, table: &str, options: &str) -> String {
+        format!("COPY {table} ({}) FROM STDIN (FORMAT binary{options})", self.column_list())
     }
 }
 
