@@ -2,7 +2,8 @@
 //! as an array, so the SQL text depends only on which kinds of shared writes the group has,
 //! and the server plans it once per connection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use sqlx::Arguments;
 use sqlx::postgres::PgArguments;
@@ -85,7 +86,7 @@ type Encode = Box<dyn std::error::Error + Send + Sync>;
 type KindRows<'a> = (&'static dyn SharedWrite, Vec<(i32, &'a Vec<Option<String>>)>);
 
 /// The statement's text and its arguments.
-fn statement(group: &[GroupedAppend]) -> Result<(String, PgArguments), Encode> {
+fn statement(group: &[GroupedAppend]) -> Result<(Arc<str>, PgArguments), Encode> {
     let mut args = PgArguments::default();
     let cmds = 0..group.len() as i32;
     args.add(cmds.collect::<Vec<_>>())?;
@@ -111,7 +112,6 @@ fn statement(group: &[GroupedAppend]) -> Result<(String, PgArguments), Encode> {
     )?;
     args.add(group.iter().flat_map(|a| a.cids.iter().map(|c| c.as_slice())).collect::<Vec<_>>())?;
 
-    let mut sql = format!("WITH {INSERT_GROUP}");
     // The shared writes, by kind, in a fixed order.
     let mut kinds: BTreeMap<&'static str, KindRows<'_>> = BTreeMap::new();
     for (cmd, append) in group.iter().enumerate() {
@@ -120,26 +120,49 @@ fn statement(group: &[GroupedAppend]) -> Result<(String, PgArguments), Encode> {
             entry.1.extend(shared.rows.iter().map(|row| (cmd as i32, row)));
         }
     }
-    for (k, (kind, rows)) in kinds.values().enumerate() {
-        let columns = kind.columns();
-        let first = args.len() + 1;
+    for (kind, rows) in kinds.values() {
         args.add(rows.iter().map(|(cmd, _)| *cmd).collect::<Vec<_>>())?;
-        for c in 0..columns.len() {
-            args.add(
-                rows.iter().map(|(_, row)| row.get(c).cloned().flatten()).collect::<Vec<_>>(),
-            )?;
+        for c in 0..kind.columns().len() {
+            let column = rows.iter().map(|(_, row)| row.get(c).and_then(|v| v.as_deref()));
+            args.add(column.collect::<Vec<_>>())?;
         }
-        let arrays: Vec<String> = (0..=columns.len())
-            .map(|i| format!("${}::{}[]", first + i, if i == 0 { "int" } else { "text" }))
-            .collect();
-        sql.push_str(&format!(
-            ", shared_{k}_rows AS (SELECT r.* FROM UNNEST({arrays}) AS r(cmd, {columns}) \
-             WHERE r.cmd IN (SELECT cmd FROM heads)), {ctes}",
-            arrays = arrays.join(", "),
-            columns = columns.join(", "),
-            ctes = kind.ctes(&format!("shared_{k}_rows"), &format!("shared_{k}_")),
-        ));
     }
-    sql.push_str(" SELECT cmd FROM heads");
-    Ok((sql, args))
+    let kinds: Vec<&'static dyn SharedWrite> = kinds.values().map(|(kind, _)| *kind).collect();
+    Ok((text_for(&kinds), args))
+}
+
+/// The statement's text for a group with shared writes of `kinds` (in name order). It depends
+/// on nothing else, so it is built once per set of kinds: a group is written for every few
+/// commands, and building the text each time was an eighth of this process's CPU at 32 deals
+/// at once (`perf`).
+fn text_for(kinds: &[&'static dyn SharedWrite]) -> Arc<str> {
+    type Texts = Mutex<HashMap<Vec<&'static str>, Arc<str>>>;
+    static TEXTS: OnceLock<Texts> = OnceLock::new();
+    let names: Vec<&'static str> = kinds.iter().map(|kind| kind.name()).collect();
+    let texts = TEXTS.get_or_init(Texts::default);
+    // A poisoned lock only means another thread panicked while inserting a finished text.
+    let mut texts = texts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let text = texts.entry(names).or_insert_with(|| {
+        // The arrays bound above: 17 for the appends and their events, then per kind its
+        // `cmd` and one per column.
+        let mut next = 18;
+        let mut sql = format!("WITH {INSERT_GROUP}");
+        for (k, kind) in kinds.iter().enumerate() {
+            let columns = kind.columns();
+            let arrays: Vec<String> = (0..=columns.len())
+                .map(|i| format!("${}::{}[]", next + i, if i == 0 { "int" } else { "text" }))
+                .collect();
+            next += columns.len() + 1;
+            sql.push_str(&format!(
+                ", shared_{k}_rows AS (SELECT r.* FROM UNNEST({arrays}) AS r(cmd, {columns}) \
+                 WHERE r.cmd IN (SELECT cmd FROM heads)), {ctes}",
+                arrays = arrays.join(", "),
+                columns = columns.join(", "),
+                ctes = kind.ctes(&format!("shared_{k}_rows"), &format!("shared_{k}_")),
+            ));
+        }
+        sql.push_str(" SELECT cmd FROM heads");
+        Arc::from(sql)
+    });
+    Arc::clone(text)
 }

@@ -2,6 +2,8 @@
 //! and change one field; benchmarks use them as realistic payloads. The keys are public:
 //! never use them for anything but examples.
 
+use std::sync::OnceLock;
+
 use cid::Cid;
 use ed25519_dalek::SigningKey;
 
@@ -15,19 +17,28 @@ use crate::domain::storage::{
 use crate::domain::{ChainEpoch, PaddedPieceSize, PartyKey, PieceCid, TokenAmount};
 use crate::events::chain::cid_of_bytes;
 
+/// The key made of `seed`, derived once per process: deriving a key's public half is a scalar
+/// multiplication, and tests and benchmarks ask for these keys for every deal they make.
+fn fixed_key(cell: &'static OnceLock<SigningKey>, seed: u8) -> SigningKey {
+    cell.get_or_init(|| SigningKey::from_bytes(&[seed; 32])).clone()
+}
+
 /// The client's key.
 pub fn client_key() -> SigningKey {
-    SigningKey::from_bytes(&[1; 32])
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    fixed_key(&KEY, 1)
 }
 
 /// The provider's key.
 pub fn provider_key() -> SigningKey {
-    SigningKey::from_bytes(&[2; 32])
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    fixed_key(&KEY, 2)
 }
 
 /// Someone else's key.
 pub fn stranger_key() -> SigningKey {
-    SigningKey::from_bytes(&[3; 32])
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    fixed_key(&KEY, 3)
 }
 
 /// The epoch fixtures are decided at.

@@ -395,8 +395,10 @@ fn hex(bytes: &[u8]) -> String {
 
 /// One deal's 13 commands, signed with fixed keys, as dealledger's `storage_deal_commands`.
 fn deal_commands(label: String) -> Vec<Event> {
-    let client = SigningKey::from_bytes(&[7; 32]);
-    let provider = SigningKey::from_bytes(&[9; 32]);
+    // Derived once per process, as dealledger's fixture keys are.
+    static KEYS: std::sync::OnceLock<(SigningKey, SigningKey)> = std::sync::OnceLock::new();
+    let (client, provider) =
+        KEYS.get_or_init(|| (SigningKey::from_bytes(&[7; 32]), SigningKey::from_bytes(&[9; 32])));
     let proposal = Proposal {
         piece_cid: "baga6ea4seaqaqrthqy6zkdztyqo2qxrx5vg7tohl3wxyrhkbe6z46qwrcrfqkfy".into(),
         piece_size: 1 << 20,
@@ -410,9 +412,9 @@ fn deal_commands(label: String) -> Vec<Event> {
         provider_collateral: "1000000".into(),
         client_collateral: "0".into(),
     };
-    let client_signature = sign(&client, &proposal);
+    let client_signature = sign(client, &proposal);
     let client_proposal = ClientProposal { proposal: proposal.clone(), client_signature };
-    let provider_signature = sign(&provider, &client_proposal);
+    let provider_signature = sign(provider, &client_proposal);
     let deal = SignedDeal { client_proposal: client_proposal.clone(), provider_signature };
     let size = proposal.piece_size;
     vec![
