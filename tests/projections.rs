@@ -48,6 +48,15 @@ async fn assert_projections_match_the_journal(pool: &PgPool) {
     assert!(diffs.is_empty(), "{} rows differ, first: {:?}", diffs.len(), diffs.first());
 }
 
+/// Each storage row's key, state and version, in key order: enough to tell a table left
+/// alone from one rebuilt.
+async fn storage_rows(pool: &PgPool) -> Vec<(Uuid, String, i32)> {
+    sqlx::query_as("SELECT stream_id, state, version FROM storage_deals ORDER BY 1")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 /// Records `deals` storage deals, each cut after a different number of commands, both sides,
 /// each in one transaction, from `writers` concurrent tasks.
 async fn mixed_workload(deals: &Deals, count: u32, writers: u32) {
@@ -245,15 +254,7 @@ async fn a_rebuild_over_an_event_that_does_not_decode_fails_and_changes_nothing(
     // the last of which does not decode
     let (deals, pool) = setup(3).await;
     mixed_workload(&deals, 300, 2).await;
-    let rows = || async {
-        sqlx::query_as::<_, (Uuid, String, i32)>(
-            "SELECT stream_id, state, version FROM storage_deals ORDER BY 1",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-    };
-    let before = rows().await;
+    let before = storage_rows(&pool).await;
     let garbage = dealledger::events::NewEvent {
         event_type: "proposal-sent".into(),
         schema_version: 1,
@@ -272,7 +273,7 @@ async fn a_rebuild_over_an_event_that_does_not_decode_fails_and_changes_nothing(
         matches!(failed, Err(ProjectionError::Codec(_) | ProjectionError::Transition { .. })),
         "{failed:?}"
     );
-    assert_eq!(rows().await, before);
+    assert_eq!(storage_rows(&pool).await, before);
     // And the pool's connections still work (none was handed back in the middle of a COPY)
     for _ in 0..6 {
         let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&pool).await.unwrap();
@@ -371,20 +372,12 @@ async fn a_rebuild_killed_midway_leaves_the_old_tables_intact() {
     // rebuild and an untouched table can be told apart
     let (deals, pool) = setup(6).await;
     mixed_workload(&deals, 1_000, 4).await;
-    let rows = || async {
-        sqlx::query_as::<_, (Uuid, String, i32)>(
-            "SELECT stream_id, state, version FROM storage_deals ORDER BY 1",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-    };
     for delay_ms in [1u64, 5, 15, 40, 80] {
         sqlx::query("UPDATE storage_deals SET state = 'Corrupted' WHERE version = 2")
             .execute(&pool)
             .await
             .unwrap();
-        let old = rows().await;
+        let old = storage_rows(&pool).await;
         // When a rebuild is killed after a while
         let pool_for_task = pool.clone();
         let task = tokio::spawn(async move {
@@ -395,7 +388,7 @@ async fn a_rebuild_killed_midway_leaves_the_old_tables_intact() {
         task.abort();
         let finished = matches!(task.await, Ok(Ok(_)));
         // Then the table is either exactly the old one or exactly the rebuilt one, never a mix
-        let now = rows().await;
+        let now = storage_rows(&pool).await;
         if finished {
             assert_projections_match_the_journal(&pool).await;
         } else {
