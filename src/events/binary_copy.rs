@@ -156,7 +156,8 @@ where
     };
     let read = read.await;
     drop(sender);
-    let visited = visitor.await.map_err(|failed| malformed(format!("row visitor: {failed}")))?;
+    // The visitor's thread panicked or was cancelled: the rows were not all visited.
+    let visited = visitor.await.map_err(|_| JournalError::Database(sqlx::Error::WorkerCrashed))?;
     read.map_err(JournalError::from)?;
     visited
 }

@@ -172,6 +172,7 @@ impl TableSpec {
     }
 
     /// Copies rows into `table` (this table or one with the same columns) with binary `COPY`.
+    /// `table` goes into the statement as it is: a name from code, never from input.
     pub async fn copy_into<R: Borrow<RowValues>>(
         &self,
         conn: &mut PgConnection,
@@ -215,7 +216,8 @@ impl TableSpec {
     /// [`TableSpec::copy`], but builds and encodes them on a blocking thread while this task
     /// sends: for a rebuild's many rows, this process then builds the next chunk while the
     /// server stores the last, instead of each waiting for the other. A row that cannot be
-    /// encoded aborts the `COPY`: nothing is written.
+    /// encoded aborts the `COPY`: nothing is written. `table` goes into the statement as it
+    /// is: a name from code, never from input.
     pub async fn copy_built_aside<I>(
         &self,
         conn: &mut PgConnection,
