@@ -112,6 +112,8 @@ fn statement(group: &[GroupedAppend]) -> Result<(Arc<str>, PgArguments), Encode>
     )?;
     args.add(group.iter().flat_map(|a| a.cids.iter().map(|c| c.as_slice())).collect::<Vec<_>>())?;
 
+    // The shared writes' arrays follow, numbered from here.
+    let first_shared = args.len() + 1;
     // The shared writes, by kind, in a fixed order.
     let mut kinds: BTreeMap<&'static str, KindRows<'_>> = BTreeMap::new();
     for (cmd, append) in group.iter().enumerate() {
@@ -128,24 +130,23 @@ fn statement(group: &[GroupedAppend]) -> Result<(Arc<str>, PgArguments), Encode>
         }
     }
     let kinds: Vec<&'static dyn SharedWrite> = kinds.values().map(|(kind, _)| *kind).collect();
-    Ok((text_for(&kinds), args))
+    Ok((text_for(&kinds, first_shared), args))
 }
 
-/// The statement's text for a group with shared writes of `kinds` (in name order). It depends
-/// on nothing else, so it is built once per set of kinds: a group is written for every few
-/// commands, and building the text each time was an eighth of this process's CPU at 32 deals
-/// at once (`perf`).
-fn text_for(kinds: &[&'static dyn SharedWrite]) -> Arc<str> {
-    type Texts = Mutex<HashMap<Vec<&'static str>, Arc<str>>>;
+/// The statement's text for a group with shared writes of `kinds` (in name order), whose
+/// arrays are bound from parameter `first_shared` on: per kind its `cmd`, then one per
+/// column. It depends on nothing else, so it is built once and kept: a group is written for
+/// every few commands, and building the text each time was an eighth of this process's CPU at
+/// 32 deals at once (`perf`).
+fn text_for(kinds: &[&'static dyn SharedWrite], first_shared: usize) -> Arc<str> {
+    type Texts = Mutex<HashMap<(Vec<&'static str>, usize), Arc<str>>>;
     static TEXTS: OnceLock<Texts> = OnceLock::new();
     let names: Vec<&'static str> = kinds.iter().map(|kind| kind.name()).collect();
     let texts = TEXTS.get_or_init(Texts::default);
     // A poisoned lock only means another thread panicked while inserting a finished text.
     let mut texts = texts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let text = texts.entry(names).or_insert_with(|| {
-        // The arrays bound above: 17 for the appends and their events, then per kind its
-        // `cmd` and one per column.
-        let mut next = 18;
+    let text = texts.entry((names, first_shared)).or_insert_with(|| {
+        let mut next = first_shared;
         let mut sql = format!("WITH {INSERT_GROUP}");
         for (k, kind) in kinds.iter().enumerate() {
             let columns = kind.columns();
