@@ -413,6 +413,9 @@ async fn deals_moved_at_once_have_status_rows_and_effects_equal_to_playing_them_
             .unwrap();
     assert_eq!(active, 48);
     assert_projections_match_the_journal(&pool).await;
+    // And groups recorded some of the commands (if every group statement failed, the
+    // one-by-one retry would write the same rows, and this test would not test groups)
+    assert!(ledger.journal().appended_in_groups() > 0);
     // And each deal's outbox holds what the same deal played alone enqueues
     let (alone_deals, alone_pool) = deals().await;
     let mut terms = proposal();

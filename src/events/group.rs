@@ -145,6 +145,8 @@ struct State {
 pub(crate) struct GroupCommit {
     state: Arc<Mutex<State>>,
     pool: std::sync::OnceLock<PgPool>,
+    /// Appends written by a group's statement (not alone), for [`super::Journal::appended_in_groups`].
+    appended: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for GroupCommit {
@@ -240,6 +242,15 @@ impl GroupCommit {
         if start_sender {
             tokio::spawn(send_queued(self.state.clone(), self.pool(pool).clone()));
         }
-        outcome.await.unwrap_or(GroupOutcome::Lost)
+        let outcome = outcome.await.unwrap_or(GroupOutcome::Lost);
+        if matches!(outcome, GroupOutcome::Appended) {
+            self.appended.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        outcome
+    }
+
+    /// Appends written by a group's statement so far.
+    pub(crate) fn appended(&self) -> u64 {
+        self.appended.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

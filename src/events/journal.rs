@@ -211,6 +211,14 @@ impl Journal {
         }
     }
 
+    /// How many appends this journal (and its clones) wrote as part of a group's statement
+    /// rather than alone. A group whose statement fails is retried append by append, so the
+    /// appends still succeed with this count standing still: it is how an operator, or a
+    /// test, sees that group commit is working rather than always falling back.
+    pub fn appended_in_groups(&self) -> u64 {
+        self.group.appended()
+    }
+
     async fn append_on_pool(
         &self,
         stream_id: Uuid,
