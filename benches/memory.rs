@@ -13,8 +13,6 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use uuid::Uuid;
-
 use dealledger::db::testing::{fresh_database, url_of};
 use dealledger::deals::Deals;
 use dealledger::deals::script::storage_deal_commands;
@@ -102,7 +100,7 @@ async fn main() {
     sqlx::query("VACUUM ANALYZE").execute(&pool).await.expect("vacuum");
 
     // When the node starts on that ledger
-    let home = std::env::temp_dir().join(format!("dealledger-memory-{}", Uuid::new_v4()));
+    let home = dealledger::db::testing::scratch_dir("memory").expect("a scratch directory");
     std::fs::create_dir_all(&home).expect("home");
     let log = std::fs::File::create(home.join("serve.log")).expect("log");
     let mut node = Command::new(env!("CARGO_BIN_EXE_dealledger"))

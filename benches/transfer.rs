@@ -8,7 +8,6 @@
 use std::time::{Duration, Instant};
 
 use libp2p::Multiaddr;
-use uuid::Uuid;
 
 use dealledger::adapters::network;
 use dealledger::adapters::network::codec::MarketCodec;
@@ -43,8 +42,9 @@ async fn ledger_push(data: &[u8]) -> f64 {
         .listen("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>().expect("addr"))
         .await
         .expect("listen");
-    let pieces =
-        PieceStore::new(std::env::temp_dir().join(format!("dealledger-bench-{}", Uuid::new_v4())));
+    let pieces = PieceStore::new(
+        dealledger::db::testing::scratch_dir("bench").expect("a scratch directory"),
+    );
     let transfers =
         ProviderTransfers::new(provider_deals.clone(), pieces, TransferOptions::default());
     let ask = StorageAsk {
@@ -79,7 +79,9 @@ async fn ledger_push(data: &[u8]) -> f64 {
         .expect("funds");
     propose(&client, &client_deals, stream.stream_id, &ctx()).await.expect("propose");
     // The client reads the piece from a file, chunk by chunk.
-    let path = std::env::temp_dir().join(format!("dealledger-bench-{}.bin", Uuid::new_v4()));
+    let path = dealledger::db::testing::scratch_dir("bench")
+        .expect("a scratch directory")
+        .join("piece.bin");
     std::fs::write(&path, data).expect("bench file");
     let file = tokio::fs::File::open(&path).await.expect("bench file");
     let started = Instant::now();

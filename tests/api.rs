@@ -44,7 +44,7 @@ async fn api(access: Access) -> Api {
         devnet.fund(PartyKey::of(&key), TokenAmount(10u128.pow(24)), faucet).await.unwrap();
     }
     let nodes = nodes_checking(MarketCodec::default(), Some(Arc::new(devnet.clone()))).await;
-    let staged_dir = std::env::temp_dir().join(format!("dealledger-api-{}", Uuid::new_v4()));
+    let staged_dir = dealledger::db::testing::scratch_dir("api").expect("a scratch directory");
     let staged = PieceStore::new(staged_dir.clone());
     let role = ClientRole {
         network: nodes.client.clone(),
@@ -122,7 +122,7 @@ impl Api {
 #[tokio::test]
 async fn a_storage_deal_started_over_http_reaches_active_and_reads_back() {
     let api = api(locked()).await;
-    let file = std::env::temp_dir().join(format!("dealledger-api-data-{}", Uuid::new_v4()));
+    let file = dealledger::db::testing::scratch_dir("api-data").unwrap().join("data.bin");
     let bytes = data(150 * 1024, 31);
     tokio::fs::write(&file, &bytes).await.unwrap();
     let provider = PartyKey::of(&provider_key()).peer_id().unwrap().to_string();

@@ -788,7 +788,7 @@ async fn a_client_node_drives_a_deal_from_staged_data_to_active_by_itself() {
     let m = market().await;
     // Given a client whose runner proposes and pushes staged pieces
     let staged = dealledger::adapters::piece::store::PieceStore::new(
-        std::env::temp_dir().join(format!("dealledger-staged-{}", Uuid::new_v4())),
+        dealledger::db::testing::scratch_dir("staged").expect("a scratch directory"),
     );
     let bytes = data(200 * 1024, 16);
     let (piece, size, _) = staged.stage(bytes.as_slice()).await.unwrap();
@@ -836,7 +836,7 @@ async fn a_client_node_retrieves_a_whole_piece_part_by_part_by_itself() {
     let (piece, size) = dealledger::adapters::piece::commp::commp_of(&original);
     m.nodes.pieces.put(piece, size, original.as_slice()).await.unwrap();
     // and a client whose runner drives retrievals into a directory
-    let retrieved = std::env::temp_dir().join(format!("dealledger-retrieved-{}", Uuid::new_v4()));
+    let retrieved = dealledger::db::testing::scratch_dir("retrieved").expect("a scratch directory");
     let network = RunnerNetwork {
         client: m.nodes.client.clone(),
         key: client_key(),
@@ -958,7 +958,7 @@ async fn a_cancelled_retrieval_request_cancels_its_deal_and_ends_cancelled() {
     let deals = &m.nodes.client_deals;
     let request_id = deals.initiate_retrieval(request, 3, &ctx()).await.unwrap();
     // Given its first part's deal was started (no data pulled: this runner does not pull)
-    let retrieved = std::env::temp_dir().join(format!("dealledger-cancel-{}", Uuid::new_v4()));
+    let retrieved = dealledger::db::testing::scratch_dir("cancel").expect("a scratch directory");
     let network = RunnerNetwork {
         client: m.nodes.client.clone(),
         key: client_key(),
@@ -1050,7 +1050,7 @@ async fn a_retrieval_whose_transfer_dies_ends_errored_on_both_sides_never_stuck_
     // Given the provider can no longer be reached (its address now leads nowhere)
     let (gone, _loop) =
         client_node(m.nodes.provider_peer, "/ip4/127.0.0.1/tcp/9".parse().unwrap()).await;
-    let retrieved = std::env::temp_dir().join(format!("dealledger-dies-{}", Uuid::new_v4()));
+    let retrieved = dealledger::db::testing::scratch_dir("dies").expect("a scratch directory");
     let config = RunnerConfig {
         backoff: Duration::from_millis(5),
         max_attempts: 3,

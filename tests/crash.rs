@@ -245,7 +245,7 @@ async fn a_node_killed_at_random_points_completes_its_deals_after_restarts() {
             .await
             .unwrap();
     }
-    let pieces = std::env::temp_dir().join(format!("dealledger-crash-{}", Uuid::new_v4()));
+    let pieces = dealledger::db::testing::scratch_dir("crash").expect("a scratch directory");
     let (ledger_url, devnet_url) = (url_of(&ledger), url_of(&devnet_pool));
     // When the node is killed with SIGKILL at seeded random moments, and restarted each time
     // (reproducible kill moments)

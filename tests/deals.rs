@@ -352,7 +352,7 @@ async fn a_chunked_retrieval_completes_through_several_paid_deals() {
 #[tokio::test]
 async fn an_embedded_ledger_takes_the_operators_cancel_fail_and_retry() {
     use dealledger::ledger::{DatabaseChoice, Ledger};
-    let home = std::env::temp_dir().join(format!("dealledger-ledger-{}", uuid::Uuid::new_v4()));
+    let home = dealledger::db::testing::scratch_dir("ledger").expect("a scratch directory");
     let ledger = Ledger::builder()
         .database(DatabaseChoice::Embedded(home.clone()))
         .key(client_key())

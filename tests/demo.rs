@@ -5,7 +5,7 @@ use std::process::Command;
 
 #[test]
 fn the_demo_runs_every_deal_to_its_expected_end() {
-    let home = std::env::temp_dir().join(format!("dealledger-demo-{}", uuid::Uuid::new_v4()));
+    let home = dealledger::db::testing::scratch_dir("demo").expect("a scratch directory");
     let output = Command::new(env!("CARGO_BIN_EXE_dealledger"))
         .args(["demo", "--deals", "2", "--size", "65536"])
         .env("DEALLEDGER_HOME", &home)

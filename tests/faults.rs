@@ -253,7 +253,7 @@ async fn deals_and_retrievals_survive_kills_a_database_restart_and_a_partition()
     let retrievals = setting("LOAD_RETRIEVALS", 8) as usize;
     let seed = setting("LOAD_SEED", 10);
     let mut rng = Xorshift(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let root = std::env::temp_dir().join(format!("dealledger-faults-{}", uuid::Uuid::new_v4()));
+    let root = dealledger::db::testing::scratch_dir("faults").expect("a scratch directory");
     eprintln!("seed {seed}, {deals} deals, {retrievals} retrievals, under {}", root.display());
     // Given two funded nodes whose link runs through a relay the test can cut, with a short
     // request timeout, and a provider that asks to be paid every 4 KiB

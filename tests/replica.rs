@@ -35,7 +35,7 @@ async fn replicated_state(replica: &sqlx::PgPool, stream: Uuid) -> Option<String
 
 #[tokio::test]
 async fn a_deal_written_on_the_primary_is_read_audited_and_served_from_a_replica() {
-    let root = std::env::temp_dir().join(format!("dealledger-replica-{}", Uuid::new_v4()));
+    let root = dealledger::db::testing::scratch_dir("replica").expect("a scratch directory");
     let primary_home = root.join("primary");
     let primary = tokio::task::spawn_blocking(move || {
         EmbeddedPostgres::start(&primary_home, Durability::Throwaway)

@@ -17,7 +17,7 @@ const DEALS: usize = 200;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_node_stopped_with_sigterm_under_load_loses_no_acknowledged_deal() {
-    let root = std::env::temp_dir().join(format!("dealledger-service-{}", uuid::Uuid::new_v4()));
+    let root = dealledger::db::testing::scratch_dir("service").expect("a scratch directory");
     // Given a provider node that runs the devnet's clock, and a client node on its own
     // database sharing the provider's devnet, both funded
     let nodes = two_funded_nodes(&root, "", "").await;

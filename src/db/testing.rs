@@ -2,12 +2,14 @@
 //! server named by `DATABASE_URL`), and a fresh, migrated database per caller, so tests run in
 //! parallel without seeing each other's rows.
 //!
-//! The private cluster lives in a temporary directory; a small watchdog process stops it and
-//! removes the directory when this process exits, however it exits.
+//! The private cluster, and every [`scratch_dir`], live in one temporary directory per process;
+//! a small watchdog process stops the cluster and removes the directory when this process
+//! exits, however it exits.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::str::FromStr;
+use std::sync::Mutex;
 
 use sqlx::postgres::{PgConnectOptions, PgPool};
 use tokio::sync::OnceCell;
@@ -59,13 +61,10 @@ async fn start_server() -> Result<Server, DbError> {
         let options = PgConnectOptions::from_str(&url).map_err(DbError::InvalidUrl)?;
         return Ok(Server::External { options: Box::new(options) });
     }
-    let dir = std::env::temp_dir().join(format!("dealledger-test-{}", std::process::id()));
-    let server_dir = dir.clone();
-    let server = tokio::task::spawn_blocking(move || {
-        EmbeddedPostgres::start(&server_dir, Durability::Throwaway)
-    })
-    .await??;
-    reap_on_exit(&server, dir)?;
+    let dir = process_root()?.join("cluster");
+    let server =
+        tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, Durability::Throwaway))
+            .await??;
     let admin =
         pool_options().max_connections(1).connect_with(server.connect_options("postgres")).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {TEMPLATE}"))).execute(&admin).await?;
@@ -78,22 +77,51 @@ async fn start_server() -> Result<Server, DbError> {
     Ok(Server::Embedded { server })
 }
 
-/// Starts a watchdog that stops the cluster and deletes its directory once this process has
-/// gone. Statics are never dropped, so this is what cleans up after a test binary.
-fn reap_on_exit(server: &EmbeddedPostgres, dir: PathBuf) -> Result<(), DbError> {
-    let pg_ctl = super::embedded::find_bindir()?.join("pg_ctl");
-    let as_postgres = if server.started_here() && super::embedded::running_as_root() {
-        "runuser -u postgres -- "
-    } else {
-        ""
+/// A new, empty directory for one test's files (pieces, staged data, a node's home), inside
+/// this process's scratch root. The root, and a test cluster started under it, are removed by
+/// a watchdog once this process has gone, however it ends: tests and benchmarks leave nothing
+/// behind in the temporary directory, even when they fail or are killed.
+pub fn scratch_dir(label: &str) -> Result<PathBuf, DbError> {
+    let dir = process_root()?.join(format!("{label}-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).map_err(|e| DbError::io(&dir, e))?;
+    Ok(dir)
+}
+
+/// This process's scratch root, `dealledger-test-<pid>` in the temporary directory: created,
+/// with its watchdog, on first use.
+fn process_root() -> Result<PathBuf, DbError> {
+    static ROOT: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut root = ROOT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(dir) = root.as_ref() {
+        return Ok(dir.clone());
+    }
+    let dir = std::env::temp_dir().join(format!("dealledger-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| DbError::io(&dir, e))?;
+    reap_on_exit(&dir)?;
+    *root = Some(dir.clone());
+    Ok(dir)
+}
+
+/// Starts a watchdog that, once this process has gone, stops the test cluster if one was
+/// started under `dir` (`cluster/`) and deletes `dir`. Statics are never dropped, so this is
+/// what cleans up after a test binary.
+fn reap_on_exit(dir: &Path) -> Result<(), DbError> {
+    let data = dir.join("cluster").join("pgdata");
+    // Without server binaries (DATABASE_URL set) there is no cluster to stop.
+    let stop = match super::embedded::find_bindir() {
+        Ok(bindir) => format!(
+            "if [ -f '{data}/postmaster.pid' ]; then {as_postgres}'{pg_ctl}' -D '{data}' \
+             -m immediate -w stop >/dev/null 2>&1; fi; ",
+            as_postgres =
+                if super::embedded::running_as_root() { "runuser -u postgres -- " } else { "" },
+            pg_ctl = bindir.join("pg_ctl").display(),
+            data = data.display(),
+        ),
+        Err(_) => String::new(),
     };
     let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; \
-         {as_postgres}'{pg_ctl}' -D '{data}' -m immediate -w stop >/dev/null 2>&1; \
-         rm -rf '{dir}'",
+        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop}rm -rf '{dir}'",
         pid = std::process::id(),
-        pg_ctl = pg_ctl.display(),
-        data = server.data_dir().display(),
         dir = dir.display(),
     );
     Command::new("sh")
@@ -102,7 +130,7 @@ fn reap_on_exit(server: &EmbeddedPostgres, dir: PathBuf) -> Result<(), DbError> 
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| DbError::io(&dir, e))?;
+        .map_err(|e| DbError::io(dir, e))?;
     Ok(())
 }
 

@@ -7,7 +7,6 @@ pub mod node;
 use std::time::Duration;
 
 use libp2p::Multiaddr;
-use uuid::Uuid;
 
 use dealledger::adapters::network::codec::MarketCodec;
 use dealledger::adapters::network::message::StorageAsk;
@@ -72,8 +71,9 @@ pub async fn nodes_checking(
     tokio::spawn(provider_loop.run());
     let address =
         provider.listen("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>().unwrap()).await.unwrap();
-    let pieces =
-        PieceStore::new(std::env::temp_dir().join(format!("dealledger-pieces-{}", Uuid::new_v4())));
+    let pieces = PieceStore::new(
+        dealledger::db::testing::scratch_dir("pieces").expect("a scratch directory"),
+    );
     let transfers =
         ProviderTransfers::new(provider_deals.clone(), pieces.clone(), TransferOptions::default());
     let mut service =
