@@ -1,11 +1,13 @@
 //! Domain types shared by the machines: parties, amounts, epochs, pieces, and the storage and
 //! retrieval deal documents of the seed design. Plain data with validation; no I/O.
 
+pub mod cid_text;
 pub mod piece;
 pub mod retrieval;
 pub mod storage;
 pub mod units;
 
+pub use cid_text::cid_text;
 pub use piece::{PieceCid, PieceError};
 pub use units::{ChainEpoch, DealId, PaddedPieceSize, PartyKey, SectorNumber, TokenAmount};
 

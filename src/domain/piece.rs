@@ -89,7 +89,7 @@ impl FromStr for PieceCid {
 
 impl fmt::Display for PieceCid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        f.write_str(&super::cid_text(&self.0))
     }
 }
 

@@ -127,27 +127,27 @@ impl PartyKey {
 
 impl fmt::Display for PartyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // A market has few parties and many deals: remember recent texts per thread.
+        // A market has few parties and many deals: remember recent texts per thread, and
+        // write a remembered one straight from the cache.
+        type Texts = std::collections::HashMap<[u8; 32], String, foldhash::fast::RandomState>;
         thread_local! {
-            static TEXTS: std::cell::RefCell<std::collections::HashMap<[u8; 32], String>> =
-                std::cell::RefCell::default();
+            static TEXTS: std::cell::RefCell<Texts> = std::cell::RefCell::default();
         }
-        let text = TEXTS.with(|texts| {
+        TEXTS.with(|texts| {
             let mut texts = texts.borrow_mut();
             if let Some(text) = texts.get(&self.0) {
-                return Some(text.clone());
+                return f.write_str(text);
             }
-            let text = self.peer_id_text()?;
+            let Some(text) = self.peer_id_text() else {
+                return write!(f, "invalid-key-{}", hex::encode(self.0));
+            };
             if texts.len() >= 4_096 {
                 texts.clear();
             }
-            texts.insert(self.0, text.clone());
-            Some(text)
-        });
-        match text {
-            Some(peer) => f.write_str(&peer),
-            None => write!(f, "invalid-key-{}", hex::encode(self.0)),
-        }
+            f.write_str(&text)?;
+            texts.insert(self.0, text);
+            Ok(())
+        })
     }
 }
 

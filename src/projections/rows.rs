@@ -4,6 +4,7 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use super::table::{RowValues, SqlType as T, TableSpec};
+use crate::domain::cid_text;
 use crate::fsm::retrieval_client::RetrievalClient;
 use crate::fsm::retrieval_provider::RetrievalProvider;
 use crate::fsm::retrieval_request::RetrievalRequestMachine;
@@ -190,7 +191,7 @@ fn storage_row<M: Machine>(deal: &Deal<M>, meta: &RowMeta, facts: StorageFacts<'
     let mut row = vec![
         text(deal.id),
         text(M::NAME),
-        facts.proposal_cid.map(|cid| cid.to_string()),
+        facts.proposal_cid.as_ref().map(cid_text),
         p.map(|p| p.piece_cid.to_string()),
         p.map(|p| p.piece_size.0.to_string()),
         p.map(|p| p.verified_deal.to_string()),
@@ -203,7 +204,7 @@ fn storage_row<M: Machine>(deal: &Deal<M>, meta: &RowMeta, facts: StorageFacts<'
         p.map(|p| p.provider_collateral.0.to_string()),
         p.map(|p| p.client_collateral.0.to_string()),
         facts.deal_id.map(|d| d.0.to_string()),
-        facts.publish_cid.map(|c| c.to_string()),
+        facts.publish_cid.as_ref().map(cid_text),
         facts.sector.map(|s| s.0.to_string()),
     ];
     row.extend(state_columns(deal, meta));
@@ -277,7 +278,7 @@ fn retrieval_row<M: Machine>(
     let mut row = vec![
         text(deal.id),
         text(M::NAME),
-        t.map(|t| t.payload_cid.to_string()),
+        t.map(|t| cid_text(&t.payload_cid)),
         t.and_then(|t| t.piece_cid.map(|p| p.to_string())),
         t.map(|t| t.part.offset.to_string()),
         t.map(|t| t.part.length.to_string()),
@@ -356,7 +357,7 @@ impl Projected for RetrievalRequestMachine {
         let r = d.request.as_ref();
         let mut row = vec![
             text(deal.id),
-            r.map(|r| r.payload_cid.to_string()),
+            r.map(|r| cid_text(&r.payload_cid)),
             r.and_then(|r| r.piece_cid.map(|p| p.to_string())),
             r.map(|r| r.client.to_string()),
             r.map(|r| r.provider.to_string()),

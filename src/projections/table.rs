@@ -232,17 +232,27 @@ impl TableSpec {
         let (sender, mut receiver) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
         let columns = self.columns;
         let builder = tokio::task::spawn_blocking(move || {
+            // What bounds the copy: a builder that mostly waits on sends waits on the server.
+            let (started, mut waited) = (std::time::Instant::now(), std::time::Duration::ZERO);
             let mut chunks = binary::CopyChunks::new(columns);
             for row in build() {
-                let full = chunks.push(&row)?;
+                let Some(full) = chunks.push(&row)? else { continue };
+                let sending = std::time::Instant::now();
                 // A failed send: the sending side stopped on an error of its own and
                 // reports it.
-                if full.is_some_and(|full| sender.blocking_send(full).is_err()) {
+                if sender.blocking_send(full).is_err() {
                     return Ok(0);
                 }
+                waited += sending.elapsed();
             }
             let (last, count) = chunks.finish();
             let _ = sender.blocking_send(last);
+            tracing::debug!(
+                rows = count,
+                seconds = started.elapsed().as_secs_f64(),
+                waiting_on_the_server = waited.as_secs_f64(),
+                "rows built"
+            );
             Ok::<u64, ProjectionError>(count)
         });
         let mut copy = conn.copy_in_raw(&self.copy_statement(table, options)).await?;
