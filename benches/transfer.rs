@@ -29,7 +29,7 @@ fn ctx() -> DecideContext {
     DecideContext { epoch: ChainEpoch(NOW), ..DecideContext::default() }
 }
 
-async fn ledger_push(data: &[u8]) -> f64 {
+async fn ledger_push(data: &[u8]) -> Round {
     let (provider_pool, _) = fresh_database(4).await.expect("database");
     let (client_pool, _) = fresh_database(4).await.expect("database");
     let (provider_deals, client_deals) =
@@ -85,15 +85,16 @@ async fn ledger_push(data: &[u8]) -> f64 {
     std::fs::write(&path, data).expect("bench file");
     let file = tokio::fs::File::open(&path).await.expect("bench file");
     let started = Instant::now();
+    let cpu = cpu_seconds();
     let total = data.len() as u64;
     let options = TransferOptions::default();
     let state = push(&client, &client_deals, stream.stream_id, file, total, options, &ctx())
         .await
         .expect("push");
     assert_eq!(state, "CheckForAcceptance");
-    let rate = data.len() as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64;
+    let (seconds, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
     let _ = std::fs::remove_file(path);
-    rate
+    Round::of(data.len(), seconds, cpu)
 }
 
 /// A node with only a raw stream behaviour.
@@ -113,7 +114,7 @@ fn raw_swarm() -> libp2p::Swarm<libp2p_stream::Behaviour> {
 }
 
 /// The same bytes through one raw libp2p stream: the ceiling of any transfer protocol here.
-async fn raw_stream(data: &[u8]) -> f64 {
+async fn raw_stream(data: &[u8]) -> Round {
     use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
     use libp2p::swarm::SwarmEvent;
     const PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new("/dealledger/bench/raw/1");
@@ -155,6 +156,7 @@ async fn raw_stream(data: &[u8]) -> f64 {
         }
     });
     let started = Instant::now();
+    let cpu = cpu_seconds();
     let mut stream = control.open_stream(receiver_peer, PROTOCOL).await.expect("stream");
     for chunk in data.chunks(CHUNK_BYTES) {
         stream.write_all(chunk).await.expect("write");
@@ -162,7 +164,35 @@ async fn raw_stream(data: &[u8]) -> f64 {
     stream.close().await.expect("close");
     let read = finished.await.expect("the receiver read");
     assert_eq!(read, data.len());
-    (data.len() as f64 / (1 << 20) as f64) / started.elapsed().as_secs_f64()
+    Round::of(data.len(), started.elapsed().as_secs_f64(), cpu_seconds() - cpu)
+}
+
+/// One timed transfer: its rate, and the CPU this process spent per MiB meanwhile (both
+/// nodes run here; the database's share is not counted), which says whether two cores bound
+/// it.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    mib_per_s: f64,
+    cpu_ms_per_mib: f64,
+}
+
+impl Round {
+    fn of(bytes: usize, seconds: f64, cpu_seconds: f64) -> Self {
+        let mib = bytes as f64 / (1 << 20) as f64;
+        Self { mib_per_s: mib / seconds, cpu_ms_per_mib: cpu_seconds * 1000.0 / mib }
+    }
+}
+
+/// CPU time (user and system) this process has used, in seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// Rounds of each measurement.
@@ -180,11 +210,16 @@ async fn main() {
     // Loopback throughput on a shared 2-core machine swings between runs, and for seconds
     // at a time: rounds alternate, each ledger round right after its raw round, and the
     // ratio is given both as the median of the rounds' own ratios and of the medians.
-    let (mut raws, mut ledgers) = (Vec::new(), Vec::new());
+    let (mut raw_rounds, mut ledger_rounds) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        raws.push(raw_stream(&data).await);
-        ledgers.push(ledger_push(&data).await);
+        raw_rounds.push(raw_stream(&data).await);
+        ledger_rounds.push(ledger_push(&data).await);
     }
+    let rates = |rounds: &[Round]| rounds.iter().map(|r| r.mib_per_s).collect::<Vec<_>>();
+    let cpu =
+        |rounds: &[Round]| median(&mut rounds.iter().map(|r| r.cpu_ms_per_mib).collect::<Vec<_>>());
+    let (raws, ledgers) = (rates(&raw_rounds), rates(&ledger_rounds));
+    let (raw_cpu, ledger_cpu) = (cpu(&raw_rounds), cpu(&ledger_rounds));
     let mut ratios: Vec<f64> =
         raws.iter().zip(&ledgers).map(|(raw, ledger)| ledger / raw).collect();
     let ratio = median(&mut ratios);
@@ -201,17 +236,19 @@ async fn main() {
     );
     let rounds =
         |rates: &[f64]| rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" ");
-    println!("{:<58} {:>8}  rounds", "workload", "median");
+    println!("{:<58} {:>8} {:>10}  rounds", "workload", "MiB/s", "CPU ms/MiB");
     println!(
-        "{:<58} {:>8.1}  {}",
+        "{:<58} {:>8.1} {:>10.2}  {}",
         "raw libp2p stream copy (tcp + noise + yamux)",
         raw,
+        raw_cpu,
         rounds(&raws)
     );
     println!(
-        "{:<58} {:>8.1}  {}",
+        "{:<58} {:>8.1} {:>10.2}  {}",
         "ledger push (journal progress, piece store, commP check)",
         ledger,
+        ledger_cpu,
         rounds(&ledgers)
     );
     println!("{:<58} {:>8.1}", "commP alone, one core", commp);
@@ -224,6 +261,7 @@ async fn main() {
     let json = serde_json::json!({"bytes": bytes, "raw_stream_mib_per_s": raw,
         "ledger_mib_per_s": ledger, "ratio_to_raw_stream": ratio,
         "ratio_of_medians": ledger / raw, "commp_mib_per_s": commp,
+        "raw_cpu_ms_per_mib": raw_cpu, "ledger_cpu_ms_per_mib": ledger_cpu,
         "raw_rounds": raws, "ledger_rounds": ledgers});
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");
