@@ -222,6 +222,14 @@ impl StorageDeal {
     /// Checks both signatures.
     pub fn verify(&self) -> Result<(), ProposalError> {
         self.client_proposal.verify()?;
+        self.verify_provider_signature()
+    }
+
+    /// Checks the provider's signature only. For a machine that has already checked that the
+    /// signed deal's client proposal equals the one it verified when the deal began: the
+    /// client's signature is then known good, and checking it again (an ed25519
+    /// verification, the costliest step of accepting a deal) would prove nothing new.
+    pub fn verify_provider_signature(&self) -> Result<(), ProposalError> {
         let provider = self.client_proposal.proposal.provider;
         if verify(
             PROVIDER_SIGNATURE_CONTEXT,

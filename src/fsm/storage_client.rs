@@ -431,7 +431,8 @@ impl Machine for StorageClient {
                 if &signed.client_proposal != proposal {
                     return Err(inconsistent("the provider signed a different proposal"));
                 }
-                signed.verify()?;
+                // The client proposal is the one verified when the deal began.
+                signed.verify_provider_signature()?;
             }
             E::FundsReserved { amount } => {
                 let needed = proposal.proposal.client_balance_requirement().unwrap_or_default();

@@ -499,7 +499,8 @@ impl Machine for StorageProvider {
                 if &signed.client_proposal != proposal {
                     return Err(inconsistent("the signed deal is not the proposal received"));
                 }
-                signed.verify()?;
+                // The client proposal is the one verified when the deal began.
+                signed.verify_provider_signature()?;
             }
             E::DataTransferProgressed { bytes } | E::DataTransferCompleted { bytes } => {
                 check_bytes(*bytes, deal.data.bytes_received, proposal.proposal.piece_size.0)?;

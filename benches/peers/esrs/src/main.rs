@@ -229,8 +229,9 @@ impl Aggregate for ProviderDeal {
                 if Some(&deal.client_proposal) != state.proposal.as_ref() {
                     return Err(Rejection::Inconsistent("the signed deal is not the proposal"));
                 }
+                // The client proposal is the one verified when it was received: only the
+                // provider's signature is new (as the ledger's machine does).
                 let terms = &deal.client_proposal.proposal;
-                verify(&terms.client, terms, &deal.client_proposal.client_signature)?;
                 verify(&terms.provider, &deal.client_proposal, &deal.provider_signature)?;
             }
             Event::DataTransferProgressed { bytes } | Event::DataTransferCompleted { bytes } => {
