@@ -743,6 +743,24 @@ mod tests {
     }
 
     #[test]
+    fn rejects_a_deal_counter_signed_by_someone_else() {
+        // Given a deal whose funds are reserved
+        let signed = crate::domain::storage::StorageDeal::sign(signed_proposal(), &stranger_key());
+        given::<StorageClient>([initiated(), E::FundsReserved { amount: requirement() }])
+            // When the answer carries our proposal, counter-signed by another key
+            .when(E::DealAccepted { deal: Box::new(signed) })
+            // Then it is refused for its provider signature
+            .then_rejects(|r| {
+                matches!(
+                    r,
+                    Rejection::Proposal(
+                        crate::domain::storage::ProposalError::BadProviderSignature { .. }
+                    )
+                )
+            });
+    }
+
+    #[test]
     fn confirming_the_publish_moves_funds_from_reservation_to_chain() {
         let then = given::<StorageClient>([
             initiated(),
