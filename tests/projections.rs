@@ -50,6 +50,11 @@ async fn assert_projections_match_the_journal(pool: &PgPool) {
 
 /// Each storage row's key, state and version, in key order: enough to tell a table left
 /// alone from one rebuilt.
+/// How many rows `storage_deals` shows to `db` (a pool, or a connection mid-test).
+async fn storage_deal_count<'e>(db: impl sqlx::PgExecutor<'e>) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM storage_deals").fetch_one(db).await.unwrap()
+}
+
 async fn storage_rows(pool: &PgPool) -> Vec<(Uuid, String, i32)> {
     sqlx::query_as("SELECT stream_id, state, version FROM storage_deals ORDER BY 1")
         .fetch_all(pool)
@@ -191,10 +196,7 @@ async fn a_row_copied_in_binary_equals_the_same_row_cast_from_text() {
     let mut conn = pool.acquire().await.unwrap();
     let refused = STORAGE_DEALS.copy_into(&mut conn, "storage_deals_rows", [&bad]).await;
     assert!(matches!(refused, Err(ProjectionError::BadColumnValue { .. })), "{refused:?}");
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM storage_deals")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
+    let count = storage_deal_count(&mut *conn).await;
     assert_eq!(count, 1);
 }
 
@@ -230,10 +232,7 @@ async fn a_copy_built_aside_that_meets_a_bad_row_after_sending_chunks_writes_not
     let refused = STORAGE_DEALS.copy_built_aside(&mut conn, "storage_deals_rows", "", build).await;
     // Then the bad row is refused and none of the rows sent before it was written
     assert!(matches!(refused, Err(ProjectionError::BadColumnValue { .. })), "{refused:?}");
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM storage_deals")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
+    let count = storage_deal_count(&mut *conn).await;
     assert_eq!(count, 0);
     // And the same rows without the bad one are all written
     let written = STORAGE_DEALS
@@ -241,10 +240,7 @@ async fn a_copy_built_aside_that_meets_a_bad_row_after_sending_chunks_writes_not
         .await
         .unwrap();
     assert_eq!(written, 20_000);
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM storage_deals")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
+    let count = storage_deal_count(&mut *conn).await;
     assert_eq!(count, 20_000);
 }
 
@@ -317,8 +313,7 @@ async fn a_rebuild_swaps_in_tables_with_the_same_indexes_constraints_and_readers
         .fetch_one(&pool)
         .await
         .unwrap();
-    let rows: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM storage_deals").fetch_one(&pool).await.unwrap();
+    let rows = storage_deal_count(&pool).await;
     assert_eq!(summed, rows);
     sqlx::query("SELECT count(*) FROM active_deals_expiring_before(10000000)")
         .execute(&pool)
@@ -360,8 +355,7 @@ async fn commands_recorded_during_rebuilds_all_reach_the_swapped_in_tables() {
     }
     writing.await.unwrap();
     // Then every deal has its row, equal to the fold of its stream
-    let rows: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM storage_deals").fetch_one(&pool).await.unwrap();
+    let rows = storage_deal_count(&pool).await;
     assert_eq!(rows, 1_000, "after {rebuilds} rebuilds");
     assert_projections_match_the_journal(&pool).await;
 }
