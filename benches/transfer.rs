@@ -14,13 +14,13 @@ use dealledger::adapters::network;
 use dealledger::adapters::network::codec::MarketCodec;
 use dealledger::adapters::network::message::StorageAsk;
 use dealledger::adapters::network::provider::{ProviderService, propose};
-use dealledger::adapters::piece::commp::commp_of;
+use dealledger::adapters::piece::commp::{CommP, commp_of};
 use dealledger::adapters::piece::store::PieceStore;
 use dealledger::adapters::transfer::{CHUNK_BYTES, ProviderTransfers, TransferOptions, push};
 use dealledger::db::testing::fresh_database;
 use dealledger::deals::Deals;
 use dealledger::domain::storage::ClientDealProposal;
-use dealledger::domain::{ChainEpoch, PaddedPieceSize, TokenAmount};
+use dealledger::domain::{ChainEpoch, PaddedPieceSize, PieceCid, TokenAmount};
 use dealledger::events::Journal;
 use dealledger::fsm::DecideContext;
 use dealledger::fsm::fixtures::{NOW, client_key, proposal, provider_key};
@@ -114,9 +114,54 @@ fn raw_swarm() -> libp2p::Swarm<libp2p_stream::Behaviour> {
         .build()
 }
 
+/// Reads `expected` bytes from `stream` into one reused buffer and drops them; returns the
+/// bytes read.
+async fn discard(stream: &mut libp2p::Stream, expected: usize) -> usize {
+    use futures::AsyncReadExt;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut read = 0;
+    while read < expected {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => read += n,
+        }
+    }
+    read
+}
+
+/// Reads `expected` bytes from `stream` chunk by chunk and hands each to a hashing thread, as
+/// the provider does, checking that their commitment is `piece_cid`; returns the bytes read.
+async fn hash_aside(stream: &mut libp2p::Stream, expected: usize, piece_cid: PieceCid) -> usize {
+    use futures::AsyncReadExt;
+    let (chunks, mut queue) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut hasher = CommP::new();
+        while let Some(chunk) = queue.blocking_recv() {
+            hasher.update(&chunk);
+        }
+        hasher.finish().0
+    });
+    let mut read = 0;
+    while read < expected {
+        let mut chunk = vec![0u8; CHUNK_BYTES.min(expected - read)];
+        if stream.read_exact(&mut chunk).await.is_err() {
+            break;
+        }
+        read += chunk.len();
+        if chunks.send(chunk).await.is_err() {
+            break;
+        }
+    }
+    drop(chunks);
+    assert_eq!(hasher.await.expect("the hasher"), piece_cid, "the commitment of the bytes read");
+    read
+}
+
 /// The same bytes through one raw libp2p stream: the ceiling of any transfer protocol here.
-async fn raw_stream(data: &[u8]) -> Round {
-    use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+/// With `verify`, the receiver also checks the bytes' commitment is that piece CID, on a
+/// thread beside the stream: the least any provider that verifies what it receives must do.
+async fn raw_stream(data: &[u8], verify: Option<PieceCid>) -> Round {
+    use futures::{AsyncWriteExt, StreamExt};
     use libp2p::swarm::SwarmEvent;
     const PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new("/dealledger/bench/raw/1");
     let mut receiver = raw_swarm();
@@ -137,14 +182,10 @@ async fn raw_stream(data: &[u8]) -> Round {
     let (done, finished) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         if let Some((_, mut stream)) = incoming.next().await {
-            let mut buffer = vec![0u8; 1 << 20];
-            let mut read = 0;
-            while read < expected {
-                match stream.read(&mut buffer).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => read += n,
-                }
-            }
+            let read = match verify {
+                None => discard(&mut stream, expected).await,
+                Some(piece_cid) => hash_aside(&mut stream, expected, piece_cid).await,
+            };
             let _ = done.send(read);
         }
     });
@@ -218,13 +259,20 @@ async fn main() {
     // outside the worker pool, every wake-up of it a hop between threads: that halves the raw
     // copy's rate on this machine (430-480 against 830-870 MiB/s) and hides how far the
     // ledger is from the transport's ceiling.
-    let (mut raw_rounds, mut ledger_rounds) = (Vec::new(), Vec::new());
+    let (piece_cid, _) = commp_of(&data);
+    let (mut raw_rounds, mut verified_rounds, mut ledger_rounds) =
+        (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         let raw = tokio::spawn({
             let data = data.clone();
-            async move { raw_stream(&data).await }
+            async move { raw_stream(&data, None).await }
         });
         raw_rounds.push(raw.await.expect("the raw round"));
+        let verified = tokio::spawn({
+            let data = data.clone();
+            async move { raw_stream(&data, Some(piece_cid)).await }
+        });
+        verified_rounds.push(verified.await.expect("the verified raw round"));
         let ledger = tokio::spawn({
             let data = data.clone();
             async move { ledger_push(&data).await }
@@ -234,12 +282,19 @@ async fn main() {
     let rates = |rounds: &[Round]| rounds.iter().map(|r| r.mib_per_s).collect::<Vec<_>>();
     let cpu =
         |rounds: &[Round]| median(&mut rounds.iter().map(|r| r.cpu_ms_per_mib).collect::<Vec<_>>());
-    let (raws, ledgers) = (rates(&raw_rounds), rates(&ledger_rounds));
-    let (raw_cpu, ledger_cpu) = (cpu(&raw_rounds), cpu(&ledger_rounds));
-    let mut ratios: Vec<f64> =
-        raws.iter().zip(&ledgers).map(|(raw, ledger)| ledger / raw).collect();
-    let ratio = median(&mut ratios);
-    let (raw, ledger) = (median(&mut raws.clone()), median(&mut ledgers.clone()));
+    let (raws, verifieds, ledgers) =
+        (rates(&raw_rounds), rates(&verified_rounds), rates(&ledger_rounds));
+    // Each round's ledger rate over the same round's `of` rate, and their median.
+    let ratios_to = |of: &[f64]| {
+        let mut ratios: Vec<f64> = of.iter().zip(&ledgers).map(|(of, l)| l / of).collect();
+        let ratio = median(&mut ratios.clone());
+        ratios.iter_mut().for_each(|r| *r = (*r * 100.0).round() / 100.0);
+        (ratio, ratios)
+    };
+    let (ratio, ratios) = ratios_to(&raws);
+    let (verified_ratio, verified_ratios) = ratios_to(&verifieds);
+    let (raw, verified, ledger) =
+        (median(&mut raws.clone()), median(&mut verifieds.clone()), median(&mut ledgers.clone()));
     // The provider's share that the raw copy does not have: the piece commitment, alone on
     // one core.
     let started = Instant::now();
@@ -250,35 +305,37 @@ async fn main() {
         bytes >> 20,
         CHUNK_BYTES >> 10
     );
-    let rounds =
-        |rates: &[f64]| rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" ");
+    let listed = |values: &[f64], digits: usize| {
+        values.iter().map(|v| format!("{v:.digits$}")).collect::<Vec<_>>().join(" ")
+    };
     println!("{:<58} {:>8} {:>10}  rounds", "workload", "MiB/s", "CPU ms/MiB");
-    println!(
-        "{:<58} {:>8.1} {:>10.2}  {}",
-        "raw libp2p stream copy (tcp + noise + yamux)",
-        raw,
-        raw_cpu,
-        rounds(&raws)
-    );
-    println!(
-        "{:<58} {:>8.1} {:>10.2}  {}",
-        "ledger push (journal progress, piece store, commP check)",
-        ledger,
-        ledger_cpu,
-        rounds(&ledgers)
-    );
+    for (name, rate, rounds) in [
+        ("raw libp2p stream copy (tcp + noise + yamux)", raw, &raw_rounds),
+        ("the same, the receiver checking commP on a thread beside", verified, &verified_rounds),
+        ("ledger push (journal progress, piece store, commP check)", ledger, &ledger_rounds),
+    ] {
+        println!("{name:<58} {rate:>8.1} {:>10.2}  {}", cpu(rounds), listed(&rates(rounds), 0));
+    }
     println!("{:<58} {:>8.1}", "commP alone, one core", commp);
     println!(
         "ledger / raw stream: {ratio:.2} median of the rounds' ratios ({}), {:.2} of the medians \
          (target 0.7)",
-        ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" "),
+        listed(&ratios, 2),
         ledger / raw
     );
+    println!(
+        "ledger / raw stream checking commP: {verified_ratio:.2} median of the rounds' ratios \
+         ({}); that stream / raw stream: {:.2} of the medians",
+        listed(&verified_ratios, 2),
+        verified / raw
+    );
     let json = serde_json::json!({"bytes": bytes, "raw_stream_mib_per_s": raw,
-        "ledger_mib_per_s": ledger, "ratio_to_raw_stream": ratio,
-        "ratio_of_medians": ledger / raw, "commp_mib_per_s": commp,
-        "raw_cpu_ms_per_mib": raw_cpu, "ledger_cpu_ms_per_mib": ledger_cpu,
-        "raw_rounds": raws, "ledger_rounds": ledgers});
+        "verified_stream_mib_per_s": verified, "ledger_mib_per_s": ledger,
+        "ratio_to_raw_stream": ratio, "ratio_of_medians": ledger / raw,
+        "ratio_to_verified_stream": verified_ratio, "commp_mib_per_s": commp,
+        "raw_cpu_ms_per_mib": cpu(&raw_rounds), "verified_cpu_ms_per_mib": cpu(&verified_rounds),
+        "ledger_cpu_ms_per_mib": cpu(&ledger_rounds), "raw_rounds": raws,
+        "verified_rounds": verifieds, "ledger_rounds": ledgers});
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");
     std::fs::write(dir.join("transfer.json"), serde_json::to_string_pretty(&json).expect("json"))
