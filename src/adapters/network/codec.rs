@@ -47,6 +47,40 @@ pub fn encode<T: Serialize>(message: &T, max: u32) -> Result<Vec<u8>, WireError>
     Ok(framed)
 }
 
+/// Room reserved for a transfer chunk's fields ahead of its data: the variant, a CID of up
+/// to 64 digest bytes, the offset and the data's length, each with its own length prefix.
+const CHUNK_HEAD_ROOM: usize = 4 + 128;
+
+/// The frame of a [`MarketRequest::TransferChunk`] of `len` bytes, up to its data: the
+/// length prefix, then the message's fields ending with the data's length. Appending exactly
+/// `len` bytes makes the frame [`encode`] gives for the whole chunk, so a sender can read its
+/// data straight into the frame instead of into a buffer of its own that is then copied.
+/// The returned buffer has room for the data. Refused, like [`encode`], over `max`.
+pub(crate) fn chunk_frame_head(
+    proposal_cid: cid::Cid,
+    offset: u64,
+    len: usize,
+    max: u32,
+) -> Result<Vec<u8>, WireError> {
+    let malformed = |e: postcard::Error| WireError::Malformed(e.to_string());
+    let mut frame = Vec::with_capacity(CHUNK_HEAD_ROOM + len);
+    frame.extend_from_slice(&[0u8; 4]);
+    // The data is the chunk's last field: the chunk with no data ends in its empty length,
+    // which the real length replaces (postcard writes both as the same varint).
+    let empty = MarketRequest::TransferChunk { proposal_cid, offset, bytes: Vec::new() };
+    let mut frame = postcard::to_extend(&empty, frame).map_err(malformed)?;
+    if frame.pop() != Some(0) {
+        return Err(WireError::Malformed("a chunk does not end in its data".into()));
+    }
+    let mut frame = postcard::to_extend(&len, frame).map_err(malformed)?;
+    let length = u32::try_from(frame.len() - 4 + len).unwrap_or(u32::MAX);
+    if length > max {
+        return Err(WireError::TooLarge { length, max });
+    }
+    frame[..4].copy_from_slice(&length.to_be_bytes());
+    Ok(frame)
+}
+
 /// Decodes one message body (without its prefix); trailing bytes are refused.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
     let (message, rest) =
@@ -219,6 +253,15 @@ mod tests {
     }
 
     #[test]
+    fn refuses_a_chunk_frame_over_the_limit() {
+        let proposal_cid = crate::events::chain::cid_of_bytes(b"proposal");
+        let head = chunk_frame_head(proposal_cid, 0, 1000, 1000);
+        assert!(matches!(head, Err(WireError::TooLarge { max: 1000, .. })), "{head:?}");
+        let fits = chunk_frame_head(proposal_cid, 0, 900, 1000).unwrap();
+        assert!(fits.capacity() >= fits.len() + 900, "room for the data");
+    }
+
+    #[test]
     fn refuses_a_message_over_the_limit_and_trailing_bytes() {
         let request = MarketRequest::Propose(Box::new(signed_proposal()));
         assert!(matches!(encode(&request, 16), Err(WireError::TooLarge { max: 16, .. })));
@@ -232,6 +275,23 @@ mod tests {
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode::<MarketRequest>(&bytes);
             let _ = decode::<MarketResponse>(&bytes);
+        }
+
+        #[test]
+        fn a_chunk_frame_head_and_its_data_are_the_chunk_s_frame(
+            digest in any::<[u8; 8]>(),
+            offset in any::<u64>(),
+            bytes in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            // Given a chunk, when its head is built apart and its data appended, then the
+            // frame is byte for byte the chunk's own.
+            let proposal_cid = crate::events::chain::cid_of_bytes(&digest);
+            let mut frame =
+                chunk_frame_head(proposal_cid, offset, bytes.len(), DEFAULT_MAX_MESSAGE_BYTES)
+                    .unwrap();
+            frame.extend_from_slice(&bytes);
+            let chunk = MarketRequest::TransferChunk { proposal_cid, offset, bytes };
+            prop_assert_eq!(frame, encode(&chunk, DEFAULT_MAX_MESSAGE_BYTES).unwrap());
         }
 
         #[test]

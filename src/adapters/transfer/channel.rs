@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::AsyncWriteExt;
 use libp2p::PeerId;
 
-use crate::adapters::network::codec::{read_framed, write_frame};
+use crate::adapters::network::codec::{encode, read_framed};
 use crate::adapters::network::message::{MarketRequest, MarketResponse};
 use crate::adapters::network::{Client, NetworkError};
 
@@ -48,7 +48,22 @@ impl TransferChannel {
     /// Sends one request without waiting for its answer (read it later with
     /// [`TransferChannel::recv`]; answers come in request order).
     pub async fn send(&mut self, request: &MarketRequest) -> Result<(), NetworkError> {
-        let write = write_frame(&mut self.stream, request, self.max);
+        let frame = encode(request, self.max).map_err(|e| self.failed(e))?;
+        self.send_frame(&frame).await
+    }
+
+    /// The largest message this channel sends.
+    pub(crate) fn max_message_bytes(&self) -> u32 {
+        self.max
+    }
+
+    /// Sends one request already framed (a length prefix, then the request encoded, as
+    /// `codec::encode` or `codec::chunk_frame_head` make it), without waiting for its answer.
+    pub(crate) async fn send_frame(&mut self, frame: &[u8]) -> Result<(), NetworkError> {
+        let write = async {
+            self.stream.write_all(frame).await?;
+            self.stream.flush().await
+        };
         match tokio::time::timeout(self.timeout, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.failed(e)),

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::adapters::piece::commp::CommP;
 
+use crate::adapters::network::codec::chunk_frame_head;
 use crate::adapters::network::message::{MarketRequest, MarketResponse};
 use crate::adapters::network::{Client, NetworkError};
 use crate::adapters::piece::store::PieceStore;
@@ -94,7 +95,7 @@ pub async fn push<R>(
 where
     R: tokio::io::AsyncRead + tokio::io::AsyncSeek + Unpin,
 {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    use tokio::io::AsyncSeekExt;
     let deal = deals.load::<StorageClient>(stream_id).await?;
     let (Some(proposal), Some(_)) = (deal.data.proposal.clone(), deal.data.signed_deal.as_ref())
     else {
@@ -157,16 +158,17 @@ where
         data.seek(std::io::SeekFrom::Start(offset)).await.map_err(PushError::Source)?;
     }
     // The data is read ahead of the stream, so that reading a chunk (for a file, a hop to
-    // the blocking pool) overlaps sending the ones before it.
-    let (chunks, mut read) = tokio::sync::mpsc::channel(CHUNKS_READ_AHEAD);
+    // the blocking pool) overlaps sending the ones before it. Each chunk is read straight
+    // into its frame, behind the chunk's fields: no buffer of its own to zero and copy.
+    let (frames, mut read) = tokio::sync::mpsc::channel(CHUNKS_READ_AHEAD);
     let read_ahead = {
         let (data, chunk_bytes, mut at) = (&mut data, options.chunk_bytes as u64, sent);
+        let max = channel.max_message_bytes();
         async move {
             while at < total {
                 let end = (at + chunk_bytes).min(total);
-                let mut bytes = vec![0u8; (end - at) as usize];
-                let read = data.read_exact(&mut bytes).await.map(|_| bytes);
-                if !crate::tasks::pass_on(&chunks, read).await {
+                let frame = read_chunk_frame(data, proposal_cid, at, end, max).await;
+                if !crate::tasks::pass_on(&frames, frame.map(|frame| (end, frame))).await {
                     break;
                 }
                 at = end;
@@ -179,17 +181,15 @@ where
                 break None;
             }
             if sent < total && unacknowledged.len() < CHUNKS_IN_FLIGHT {
-                let bytes = match read.recv().await {
-                    Some(Ok(bytes)) => bytes,
+                let (end, frame) = match read.recv().await {
+                    Some(Ok(framed)) => framed,
                     Some(Err(e)) => break Some(Err(PushError::Source(e))),
                     None => {
                         let stopped = std::io::Error::other("the data reader stopped");
                         break Some(Err(PushError::Source(stopped)));
                     }
                 };
-                let end = sent + bytes.len() as u64;
-                let chunk = MarketRequest::TransferChunk { proposal_cid, offset: sent, bytes };
-                if let Err(e) = channel.send(&chunk).await {
+                if let Err(e) = channel.send_frame(&frame).await {
                     break Some(Ok(e));
                 }
                 unacknowledged.push_back(end);
@@ -232,6 +232,33 @@ where
         state = record(C::ProviderFailedDeal { reason }).await?.deal.state;
     }
     Ok(state.name())
+}
+
+/// Reads the data from `at` to `end` into a [`MarketRequest::TransferChunk`] frame of the
+/// deal `proposal_cid`, ready to send. A chunk over the message limit `max`, or data that
+/// ends early, is an error.
+async fn read_chunk_frame<R>(
+    data: &mut R,
+    proposal_cid: cid::Cid,
+    at: u64,
+    end: u64,
+    max: u32,
+) -> std::io::Result<Vec<u8>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let len = (end - at) as usize;
+    let mut frame = chunk_frame_head(proposal_cid, at, len, max)?;
+    let whole = frame.len() + len;
+    while frame.len() < whole {
+        // Never past the chunk's end, whatever room the buffer has.
+        let mut rest = data.take((whole - frame.len()) as u64);
+        if rest.read_buf(&mut frame).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(frame)
 }
 
 /// The provider's side of pushes: validates them against its deals (the seed's
