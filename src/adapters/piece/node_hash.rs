@@ -74,6 +74,11 @@ pub(super) fn sixteen(children: &[[u8; 32]; 32]) -> [[u8; 32]; 16] {
         // SAFETY: `available` checked that this CPU has every feature `lanes` is built for.
         return unsafe { avx512::lanes(children) };
     }
+    sixteen_by_fours(children)
+}
+
+/// [`sixteen`] without AVX-512: four [`nodes`] at a time.
+fn sixteen_by_fours(children: &[[u8; 32]; 32]) -> [[u8; 32]; 16] {
     let mut parents = [[0u8; 32]; 16];
     for (four, pairs) in parents.chunks_exact_mut(4).zip(children.chunks_exact(8)) {
         let pair = |i: usize| (&pairs[2 * i], &pairs[2 * i + 1]);
@@ -447,6 +452,7 @@ mod tests {
             let expected: [[u8; 32]; 16] =
                 std::array::from_fn(|i| sha256_truncated(&children[2 * i], &children[2 * i + 1]));
             proptest::prop_assert_eq!(sixteen(&children), expected);
+            proptest::prop_assert_eq!(sixteen_by_fours(&children), expected);
             // The sixteen lanes themselves, wherever the CPU can run them.
             #[cfg(target_arch = "x86_64")]
             if avx512::available() {
