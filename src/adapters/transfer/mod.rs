@@ -75,7 +75,8 @@ pub enum PushError {
     /// The ledger refused a step.
     #[error(transparent)]
     Deals(#[from] DealsError),
-    /// The data could not be read; nothing about the transfer was recorded for it.
+    /// The data could not be read, or a chunk of it does not fit a message (a chunk size over
+    /// the node's message limit); nothing about the transfer was recorded for it.
     #[error("cannot read the data to send: {0}")]
     Source(#[source] std::io::Error),
 }
