@@ -115,8 +115,16 @@ pub(crate) async fn write_frame<T: Serialize, W: AsyncWrite + Unpin + Send>(
     message: &T,
     max: u32,
 ) -> io::Result<()> {
-    let framed = encode(message, max)?;
-    io.write_all(&framed).await?;
+    write_encoded(io, &encode(message, max)?).await
+}
+
+/// Writes one frame already encoded ([`encode`], [`chunk_frame_head`] and its data) and
+/// flushes it, leaving the stream open for the next.
+pub(crate) async fn write_encoded<W: AsyncWrite + Unpin + Send>(
+    io: &mut W,
+    frame: &[u8],
+) -> io::Result<()> {
+    io.write_all(frame).await?;
     io.flush().await
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::AsyncWriteExt;
 use libp2p::PeerId;
 
-use crate::adapters::network::codec::{encode, read_framed};
+use crate::adapters::network::codec::{encode, read_framed, write_encoded};
 use crate::adapters::network::message::{MarketRequest, MarketResponse};
 use crate::adapters::network::{Client, NetworkError};
 
@@ -52,18 +52,10 @@ impl TransferChannel {
         self.send_frame(&frame).await
     }
 
-    /// The largest message this channel sends.
-    pub(crate) fn max_message_bytes(&self) -> u32 {
-        self.max
-    }
-
     /// Sends one request already framed (a length prefix, then the request encoded, as
     /// `codec::encode` or `codec::chunk_frame_head` make it), without waiting for its answer.
     pub(crate) async fn send_frame(&mut self, frame: &[u8]) -> Result<(), NetworkError> {
-        let write = async {
-            self.stream.write_all(frame).await?;
-            self.stream.flush().await
-        };
+        let write = write_encoded(&mut self.stream, frame);
         match tokio::time::timeout(self.timeout, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.failed(e)),

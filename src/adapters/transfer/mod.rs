@@ -164,7 +164,7 @@ where
     let (frames, mut read) = tokio::sync::mpsc::channel(CHUNKS_READ_AHEAD);
     let read_ahead = {
         let (data, chunk_bytes, mut at) = (&mut data, options.chunk_bytes as u64, sent);
-        let max = channel.max_message_bytes();
+        let max = client.max_message_bytes();
         async move {
             while at < total {
                 let end = (at + chunk_bytes).min(total);
