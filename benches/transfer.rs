@@ -237,6 +237,15 @@ fn cpu_seconds() -> f64 {
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
+/// Runs one round as a task on the runtime's workers, as a node's pushes run (see `main`).
+async fn in_task<F, R>(data: &Arc<Vec<u8>>, round: F) -> Round
+where
+    F: FnOnce(Arc<Vec<u8>>) -> R,
+    R: std::future::Future<Output = Round> + Send + 'static,
+{
+    tokio::spawn(round(data.clone())).await.expect("the round")
+}
+
 /// Rounds of each measurement.
 const ROUNDS: usize = 5;
 
@@ -250,6 +259,11 @@ async fn main() {
     let bytes = ((64u64 << 20) as f64 * scale) as usize;
     let data: Arc<Vec<u8>> =
         Arc::new((0..bytes).map(|i| (i as u32).wrapping_mul(2_654_435_761) as u8).collect());
+    // The provider's share that the raw copy does not have: the piece commitment, alone on
+    // one core (and the piece CID the verifying copy checks).
+    let started = Instant::now();
+    let (piece_cid, _) = commp_of(&data);
+    let commp = data.len() as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64;
     // Loopback throughput on a shared 2-core machine swings between runs, and for seconds
     // at a time: rounds alternate, each ledger round right after its raw round, and the
     // ratio is given both as the median of the rounds' own ratios and of the medians.
@@ -259,25 +273,14 @@ async fn main() {
     // outside the worker pool, every wake-up of it a hop between threads: that halves the raw
     // copy's rate on this machine (430-480 against 830-870 MiB/s) and hides how far the
     // ledger is from the transport's ceiling.
-    let (piece_cid, _) = commp_of(&data);
     let (mut raw_rounds, mut verified_rounds, mut ledger_rounds) =
         (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        let raw = tokio::spawn({
-            let data = data.clone();
-            async move { raw_stream(&data, None).await }
-        });
-        raw_rounds.push(raw.await.expect("the raw round"));
-        let verified = tokio::spawn({
-            let data = data.clone();
-            async move { raw_stream(&data, Some(piece_cid)).await }
-        });
-        verified_rounds.push(verified.await.expect("the verified raw round"));
-        let ledger = tokio::spawn({
-            let data = data.clone();
-            async move { ledger_push(&data).await }
-        });
-        ledger_rounds.push(ledger.await.expect("the ledger round"));
+        raw_rounds.push(in_task(&data, |data| async move { raw_stream(&data, None).await }).await);
+        verified_rounds.push(
+            in_task(&data, |data| async move { raw_stream(&data, Some(piece_cid)).await }).await,
+        );
+        ledger_rounds.push(in_task(&data, |data| async move { ledger_push(&data).await }).await);
     }
     let rates = |rounds: &[Round]| rounds.iter().map(|r| r.mib_per_s).collect::<Vec<_>>();
     let cpu =
@@ -286,20 +289,13 @@ async fn main() {
         (rates(&raw_rounds), rates(&verified_rounds), rates(&ledger_rounds));
     // Each round's ledger rate over the same round's `of` rate, and their median.
     let ratios_to = |of: &[f64]| {
-        let mut ratios: Vec<f64> = of.iter().zip(&ledgers).map(|(of, l)| l / of).collect();
-        let ratio = median(&mut ratios.clone());
-        ratios.iter_mut().for_each(|r| *r = (*r * 100.0).round() / 100.0);
-        (ratio, ratios)
+        let ratios: Vec<f64> = of.iter().zip(&ledgers).map(|(of, l)| l / of).collect();
+        (median(&mut ratios.clone()), ratios)
     };
     let (ratio, ratios) = ratios_to(&raws);
     let (verified_ratio, verified_ratios) = ratios_to(&verifieds);
     let (raw, verified, ledger) =
         (median(&mut raws.clone()), median(&mut verifieds.clone()), median(&mut ledgers.clone()));
-    // The provider's share that the raw copy does not have: the piece commitment, alone on
-    // one core.
-    let started = Instant::now();
-    let _ = commp_of(&data);
-    let commp = data.len() as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64;
     println!(
         "\ntransfer benchmark (127.0.0.1, {} MiB, chunks of {} KiB, {ROUNDS} rounds)",
         bytes >> 20,
